@@ -18,8 +18,10 @@ renamed into place only when all cases converted, so a bad case leaves nothing b
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import zlib
 import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -170,7 +172,29 @@ def check_case_headers(case: BratsCase) -> None:
         _check_geometry(case.name, reference, files[0], _read_header(case.name, file), file)
 
 
+def check_complete(case: str, file: Path) -> None:
+    """Raise if a NIfTI file holds fewer bytes than its header promises (SimpleITK reads truncated files silently)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(file).header
+        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        if file.name.lower().endswith(".gz"):
+            size = 0
+            with gzip.open(file, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        else:
+            size = file.stat().st_size
+    except (EOFError, OSError, zlib.error, nib.filebasedimages.ImageFileError) as error:
+        raise BratsConversionError(f"case {case}: cannot read {file} (unreadable or truncated): {error}") from None
+    if size < needed:
+        raise BratsConversionError(f"case {case}: {file} is truncated: {size} bytes of image data, the header "
+                                   f"needs {needed}")
+
+
 def _read_image(case: str, file: Path) -> sitk.Image:
+    check_complete(case, file)
     try:
         return sitk.ReadImage(str(file))
     except RuntimeError as error:

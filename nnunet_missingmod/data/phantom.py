@@ -81,6 +81,8 @@ class PhantomConfig:
         noise: Rician noise level relative to the white-matter intensity on T1.
         bias: maximum strength of the smooth multiplicative bias field (log scale).
         gain: range of the random per-modality scanner gain.
+        padding_mm: zero background added around the brain. As in BraTS, cropping to the brain then
+            removes much of the image, so nnU-Net plans z-score normalisation inside the brain mask.
     """
 
     spacing: float = 2.0
@@ -92,10 +94,22 @@ class PhantomConfig:
     noise: float = 0.03
     bias: float = 0.25
     gain: tuple[float, float] = (300.0, 1500.0)
+    padding_mm: float = 20.0
 
     def __post_init__(self) -> None:
         assert 0.5 <= self.spacing <= 6, f"spacing must be between 0.5 and 6 mm, got {self.spacing}"
         assert abs(sum(self.tumour_type_probabilities) - 1) < 1e-6, "tumour type probabilities must sum to 1"
+
+
+@dataclass
+class PhantomCase:
+    """One generated case."""
+
+    images: np.ndarray  # (4, X, Y, Z) int16, channel order of nnunet_missingmod.modalities
+    labels: np.ndarray  # (X, Y, Z) uint8
+    affine: np.ndarray  # voxel -> RAS mm
+    tissue: dict[str, np.ndarray]  # wm, gm, csf fractions (X, Y, Z), before tumour replaced them
+    info: dict  # tumour type, core radius, centre voxel, volumes in cm3 per region
 
 
 @dataclass
@@ -205,7 +219,7 @@ def _tumour_labels(rng: np.random.Generator, config: PhantomConfig, shape: Seque
         labels[core] = mods.LABEL_ENHANCING
         labels[core & necrosis] = mods.LABEL_NECROSIS
     elif tumour_type == "solid":
-        patches = _smooth_field(rng, shape, 8 / spacing) > rng.uniform(0.6, 1.2)
+        patches = _smooth_field(rng, shape, 10 / spacing) > rng.uniform(0.2, 0.8)
         labels[core] = mods.LABEL_ENHANCING
         labels[core & patches] = mods.LABEL_NECROSIS
     else:
@@ -221,8 +235,7 @@ def _tumour_labels(rng: np.random.Generator, config: PhantomConfig, shape: Seque
     return labels
 
 
-def generate_case(seed: int, case_index: int, config: PhantomConfig = PhantomConfig()
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def generate_case(seed: int, case_index: int, config: PhantomConfig = PhantomConfig()) -> PhantomCase:
     """Generate one phantom case.
 
     Args:
@@ -231,8 +244,7 @@ def generate_case(seed: int, case_index: int, config: PhantomConfig = PhantomCon
         config: generator settings.
 
     Returns:
-        ``(images, labels, affine, info)``: images (4, X, Y, Z) int16 in channel order, labels (X, Y, Z)
-        uint8, the voxel-to-RAS affine, and a dict describing the tumour (type, volumes in cm³).
+        The images (4, X, Y, Z) int16 in channel order, labels, affine, tissue fractions and tumour description.
     """
     template = load_template(config.spacing)
     rng = np.random.default_rng([seed, case_index])
@@ -259,6 +271,9 @@ def generate_case(seed: int, case_index: int, config: PhantomConfig = PhantomCon
     fractions = np.concatenate([np.stack([wm, gm, csf]) * normal, tumour])
 
     contrasts = CONTRASTS * rng.uniform(0.95, 1.05, size=CONTRASTS.shape).astype(np.float32)
+    not_t1ce = [c for c in range(mods.NUM_MODALITIES) if c != 1]
+    enhancing, non_enhancing = TISSUES.index("enhancing"), TISSUES.index("non_enhancing")
+    contrasts[not_t1ce, enhancing] = contrasts[not_t1ce, non_enhancing]  # enhancement is visible on T1ce only
     texture_normal = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.0)
     texture_tumour = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 1.5)
     texture = 1 + 0.12 * texture_normal[None] * np.array([1, 1, 1, 0, 0, 0, 0], np.float32).reshape(-1, 1, 1, 1) \
@@ -276,16 +291,22 @@ def generate_case(seed: int, case_index: int, config: PhantomConfig = PhantomCon
         scaled = np.round(noisy * rng.uniform(*config.gain))
         images[channel] = np.where(brain_mask, np.clip(scaled, 1, np.iinfo(np.int16).max), 0)
     labels[~brain_mask] = 0
+    pad = int(round(config.padding_mm / config.spacing))
+    images = np.pad(images, [(0, 0)] + [(pad, pad)] * 3)
+    labels = np.pad(labels, pad)
+    affine = template.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.full(3, pad)
 
     voxel_cm3 = config.spacing ** 3 / 1000
     info = {
         "tumour_type": tumour_type,
         "core_radius_mm": round(core_radius_mm, 2),
-        "centre_voxel": [int(c) for c in centre],
+        "centre_voxel": [int(c) + pad for c in centre],
         "volume_cm3": {region: round(float(np.isin(labels, members).sum() * voxel_cm3), 3)
                        for region, members in mods.REGIONS.items()},
     }
-    return images, labels, template.affine, info
+    tissue = {name: np.pad(fraction, pad) for name, fraction in (("wm", wm), ("gm", gm), ("csf", csf))}
+    return PhantomCase(images=images, labels=labels, affine=affine, tissue=tissue, info=info)
 
 
 def case_identifier(case_index: int, prefix: str = "Phantom") -> str:
@@ -295,7 +316,8 @@ def case_identifier(case_index: int, prefix: str = "Phantom") -> str:
 def _write_case(args: tuple) -> tuple[str, dict, list[str]]:
     """Worker: generate one case and write it into the staging folder (and the BraTS-layout folder)."""
     seed, index, config, staging, is_test, brats_dir, missing_rate, brats_format = args
-    images, labels, affine, info = generate_case(seed, index, config)
+    case = generate_case(seed, index, config)
+    images, labels, affine, info = case.images, case.labels, case.affine, case.info
     identifier = case_identifier(index)
     image_dir, label_dir = ("imagesTs", "labelsTs") if is_test else ("imagesTr", "labelsTr")
     for channel in range(mods.NUM_MODALITIES):

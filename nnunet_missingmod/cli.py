@@ -1,0 +1,155 @@
+"""``nnunet_missingmod <subcommand>``: thin argparse wrappers over the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _ext_path(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.ext import ext_trainer_path
+
+    print(ext_trainer_path())
+
+
+def _phantom(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.data.phantom import PhantomConfig, make_phantom_dataset, render_preview
+
+    folder = make_phantom_dataset(
+        args.dataset_id, num_cases=args.num_cases, num_test=args.num_test, seed=args.seed, name=args.name,
+        config=PhantomConfig(spacing=args.spacing), raw_folder=args.raw, overwrite=args.overwrite,
+        brats_layout=args.brats_layout, missing_rate=args.missing_rate, brats_format=args.brats_format,
+        num_processes=args.num_processes)
+    print(f"wrote {folder}")
+    if args.brats_layout:
+        print(f"wrote the BraTS layout (missing rate {args.missing_rate}) to {args.brats_layout}")
+    if args.preview:
+        print(f"preview: {render_preview(folder, args.preview)}")
+
+
+def _convert_brats(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.data.brats import convert_brats
+
+    folder = convert_brats(args.source, args.dataset_id, args.name, layout=args.layout, raw_folder=args.raw,
+                           overwrite=args.overwrite, num_processes=args.num_processes)
+    print(f"wrote {folder}")
+
+
+def _add_cpu_config(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.data.plans import add_cpu_configuration
+
+    path = add_cpu_configuration(args.d, name=args.name, parent=args.parent, patch_size=args.patch_size,
+                                 features_per_stage=args.features, batch_size=args.batch_size,
+                                 plans_identifier=args.p)
+    print(f"added configuration {args.name} (inherits from {args.parent}, patch {args.patch_size}) to {path}\n"
+          f"train it with: nnUNetv2_train {args.d} {args.name} FOLD -tr TRAINER -device cpu")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.demo import run_demo
+
+    run_demo(args.work_dir, trainer=args.tr, dataset_id=args.dataset_id, num_cases=args.num_cases,
+             num_test=args.num_test, seed=args.seed, epochs=args.epochs, iterations_per_epoch=args.iterations,
+             patch_size=tuple(args.patch_size), device=args.device, num_processes=args.num_processes,
+             tta=args.tta, fresh=args.fresh)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet_missingmod",
+        description="nnU-Net v2 extension for brain-tumour segmentation with missing MRI modalities. "
+                    "Trainers run through nnU-Net's own commands after "
+                    "`export nnUNet_extTrainer=$(nnunet_missingmod ext-path)`.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    p = sub.add_parser("ext-path", help="print the folder to put in nnUNet_extTrainer",
+                       description="Print the folder holding the shim module that makes this package's trainers "
+                                   "visible to nnUNetv2_train / nnUNetv2_predict: "
+                                   "export nnUNet_extTrainer=$(nnunet_missingmod ext-path)")
+    p.set_defaults(func=_ext_path)
+
+    p = sub.add_parser("phantom", help="generate a BraTS-like phantom dataset in nnU-Net's raw format",
+                       description="Generate BraTS-like phantoms (MNI152 anatomy, tumour with edema, necrosis and "
+                                   "enhancing tumour, four MR contrasts) as $nnUNet_raw/DatasetNNN_NAME.")
+    p.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id, e.g. 990")
+    p.add_argument("--name", default="BraTSPhantom", help="dataset name (default: BraTSPhantom)")
+    p.add_argument("--num-cases", type=int, default=40, help="training cases (default: 40)")
+    p.add_argument("--num-test", type=int, default=10, help="held-out cases in imagesTs/labelsTs (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed; equal seeds give bit-identical files (default: 0)")
+    p.add_argument("--spacing", type=float, default=2.0, help="isotropic spacing in mm (default: 2)")
+    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--preview", default=None, metavar="PNG", help="render the first case to this PNG")
+    p.add_argument("--brats-layout", default=None, metavar="DIR",
+                   help="also write the cases in the BraTS folder layout here, with sequences missing at random")
+    p.add_argument("--missing-rate", type=float, default=0.3,
+                   help="probability that a sequence file is missing in --brats-layout (default: 0.3)")
+    p.add_argument("--brats-format", choices=("2021", "2023"), default="2021",
+                   help="file names and labels of --brats-layout (default: 2021)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("convert-brats", help="convert a BraTS folder with missing sequences to nnU-Net's format",
+                       description="Convert BraTS 2018-2021 (_t1, _t1ce, _t2, _flair, _seg; labels 1/2/4) or 2023+ "
+                                   "(-t1n, -t1c, -t2w, -t2f, -seg; labels 1/2/3) case folders into "
+                                   "$nnUNet_raw/DatasetNNN_NAME. Missing sequences become zero-filled channels and "
+                                   "are recorded in modality_availability.json; cases without a segmentation go to "
+                                   "imagesTs. Any bad case stops the conversion and nothing is written.")
+    p.add_argument("source", help="folder whose subfolders are the BraTS cases")
+    p.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id")
+    p.add_argument("--name", required=True, help="dataset name, e.g. BraTS2021")
+    p.add_argument("--layout", choices=("auto", "2021", "2023"), default="auto", help="file naming (default: auto)")
+    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+    p.set_defaults(func=_convert_brats)
+
+    p = sub.add_parser("add-cpu-config", help="add a small CPU configuration (e.g. 3d_cpu) to a dataset's plans",
+                       description="Add a configuration that inherits_from an existing one (same preprocessed data) "
+                                   "with a small patch, batch and network, so that training runs on a CPU. A "
+                                   "convenience for demos and tests, not a recommendation for real data.")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("--name", default="3d_cpu", help="name of the new configuration (default: 3d_cpu)")
+    p.add_argument("--parent", default="3d_fullres", help="configuration to inherit from (default: 3d_fullres)")
+    p.add_argument("--patch-size", type=int, nargs="+", default=[48, 48, 48], help="patch size (default: 48 48 48)")
+    p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="features per stage; their number is the number of stages (default: 16 32 64 128)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch size (default: 2)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.set_defaults(func=_add_cpu_config)
+
+    p = sub.add_parser("demo", help="phantoms -> plan/preprocess -> CPU config -> train -> predict -> Dice",
+                       description="Run the whole pipeline on phantoms in a work folder of its own, through "
+                                   "nnU-Net's unmodified commands, and print per-region Dice on held-out phantoms.")
+    p.add_argument("--work-dir", default="demo_output", help="work folder (default: ./demo_output)")
+    p.add_argument("-tr", default="ModalityDropoutTrainer", help="trainer (default: ModalityDropoutTrainer)")
+    p.add_argument("--dataset-id", type=int, default=990, help="phantom dataset id (default: 990)")
+    p.add_argument("--num-cases", type=int, default=40, help="training phantoms (default: 40)")
+    p.add_argument("--num-test", type=int, default=10, help="held-out phantoms (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    p.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default: 25)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[48, 48, 48], help="CPU patch size (default: 48 48 48)")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"), help="device (default: cpu)")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--tta", action="store_true", help="validate and predict with mirroring test-time augmentation (8x slower on CPU)")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder first instead of reusing it")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        print(f"nnunet_missingmod {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

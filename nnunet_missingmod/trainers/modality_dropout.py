@@ -1,0 +1,50 @@
+"""ModalityDropoutTrainer: nnU-Net's default network and loss, trained with modality dropout.
+
+``nnUNetv2_train D CONFIG FOLD -tr ModalityDropoutTrainer``. Every training sample, every time it is
+drawn, loses a random subset of its modalities (zeroed channels), so the network learns to segment
+from any non-empty subset. Settings: ``trainer_configs/ModalityDropoutTrainer.json``, section
+``modality_dropout`` (``scheme``, ``drop_probabilities``, ``p_keep_all``; see
+:mod:`nnunet_missingmod.transforms.modality_dropout`).
+
+Only the training transforms change: the dropout is appended after all of nnU-Net's augmentations
+(so no noise or brightness change reaches a dropped channel). Validation during training and
+inference see the complete input; evaluate missing modalities with ``nnunet_missingmod evaluate-missing``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from batchgeneratorsv2.helpers.scalar_type import RandomScalar
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+
+from nnunet_missingmod.trainers.base import MissingModTrainerBase
+from nnunet_missingmod.transforms.modality_dropout import ModalityDropoutTransform
+
+
+class ModalityDropoutTrainer(MissingModTrainerBase):
+    """nnUNetTrainer plus :class:`ModalityDropoutTransform` at the end of the training transforms."""
+
+    def modality_dropout_transform(self) -> ModalityDropoutTransform:
+        settings = self.trainer_config["modality_dropout"]
+        num_modalities = len(self.dataset_json["channel_names"])
+        probabilities = settings.get("drop_probabilities")
+        if settings["scheme"] == "independent" and len(probabilities) != num_modalities:
+            raise ValueError(f"modality_dropout.drop_probabilities has {len(probabilities)} values but the dataset "
+                             f"has {num_modalities} channels")
+        return ModalityDropoutTransform(num_modalities=num_modalities, scheme=settings["scheme"],
+                                        drop_probabilities=probabilities if settings["scheme"] == "independent" else None,
+                                        p_keep_all=settings["p_keep_all"])
+
+    # nnU-Net declares this hook static; it is only ever called on the trainer instance, and the
+    # dropout settings are per instance, so it is an instance method here.
+    def get_training_transforms(self, patch_size: np.ndarray | tuple[int, ...], rotation_for_DA: RandomScalar,
+                                deep_supervision_scales: list | tuple | None, mirror_axes: tuple[int, ...],
+                                do_dummy_2d_data_aug: bool, use_mask_for_norm: list[bool] | None = None,
+                                is_cascaded: bool = False, foreground_labels: list[int] | tuple[int, ...] | None = None,
+                                regions: list | None = None, ignore_label: int | None = None) -> BasicTransform:
+        transforms = super().get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        transforms.transforms.append(self.modality_dropout_transform())
+        return transforms

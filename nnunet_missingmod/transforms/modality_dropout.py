@@ -1,0 +1,112 @@
+"""Modality dropout: zero whole input channels per sample to simulate missing MRI sequences.
+
+Schemes:
+
+* ``uniform_subset`` (default, as in U-HVED: Dorent et al., "Hetero-Modal Variational Encoder-Decoder
+  for Joint Modality Completion and Segmentation", MICCAI 2019): the number of kept modalities k is
+  uniform in 1..M, then a subset of size k is drawn uniformly. P(S) = 1 / (M * C(M, |S|)).
+* ``independent``: channel c is dropped with probability ``drop_probabilities[c]``, independently;
+  a draw that would drop every channel is redrawn, so P(S) is proportional to
+  prod_{c in S} (1 - p_c) * prod_{c not in S} p_c over non-empty S.
+
+With probability ``p_keep_all`` a sample keeps every modality before the scheme is consulted.
+
+Randomness comes from numpy's global stream (or an explicit generator), never from torch: nnU-Net's
+augmentation workers reseed numpy per worker but share torch's random stream, which would make
+many samples of a batch drop the same channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
+
+SCHEMES = ("uniform_subset", "independent")
+
+
+def sample_kept_modalities(num_modalities: int, *, scheme: str = "uniform_subset",
+                           drop_probabilities: Sequence[float] | None = None, p_keep_all: float = 0.0,
+                           rng: np.random.Generator | np.random.RandomState | None = None) -> np.ndarray:
+    """Draw which modalities a sample keeps.
+
+    Args:
+        num_modalities: number of modality channels M.
+        scheme: ``uniform_subset`` or ``independent`` (see the module docstring).
+        drop_probabilities: per-channel drop probabilities for ``independent`` (length M, each < 1).
+        p_keep_all: probability of keeping every modality regardless of the scheme.
+        rng: random generator; defaults to numpy's global stream (reseeded per augmentation worker).
+
+    Returns:
+        Boolean mask of length M with at least one True.
+    """
+    rng = np.random if rng is None else rng
+    if p_keep_all > 0 and rng.random() < p_keep_all:
+        return np.ones(num_modalities, dtype=bool)
+    if scheme == "uniform_subset":
+        num_kept = int(rng.choice(num_modalities)) + 1
+        keep = np.zeros(num_modalities, dtype=bool)
+        keep[rng.choice(num_modalities, size=num_kept, replace=False)] = True
+        return keep
+    if scheme == "independent":
+        probabilities = np.asarray(drop_probabilities, dtype=float)
+        while True:
+            keep = rng.random(num_modalities) >= probabilities
+            if keep.any():
+                return keep
+    raise ValueError(f"unknown modality dropout scheme {scheme!r}; expected one of {SCHEMES}")
+
+
+class ModalityDropoutTransform(ImageOnlyTransform):
+    """Zero a random subset of the first ``num_modalities`` image channels of each sample.
+
+    Append it at the end of nnU-Net's training transforms so that no later intensity transform adds
+    noise back into a dropped channel. Channels after ``num_modalities`` (e.g. the one-hot segmentation
+    of a cascade) are never touched, and labels are not an input of this transform.
+
+    Args:
+        num_modalities: number of modality channels at the start of the image.
+        scheme: ``uniform_subset`` or ``independent``.
+        drop_probabilities: per-channel drop probabilities for ``independent``.
+        p_keep_all: probability of keeping every modality.
+        rng: optional generator for reproducible draws (tests); default numpy's global stream.
+
+    Example:
+        >>> transform = ModalityDropoutTransform(num_modalities=4)
+        >>> out = transform(image=torch.ones(4, 8, 8, 8))["image"]  # 1 to 4 channels kept, the rest exactly 0
+    """
+
+    def __init__(self, *, num_modalities: int, scheme: str = "uniform_subset",
+                 drop_probabilities: Sequence[float] | None = None, p_keep_all: float = 0.0,
+                 rng: np.random.Generator | None = None) -> None:
+        super().__init__()
+        assert num_modalities >= 1, f"num_modalities must be positive, got {num_modalities}"
+        assert scheme in SCHEMES, f"unknown scheme {scheme!r}; expected one of {SCHEMES}"
+        assert 0.0 <= p_keep_all <= 1.0, f"p_keep_all must be in [0, 1], got {p_keep_all}"
+        if scheme == "independent":
+            assert drop_probabilities is not None and len(drop_probabilities) == num_modalities, \
+                f"independent dropout needs {num_modalities} drop probabilities, got {drop_probabilities}"
+            assert all(0.0 <= p < 1.0 for p in drop_probabilities), \
+                f"drop probabilities must be in [0, 1), got {list(drop_probabilities)}"
+        self.num_modalities = num_modalities
+        self.scheme = scheme
+        self.drop_probabilities = None if drop_probabilities is None else [float(p) for p in drop_probabilities]
+        self.p_keep_all = p_keep_all
+        self.rng = rng
+
+    def get_parameters(self, **data_dict) -> dict:
+        image = data_dict["image"]
+        assert image.shape[0] >= self.num_modalities, \
+            f"image has {image.shape[0]} channels, fewer than num_modalities={self.num_modalities}"
+        keep = sample_kept_modalities(self.num_modalities, scheme=self.scheme,
+                                      drop_probabilities=self.drop_probabilities, p_keep_all=self.p_keep_all,
+                                      rng=self.rng)
+        return {"keep": keep}
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        dropped = np.flatnonzero(~params["keep"]).tolist()
+        if dropped:
+            img[dropped] = 0
+        return img

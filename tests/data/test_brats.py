@@ -1,0 +1,171 @@
+"""BraTS conversion: round trip with missing sequences, and every kind of bad input (clear error, nothing written)."""
+
+import gzip
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.data.brats import LAYOUTS, BratsConversionError, convert_brats, write_brats_case
+from nnunet_missingmod.data.phantom import generate_case
+from tests.conftest import FAST_CONFIG
+
+
+def _array(path):
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_round_trip_with_missing_sequences(phantom_with_brats, tmp_path):
+    phantom, brats = phantom_with_brats
+    present = json.loads((brats / "sequences_present.json").read_text())
+    assert any(len(v) < 4 for v in present.values()), "the fixture should have missing sequences"
+    out = convert_brats(brats, 982, "Converted", raw_folder=tmp_path, progress=False)
+
+    availability = json.loads((out / "modality_availability.json").read_text())
+    assert availability["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert availability["cases"] == present
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["numTraining"] == len(present)
+    assert meta["regions_class_order"] == [1, 2, 3]
+
+    for index, (case, sequences) in enumerate(sorted(present.items())):
+        source = phantom / "imagesTr" / f"Phantom_{index:04d}_0000.nii.gz"
+        reference = sitk.ReadImage(str(source))
+        for channel, name in enumerate(mods.MODALITIES):
+            converted_file = out / "imagesTr" / f"{case}_{channel:04d}.nii.gz"
+            converted = sitk.ReadImage(str(converted_file))
+            # geometry preserved for every channel, also the zero-filled ones
+            assert converted.GetSize() == reference.GetSize()
+            np.testing.assert_allclose(converted.GetSpacing(), reference.GetSpacing())
+            np.testing.assert_allclose(converted.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(converted.GetDirection(), reference.GetDirection(), atol=1e-6)
+            original = _array(phantom / "imagesTr" / f"Phantom_{index:04d}_{channel:04d}.nii.gz")
+            if name in sequences:
+                np.testing.assert_array_equal(_array(converted_file), original)
+            else:
+                assert not np.any(_array(converted_file)), f"{case} {name} should be zero-filled"
+        # labels back in the nnU-Net convention
+        np.testing.assert_array_equal(_array(out / "labelsTr" / f"{case}.nii.gz"),
+                                      _array(phantom / "labelsTr" / f"Phantom_{index:04d}.nii.gz"))
+
+
+def _write_case(folder, name, layout="2021", present=(0, 1, 2, 3), with_seg=True, seed=0):
+    case = generate_case(seed, 0, FAST_CONFIG)
+    write_brats_case(folder, name, case.images, case.labels if with_seg else None, case.affine,
+                     present=list(present), layout=layout)
+    return case
+
+
+def test_2023_layout_and_cases_without_segmentation(tmp_path):
+    src = tmp_path / "src"
+    case = _write_case(src, "BraTS-GLI-00001-000", layout="2023", present=(1, 3))
+    _write_case(src, "BraTS-GLI-00002-000", layout="2023", present=(0,), with_seg=False)
+    out = convert_brats(src, 983, "B23", raw_folder=tmp_path / "raw", progress=False)
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"BraTS-GLI-00002-000_{c:04d}.nii.gz"
+                                                                   for c in range(4)]
+    np.testing.assert_array_equal(_array(out / "labelsTr" / "BraTS-GLI-00001-000.nii.gz"), case.labels)
+    availability = json.loads((out / "modality_availability.json").read_text())["cases"]
+    assert availability == {"BraTS-GLI-00001-000": ["t1ce", "flair"], "BraTS-GLI-00002-000": ["t1"]}
+    # 2023 labels 1 NCR, 2 ED, 3 ET map to 2, 1, 3
+    assert LAYOUTS["2023"].label_map == {1: 2, 2: 1, 3: 3}
+
+
+def _modify(path, fn):
+    image = sitk.ReadImage(str(path))
+    image = fn(image)
+    sitk.WriteImage(image, str(path))
+
+
+def _with_spacing(image):
+    image.SetSpacing((4.0, 4.0, 5.0))
+    return image
+
+
+def _with_origin(image):
+    image.SetOrigin(tuple(o + 3 for o in image.GetOrigin()))
+    return image
+
+
+def _with_direction(image):
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    return image
+
+
+def _with_shape(image):
+    return image[:-2, :, :]
+
+
+def _with_label_5(image):
+    array = sitk.GetArrayFromImage(image)
+    array[array.shape[0] // 2, array.shape[1] // 2, array.shape[2] // 2] = 5
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path):
+    path.write_bytes(gzip.compress(b"this is not a nifti file" * 20))
+
+
+@pytest.mark.parametrize("target, damage, message", [
+    ("t2", lambda p: _modify(p, _with_spacing), "spacing"),
+    ("flair", lambda p: _modify(p, _with_origin), "origin"),
+    ("t1ce", lambda p: _modify(p, _with_direction), "direction"),
+    ("t1", lambda p: _modify(p, _with_shape), "shape"),
+    ("seg", lambda p: _modify(p, _with_spacing), "spacing"),
+    ("seg", lambda p: _modify(p, _with_label_5), "label values [5]"),
+    ("t2", _truncate, "truncated"),
+    ("flair", _garbage, "cannot read"),
+])
+def test_bad_case_gives_clear_error_and_writes_nothing(tmp_path, target, damage, message):
+    src, raw = tmp_path / "src", tmp_path / "raw"
+    _write_case(src, "BraTS2021_00001")
+    _write_case(src, "BraTS2021_00002", seed=1)
+    bad = src / "BraTS2021_00002" / f"BraTS2021_00002_{target}.nii.gz"
+    damage(bad)
+    with pytest.raises(BratsConversionError) as error:
+        convert_brats(src, 984, "Bad", raw_folder=raw, progress=False)
+    text = str(error.value)
+    assert "BraTS2021_00002" in text and bad.name in text and message in text, text
+    assert not raw.exists() or not any(raw.iterdir()), f"something was written: {list(raw.iterdir())}"
+
+
+def test_case_without_any_sequence(tmp_path):
+    src = tmp_path / "src"
+    _write_case(src, "BraTS2021_00001")
+    _write_case(src, "BraTS2021_00007", present=(0,))
+    (src / "BraTS2021_00007" / "BraTS2021_00007_t1.nii.gz").unlink()
+    with pytest.raises(BratsConversionError, match="BraTS2021_00007: no image sequence"):
+        convert_brats(src, 985, "Empty", raw_folder=tmp_path / "raw", progress=False)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_unrecognised_file_name(tmp_path):
+    src = tmp_path / "src"
+    _write_case(src, "BraTS2021_00001")
+    shutil.copy(src / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz", src / "BraTS2021_00001" / "BraTS2021_00001_pd.nii.gz")
+    with pytest.raises(BratsConversionError, match="BraTS2021_00001.*BraTS2021_00001_pd.nii.gz"):
+        convert_brats(src, 986, "Odd", raw_folder=tmp_path / "raw", progress=False)
+
+
+def test_existing_dataset_needs_overwrite_and_input_is_untouched(tmp_path):
+    src = tmp_path / "src"
+    _write_case(src, "BraTS2021_00001", present=(1, 2))
+    before = {p: p.read_bytes() for p in src.rglob("*.nii.gz")}
+    out = convert_brats(src, 987, "Again", raw_folder=tmp_path / "raw", progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_brats(src, 987, "Again", raw_folder=tmp_path / "raw", progress=False)
+    with pytest.raises(FileExistsError, match="already used by Dataset987_Again"):
+        convert_brats(src, 987, "Other", raw_folder=tmp_path / "raw", progress=False)
+    convert_brats(src, 987, "Again", raw_folder=tmp_path / "raw", overwrite=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [out.name]
+    assert {p: p.read_bytes() for p in src.rglob("*.nii.gz")} == before

@@ -1,0 +1,147 @@
+"""Phantom generator: determinism, dataset format, MR contrast orderings measured per region, variety."""
+
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.data.phantom import PhantomConfig, generate_case, make_phantom_dataset
+from tests.conftest import FAST_CONFIG
+
+T1, T1CE, T2, FLAIR = range(4)
+
+
+def _digests(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+def test_same_seed_gives_bit_identical_files(tmp_path):
+    kwargs = dict(num_cases=2, num_test=1, config=FAST_CONFIG, progress=False)
+    a = make_phantom_dataset(971, seed=5, raw_folder=tmp_path / "a", **kwargs)
+    b = make_phantom_dataset(971, seed=5, raw_folder=tmp_path / "b", **kwargs)
+    c = make_phantom_dataset(971, seed=6, raw_folder=tmp_path / "c", **kwargs)
+    assert _digests(a) == _digests(b)
+    assert len(_digests(a)) == 3 * 4 + 3
+    differing = [k for k, v in _digests(a).items() if _digests(c)[k] != v]
+    assert len(differing) == len(_digests(a))
+
+
+def test_dataset_layout_and_json(phantom_with_brats):
+    dataset, _ = phantom_with_brats
+    meta = json.loads((dataset / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}
+    assert meta["labels"] == {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3],
+                              "enhancing tumor": [3]}
+    assert meta["regions_class_order"] == [1, 2, 3]
+    assert meta["numTraining"] == 6 and meta["file_ending"] == ".nii.gz"
+    images = sorted((dataset / "imagesTr").iterdir())
+    assert len(images) == 24 and images[0].name == "Phantom_0000_0000.nii.gz"
+    availability = json.loads((dataset / "modality_availability.json").read_text())
+    assert availability["cases"]["Phantom_0003"] == list(mods.MODALITIES)
+    image = nib.load(images[0])
+    assert image.header.get_zooms() == (4.0, 4.0, 4.0)
+    label = nib.load(dataset / "labelsTr" / "Phantom_0000.nii.gz")
+    np.testing.assert_allclose(label.affine, image.affine)
+    assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2, 3}
+
+
+def _median(image, mask):
+    assert mask.sum() >= 5, "region too small to measure"
+    return float(np.median(image[mask]))
+
+
+def _regions(case):
+    """Measurement regions away from partial-volume edges: pure tissue, and tumour labels eroded by one voxel."""
+    labels, tissue = case.labels, case.tissue
+    healthy = ndimage.binary_erosion(labels == 0)
+
+    def interior(label):
+        return ndimage.binary_erosion(labels == label)
+
+    return {
+        "wm": healthy & (tissue["wm"] > 0.95),
+        "gm": healthy & (tissue["gm"] > 0.9),
+        "csf": healthy & (tissue["csf"] > 0.9),
+        "edema": interior(mods.LABEL_EDEMA),
+        "core2": interior(mods.LABEL_NECROSIS),
+        "enhancing": interior(mods.LABEL_ENHANCING),
+    }
+
+
+@pytest.fixture(scope="module")
+def cases_2mm():
+    """One case of each tumour type at the default 2 mm, each with measurable (>= 20 interior voxels) regions."""
+    found = {}
+    for index in range(20):
+        case = generate_case(11, index, PhantomConfig())
+        kind = case.info["tumour_type"]
+        needed = ["edema", "core2"] + (["enhancing"] if kind != "non_enhancing" else [])
+        if kind not in found and all(_regions(case)[r].sum() >= 20 for r in needed):
+            found[kind] = case
+        if len(found) == 3:
+            return found
+    raise AssertionError(f"expected measurable cases of all three tumour types among 20, got {sorted(found)}")
+
+
+@pytest.mark.parametrize("tumour_type", ["necrotic", "solid", "non_enhancing"])
+def test_contrast_orderings_follow_mr_physics(cases_2mm, tumour_type):
+    case = cases_2mm[tumour_type]
+    regions = {k: v for k, v in _regions(case).items() if v.sum() >= 5}
+    m = {k: [_median(case.images[c], v) for c in range(4)] for k, v in regions.items()}
+    # T1: WM > GM > CSF; the tumour is hypo-intense
+    assert m["wm"][T1] > m["gm"][T1] > m["csf"][T1]
+    assert all(m[k][T1] < m["wm"][T1] for k in ("edema", "core2", "enhancing") if k in m)
+    # T2: CSF > GM > WM; edema and necrosis are bright
+    assert m["csf"][T2] > m["gm"][T2] > m["wm"][T2]
+    assert m["edema"][T2] > m["gm"][T2] and m["core2"][T2] > m["gm"][T2]
+    # FLAIR: CSF dark; edema is the brightest structure
+    assert m["csf"][FLAIR] < m["wm"][FLAIR] and m["csf"][FLAIR] < m["gm"][FLAIR]
+    assert all(m["edema"][FLAIR] > m[k][FLAIR] for k in m if k != "edema")
+    if "enhancing" in m:
+        # T1ce: enhancing tumour is the brightest structure ...
+        assert all(m["enhancing"][T1CE] > m[k][T1CE] for k in m if k != "enhancing")
+        # ... and it stands out from the rest of the core on T1ce only
+        if tumour_type == "solid":
+            def separation(c):
+                return abs(m["enhancing"][c] - m["core2"][c]) / m["wm"][c]
+            others = [separation(c) for c in (T1, T2, FLAIR)]
+            assert separation(T1CE) > 0.4 and separation(T1CE) > 3 * max(others), (separation(T1CE), others)
+
+
+def test_background_is_exactly_zero_and_brain_is_not(cases_2mm):
+    case = cases_2mm["necrotic"]
+    brain = (case.tissue["wm"] + case.tissue["gm"] + case.tissue["csf"]) > 0.5
+    assert case.images.dtype == np.int16
+    for channel in case.images:
+        assert np.all(channel[~brain] == 0)
+        assert np.all(channel[brain] > 0)
+    assert not np.any(case.labels[~brain])
+
+
+def test_variety_across_seeds():
+    infos = [generate_case(0, i, PhantomConfig(spacing=3.0)).info for i in range(24)]
+    types = {info["tumour_type"] for info in infos}
+    assert types == {"necrotic", "solid", "non_enhancing"}
+    wt = np.array([info["volume_cm3"]["WT"] for info in infos])
+    assert wt.min() < 15 and wt.max() > 80, wt  # small and large tumours
+    assert 2 <= wt.min() and wt.max() <= 400, wt
+    assert any(info["volume_cm3"]["ET"] == 0 for info in infos)  # tumours without enhancement
+    for info in infos:  # nested regions
+        assert info["volume_cm3"]["WT"] >= info["volume_cm3"]["TC"] >= info["volume_cm3"]["ET"]
+
+
+def test_existing_dataset_is_not_overwritten(tmp_path):
+    kwargs = dict(num_cases=1, num_test=0, config=FAST_CONFIG, raw_folder=tmp_path, progress=False)
+    folder = make_phantom_dataset(972, seed=0, **kwargs)
+    before = _digests(folder)
+    with pytest.raises(FileExistsError, match="already exists"):
+        make_phantom_dataset(972, seed=1, **kwargs)
+    assert _digests(folder) == before
+    make_phantom_dataset(972, seed=1, overwrite=True, **kwargs)
+    assert _digests(folder) != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no temporary folders left

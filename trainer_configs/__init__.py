@@ -1,0 +1,1 @@
+"""Shipped trainer hyper-parameters (``<TrainerName>.json``); see :mod:`nnunet_missingmod.config`."""
