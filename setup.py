@@ -12,7 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["nnunet_missingmod", "nnunet_missingmod.*"]) + ["nnunet_missingmod.trainer_configs"],
+    packages=[*find_packages(include=["nnunet_missingmod", "nnunet_missingmod.*"]),
+              "nnunet_missingmod.trainer_configs"],
     # the top-level trainer_configs/ folder ships as the subpackage nnunet_missingmod.trainer_configs
     package_dir={"nnunet_missingmod.trainer_configs": "trainer_configs"},
     package_data={

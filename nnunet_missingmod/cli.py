@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, nargs=3, default=[48, 48, 48], help="CPU patch size (default: 48 48 48)")
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"), help="device (default: cpu)")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default: 2)")
-    p.add_argument("--tta", action="store_true", help="validate and predict with mirroring test-time augmentation (8x slower on CPU)")
+    p.add_argument("--tta", action="store_true",
+                   help="validate and predict with mirroring test-time augmentation (8x slower on CPU)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first instead of reusing it")
     p.set_defaults(func=_demo)
     return parser

@@ -22,7 +22,8 @@ from nnunet_missingmod.config import OVERRIDE_ENV
 from nnunet_missingmod.ext import with_ext_trainer
 
 
-def nnunet_environment(work_dir: Path, *, num_processes: int = 2, extra: dict[str, str] | None = None) -> dict[str, str]:
+def nnunet_environment(work_dir: Path, *, num_processes: int = 2,
+                       extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for nnU-Net child processes working in ``work_dir`` on a small CPU machine."""
     env = with_ext_trainer()
     env.update({
@@ -104,13 +105,13 @@ def run_demo(work_dir: str | os.PathLike = "demo_output", *, trainer: str = "Mod
     Returns:
         ``{"mean": {region: dice}, "per_case": [...], "timings_s": {...}}``.
     """
+    import nnunet_missingmod.trainers as trainers
     from nnunet_missingmod.data.phantom import make_phantom_dataset, render_preview
     from nnunet_missingmod.data.plans import add_cpu_configuration
 
-    import nnunet_missingmod.trainers as trainers
-
     if not isinstance(getattr(trainers, trainer, None), type):
-        raise ValueError(f"the demo trains this package's trainers, whose budget it can set: {', '.join(trainers.__all__)} "
+        raise ValueError(f"the demo trains this package's trainers, whose budget it can set: "
+                         f"{', '.join(trainers.__all__)} "
                          f"(MissingModTrainerBase is nnU-Net's default trainer); got {trainer!r}")
     work = Path(work_dir).resolve()
     if fresh and work.exists():

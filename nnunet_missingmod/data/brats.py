@@ -21,8 +21,8 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import zlib
 import shutil
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -100,7 +100,8 @@ def find_cases(source: str | os.PathLike, layout: str = "auto") -> tuple[BratsLa
         raise BratsConversionError(f"{source} is not a folder")
     case_dirs = sorted(d for d in source.iterdir() if d.is_dir() and any(_NIFTI.search(f.name) for f in d.iterdir()))
     if not case_dirs:
-        raise BratsConversionError(f"{source} holds no case folders with NIfTI files (expected <case>/<case>_t1.nii.gz)")
+        raise BratsConversionError(f"{source} holds no case folders with NIfTI files "
+                                   f"(expected <case>/<case>_t1.nii.gz)")
     if layout != "auto" and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected auto, {', '.join(LAYOUTS)}")
     chosen = LAYOUTS.get(layout)
@@ -128,9 +129,10 @@ def find_cases(source: str | os.PathLike, layout: str = "auto") -> tuple[BratsLa
                                                f"{sequences[channel].name} and {file.name}")
                 sequences[channel] = file
             else:
-                raise BratsConversionError(
-                    f"case {case}: unrecognised file {file} (BraTS {chosen.name} expects "
-                    f"{', '.join(case + chosen.separator + s + '.nii.gz' for s in (*chosen.suffixes, chosen.seg_suffix))})")
+                names = (*chosen.suffixes, chosen.seg_suffix)
+                expected = ", ".join(f"{case}{chosen.separator}{s}.nii.gz" for s in names)
+                raise BratsConversionError(f"case {case}: unrecognised file {file} (BraTS {chosen.name} expects "
+                                           f"{expected})")
         if not sequences:
             raise BratsConversionError(f"case {case}: no image sequence at all (only {[f.name for f in files]})")
         cases.append(BratsCase(case, sequences, segmentation))
@@ -144,7 +146,7 @@ def _geometry(image: sitk.Image) -> tuple:
 def _check_geometry(case: str, reference: tuple, reference_file: Path, other: tuple, other_file: Path) -> None:
     names = ("shape", "spacing", "origin", "direction")
     tolerances = (0, 1e-4, 1e-3, 1e-4)
-    for name, ref, oth, tol in zip(names, reference, other, tolerances):
+    for name, ref, oth, tol in zip(names, reference, other, tolerances, strict=True):
         if len(ref) != len(oth) or not np.allclose(ref, oth, rtol=0, atol=tol):
             raise BratsConversionError(f"case {case}: {other_file.name} has {name} {tuple(np.round(oth, 4))} but "
                                        f"{reference_file.name} has {tuple(np.round(ref, 4))}; all sequences and the "
@@ -178,7 +180,8 @@ def check_complete(case: str, file: Path) -> None:
 
     try:
         header = nib.load(file).header
-        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        voxels = int(np.prod(header.get_data_shape()))
+        needed = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
         if file.name.lower().endswith(".gz"):
             size = 0
             with gzip.open(file, "rb") as stream:

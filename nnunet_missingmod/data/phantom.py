@@ -154,7 +154,7 @@ def load_template(spacing: float = 2.0) -> Template:
     inside = np.argwhere(brain_full > 0.5)
     lo = np.maximum(inside.min(0) - 2, 0)
     hi = np.minimum(inside.max(0) + 3, brain_full.shape)
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     brain = np.clip(brain_full[crop], 0, 1)
     gm, wm = (np.clip(arrays[k][crop], 0, 1) * brain for k in ("gm", "wm"))
     affine = raw["t1"].affine.copy()
@@ -172,7 +172,7 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cell_vox: floa
     # smooth on a coarse grid (cell_vox / 2 apart), then upsample linearly: ~10x cheaper than a cubic zoom
     coarse_shape = [max(3, int(np.ceil(2 * s / cell_vox)) + 1) for s in shape]
     coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 1.0, mode="wrap")
-    fine = ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse_shape)], order=1, mode="nearest")
+    fine = ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse_shape, strict=True)], order=1, mode="nearest")
     fine = fine[tuple(slice(0, s) for s in shape)]
     return (fine - fine.mean()) / (fine.std() + 1e-6)
 
@@ -227,7 +227,8 @@ def _tumour_labels(rng: np.random.Generator, config: PhantomConfig, shape: Seque
 
     # edema: reaches further through white matter, never into CSF, connected to the core
     distance_mm = ndimage.distance_transform_edt(~core, sampling=spacing)
-    reach = rng.uniform(*config.edema_reach_mm) * (0.2 + 0.8 * wm) * np.exp(0.3 * _smooth_field(rng, shape, 15 / spacing))
+    reach = rng.uniform(*config.edema_reach_mm) * (0.2 + 0.8 * wm)
+    reach *= np.exp(0.3 * _smooth_field(rng, shape, 15 / spacing))
     edema = (distance_mm < reach) & ~core & inside & (csf < 0.4)
     components, _ = ndimage.label(edema | core)
     edema &= np.isin(components, np.unique(components[core]))
@@ -331,7 +332,7 @@ def _write_case(args: tuple) -> tuple[str, dict, list[str]]:
         keep = rng.random(mods.NUM_MODALITIES) >= missing_rate
         if not keep.any():
             keep[rng.integers(mods.NUM_MODALITIES)] = True
-        present = [m for m, k in zip(mods.MODALITIES, keep) if k]
+        present = [m for m, k in zip(mods.MODALITIES, keep, strict=True) if k]
         write_brats_case(Path(brats_dir), f"BraTS-PHANTOM-{index:05d}", images, labels, affine,
                          present=[mods.modality_index(m) for m in present], layout=brats_format)
     return identifier, info, present
@@ -394,7 +395,9 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
             str(staging), channel_names=dict(mods.CHANNEL_NAMES),
             labels={k: tuple(v) if isinstance(v, list) else v for k, v in mods.DATASET_LABELS.items()},
             num_training_cases=num_cases, file_ending=".nii.gz", regions_class_order=tuple(mods.REGIONS_CLASS_ORDER),
-            dataset_name=f"Dataset{dataset_id:03d}_{name}", license="CC-BY-4.0 (phantoms from the MNI152 2009a template)",
+            dataset_name=f"Dataset{dataset_id:03d}_{name}",
+            license="derived from the MNI ICBM152 2009a template; its copyright notice (McConnell Brain Imaging "
+                    "Centre) applies",
             converted_by="nnunet_missingmod phantom", reference="MNI ICBM152 2009a nonlinear symmetric template",
             description=f"BraTS-like phantoms, seed {seed}, spacing {config.spacing} mm",
         )
@@ -434,7 +437,7 @@ def render_preview(dataset_folder: str | os.PathLike, png: str | os.PathLike, ca
     channels = [np.asarray(nib.load(folder / "imagesTr" / f"{identifier}_{c:04d}.nii.gz").dataobj)[:, :, z]
                 for c in range(mods.NUM_MODALITIES)]
     fig, axes = plt.subplots(1, 5, figsize=(15, 3.6))
-    for ax, image, title in zip(axes, channels, mods.DISPLAY_NAMES):
+    for ax, image, title in zip(axes[:4], channels, mods.DISPLAY_NAMES, strict=True):
         ax.imshow(np.rot90(image), cmap="gray")
         ax.set_title(title)
     axes[4].imshow(np.rot90(channels[3]), cmap="gray")

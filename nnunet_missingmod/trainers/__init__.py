@@ -1,4 +1,4 @@
-"""nnU-Net trainers of this package, found by nnU-Net through ``nnUNet_extTrainer`` (see :mod:`nnunet_missingmod.ext`)."""
+"""nnU-Net trainers of this package; nnU-Net finds them through ``nnUNet_extTrainer`` (see ``ext.py``)."""
 
 from nnunet_missingmod.trainers.base import MissingModTrainerBase
 from nnunet_missingmod.trainers.modality_dropout import ModalityDropoutTrainer

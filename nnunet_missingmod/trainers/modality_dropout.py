@@ -31,8 +31,9 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
         if settings["scheme"] == "independent" and len(probabilities) != num_modalities:
             raise ValueError(f"modality_dropout.drop_probabilities has {len(probabilities)} values but the dataset "
                              f"has {num_modalities} channels")
+        independent = settings["scheme"] == "independent"
         return ModalityDropoutTransform(num_modalities=num_modalities, scheme=settings["scheme"],
-                                        drop_probabilities=probabilities if settings["scheme"] == "independent" else None,
+                                        drop_probabilities=probabilities if independent else None,
                                         p_keep_all=settings["p_keep_all"])
 
     # nnU-Net declares this hook static; it is only ever called on the trainer instance, and the

@@ -152,7 +152,8 @@ def test_case_without_any_sequence(tmp_path):
 def test_unrecognised_file_name(tmp_path):
     src = tmp_path / "src"
     _write_case(src, "BraTS2021_00001")
-    shutil.copy(src / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz", src / "BraTS2021_00001" / "BraTS2021_00001_pd.nii.gz")
+    case_dir = src / "BraTS2021_00001"
+    shutil.copy(case_dir / "BraTS2021_00001_t2.nii.gz", case_dir / "BraTS2021_00001_pd.nii.gz")
     with pytest.raises(BratsConversionError, match="BraTS2021_00001.*BraTS2021_00001_pd.nii.gz"):
         convert_brats(src, 986, "Odd", raw_folder=tmp_path / "raw", progress=False)
 
