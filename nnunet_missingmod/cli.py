@@ -55,6 +55,13 @@ def _demo(args: argparse.Namespace) -> None:
              tta=args.tta, fresh=args.fresh)
 
 
+def _add_dataset_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_missingmod",
@@ -78,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=int, default=10, help="held-out cases in imagesTs/labelsTs (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed; equal seeds give bit-identical files (default: 0)")
     p.add_argument("--spacing", type=float, default=2.0, help="isotropic spacing in mm (default: 2)")
-    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
     p.add_argument("--preview", default=None, metavar="PNG", help="render the first case to this PNG")
     p.add_argument("--brats-layout", default=None, metavar="DIR",
                    help="also write the cases in the BraTS folder layout here, with sequences missing at random")
@@ -86,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probability that a sequence file is missing in --brats-layout (default: 0.3)")
     p.add_argument("--brats-format", choices=("2021", "2023"), default="2021",
                    help="file names and labels of --brats-layout (default: 2021)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    p.add_argument("-np", "--num-processes", type=int, default=None,
-                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+    _add_dataset_output_options(p)
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("convert-brats", help="convert a BraTS folder with missing sequences to nnU-Net's format",
@@ -101,10 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id")
     p.add_argument("--name", required=True, help="dataset name, e.g. BraTS2021")
     p.add_argument("--layout", choices=("auto", "2021", "2023"), default="auto", help="file naming (default: auto)")
-    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    p.add_argument("-np", "--num-processes", type=int, default=None,
-                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+    _add_dataset_output_options(p)
     p.set_defaults(func=_convert_brats)
 
     p = sub.add_parser("add-cpu-config", help="add a small CPU configuration (e.g. 3d_cpu) to a dataset's plans",

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.data.nifti import atomic_output_folder, write_nifti
+from nnunet_missingmod.data.raw_dataset import dataset_folder, write_availability, write_dataset_json
 
 
 @dataclass(frozen=True)
@@ -249,26 +250,6 @@ def _convert_case(args: tuple[BratsCase, BratsLayout, str]) -> tuple[str, list[s
     return case.name, [mods.MODALITIES[c] for c in sorted(images)], case.segmentation is not None
 
 
-def dataset_folder(raw_folder: str | os.PathLike | None, dataset_id: int, name: str) -> Path:
-    """``$nnUNet_raw/DatasetNNN_name``, refusing an id that another dataset name already uses."""
-    if not 1 <= dataset_id <= 999:
-        raise ValueError(f"dataset id must be between 1 and 999, got {dataset_id}")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise ValueError(f"dataset name {name!r} may only contain letters, digits, '_' and '-'")
-    raw = raw_folder or os.environ.get("nnUNet_raw")
-    if not raw:
-        raise RuntimeError("nnUNet_raw is not set; export nnUNet_raw=/path/to/nnUNet_raw (see nnU-Net's "
-                           "documentation/set_environment_variables.md)")
-    final = Path(raw) / f"Dataset{dataset_id:03d}_{name}"
-    if Path(raw).is_dir():
-        clashes = [p.name for p in Path(raw).glob(f"Dataset{dataset_id:03d}_*")
-                   if p.is_dir() and p.name != final.name]
-        if clashes:
-            raise FileExistsError(f"dataset id {dataset_id} is already used by {clashes[0]} in {raw}; "
-                                  f"nnU-Net needs ids to be unique, choose another --dataset-id")
-    return final
-
-
 def convert_brats(source: str | os.PathLike, dataset_id: int, name: str, *, layout: str = "auto",
                   raw_folder: str | os.PathLike | None = None, overwrite: bool = False,
                   num_processes: int | None = None, progress: bool = True) -> Path:
@@ -290,8 +271,6 @@ def convert_brats(source: str | os.PathLike, dataset_id: int, name: str, *, layo
     Raises:
         BratsConversionError: a case cannot be converted (the message names case and file); nothing is written.
     """
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-
     final = dataset_folder(raw_folder, dataset_id, name)
     chosen, cases = find_cases(source, layout)
     for case in tqdm(cases, desc="checking headers", unit="case", disable=not progress):
@@ -309,16 +288,10 @@ def convert_brats(source: str | os.PathLike, dataset_id: int, name: str, *, layo
         num_training = sum(has_seg for _, _, has_seg in results)
         if num_training == 0:
             raise BratsConversionError(f"{source}: no case has a segmentation, so there is nothing to train on")
-        generate_dataset_json(
-            str(staging), channel_names=dict(mods.CHANNEL_NAMES),
-            labels={k: tuple(v) if isinstance(v, list) else v for k, v in mods.DATASET_LABELS.items()},
-            num_training_cases=num_training, file_ending=".nii.gz", regions_class_order=tuple(mods.REGIONS_CLASS_ORDER),
-            dataset_name=final.name, converted_by="nnunet_missingmod convert-brats",
-            description=f"converted from {Path(source).resolve()} (BraTS {chosen.name} layout)",
-            license="see the BraTS challenge's data use agreement",
-        )
-        from nnunet_missingmod.data.phantom import write_availability
-
+        write_dataset_json(staging, dataset_name=final.name, num_training=num_training,
+                           converted_by="nnunet_missingmod convert-brats",
+                           description=f"converted from {Path(source).resolve()} (BraTS {chosen.name} layout)",
+                           license="see the BraTS challenge's data use agreement")
         write_availability(staging, {case: present for case, present, _ in results})
     return final
 

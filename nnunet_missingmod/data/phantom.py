@@ -30,6 +30,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from multiprocessing import get_context
@@ -41,7 +42,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.data.brats import write_brats_case
 from nnunet_missingmod.data.nifti import atomic_output_folder, write_nifti
+from nnunet_missingmod.data.raw_dataset import dataset_folder, write_availability, write_dataset_json
 
 _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -326,8 +329,6 @@ def _write_case(args: tuple) -> tuple[str, dict, list[str]]:
     write_nifti(Path(staging, label_dir, f"{identifier}.nii.gz"), labels, affine)
     present: list[str] = list(mods.MODALITIES)
     if brats_dir is not None:
-        from nnunet_missingmod.data.brats import write_brats_case  # local import: brats imports this module
-
         rng = np.random.default_rng([seed, index, 1])
         keep = rng.random(mods.NUM_MODALITIES) >= missing_rate
         if not keep.any():
@@ -366,41 +367,25 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
     Returns:
         The dataset folder.
     """
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-
-    if not 1 <= dataset_id <= 999:
-        raise ValueError(f"dataset id must be between 1 and 999, got {dataset_id}")
     if num_cases < 1 or num_test < 0:
         raise ValueError(f"need at least one training case and no negative test count ({num_cases=}, {num_test=})")
-    raw = Path(raw_folder or os.environ.get("nnUNet_raw") or "")
-    if not str(raw_folder or os.environ.get("nnUNet_raw") or ""):
-        raise RuntimeError("nnUNet_raw is not set; export nnUNet_raw=/path/to/nnUNet_raw or pass raw_folder")
-    final = raw / f"Dataset{dataset_id:03d}_{name}"
+    final = dataset_folder(raw_folder, dataset_id, name)
     num_processes = num_processes or int(os.environ.get("nnUNet_def_n_proc", 2))
-
-    from contextlib import nullcontext
-
     brats_context = atomic_output_folder(brats_layout, overwrite=overwrite) if brats_layout else nullcontext(None)
     with atomic_output_folder(final, overwrite=overwrite) as staging, brats_context as brats_staging:
         for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
             (staging / sub).mkdir()
         jobs = [(seed, i, config, str(staging), i >= num_cases, brats_staging, missing_rate, brats_format)
                 for i in range(num_cases + num_test)]
-        results = []
         with ProcessPoolExecutor(max_workers=max(1, num_processes), mp_context=get_context("spawn")) as pool:
-            for result in tqdm(pool.map(_write_case, jobs), total=len(jobs), desc="phantoms", unit="case",
-                               disable=not progress):
-                results.append(result)
-        generate_dataset_json(
-            str(staging), channel_names=dict(mods.CHANNEL_NAMES),
-            labels={k: tuple(v) if isinstance(v, list) else v for k, v in mods.DATASET_LABELS.items()},
-            num_training_cases=num_cases, file_ending=".nii.gz", regions_class_order=tuple(mods.REGIONS_CLASS_ORDER),
-            dataset_name=f"Dataset{dataset_id:03d}_{name}",
-            license="derived from the MNI ICBM152 2009a template; its copyright notice (McConnell Brain Imaging "
-                    "Centre) applies",
-            converted_by="nnunet_missingmod phantom", reference="MNI ICBM152 2009a nonlinear symmetric template",
-            description=f"BraTS-like phantoms, seed {seed}, spacing {config.spacing} mm",
-        )
+            results = list(tqdm(pool.map(_write_case, jobs), total=len(jobs), desc="phantoms", unit="case",
+                                disable=not progress))
+        write_dataset_json(staging, dataset_name=final.name, num_training=num_cases,
+                           converted_by="nnunet_missingmod phantom",
+                           description=f"BraTS-like phantoms, seed {seed}, spacing {config.spacing} mm",
+                           reference="MNI ICBM152 2009a nonlinear symmetric template",
+                           license="derived from the MNI ICBM152 2009a template; its copyright notice "
+                                   "(McConnell Brain Imaging Centre) applies")
         availability = {identifier: list(mods.MODALITIES) for identifier, _, _ in results}
         write_availability(staging, availability)
         with open(staging / "phantom_cases.json", "w") as f:
@@ -412,13 +397,7 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
     return final
 
 
-def write_availability(dataset_folder: str | os.PathLike, cases: dict[str, list[str]]) -> None:
-    """Write ``modality_availability.json``: which sequences each case really has."""
-    with open(Path(dataset_folder) / "modality_availability.json", "w") as f:
-        json.dump({"modalities": list(mods.MODALITIES), "cases": cases}, f, indent=2)
-
-
-def render_preview(dataset_folder: str | os.PathLike, png: str | os.PathLike, case: str | None = None) -> Path:
+def render_preview(dataset: str | os.PathLike, png: str | os.PathLike, case: str | None = None) -> Path:
     """Render one case of a raw dataset: the four modalities and the label overlay, axial slice through the tumour."""
     import matplotlib
 
@@ -426,7 +405,7 @@ def render_preview(dataset_folder: str | os.PathLike, png: str | os.PathLike, ca
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    folder = Path(dataset_folder)
+    folder = Path(dataset)
     label_files = sorted((folder / "labelsTr").glob("*.nii.gz"))
     if not label_files:
         raise FileNotFoundError(f"no label files in {folder / 'labelsTr'}")

@@ -170,3 +170,16 @@ def test_existing_dataset_needs_overwrite_and_input_is_untouched(tmp_path):
     convert_brats(src, 987, "Again", raw_folder=tmp_path / "raw", overwrite=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [out.name]
     assert {p: p.read_bytes() for p in src.rglob("*.nii.gz")} == before
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from nnunet_missingmod.cli import main
+
+    src = tmp_path / "src"
+    _write_case(src, "BraTS2021_00003", present=(0, 3))
+    _modify(src / "BraTS2021_00003" / "BraTS2021_00003_flair.nii.gz", _with_origin)
+    code = main(["convert-brats", str(src), "--dataset-id", "988", "--name", "Cli", "--raw", str(tmp_path / "raw")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "convert-brats: error: case BraTS2021_00003: BraTS2021_00003_flair.nii.gz has origin" in err
+    assert not (tmp_path / "raw").exists()

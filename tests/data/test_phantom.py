@@ -145,3 +145,14 @@ def test_existing_dataset_is_not_overwritten(tmp_path):
     make_phantom_dataset(972, seed=1, overwrite=True, **kwargs)
     assert _digests(folder) != before
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no temporary folders left
+
+
+def test_cli_writes_dataset_and_preview(tmp_path):
+    from nnunet_missingmod.cli import main
+
+    png = tmp_path / "preview.png"
+    code = main(["phantom", "--dataset-id", "974", "--num-cases", "1", "--num-test", "1", "--spacing", "4",
+                 "--raw", str(tmp_path / "raw"), "--preview", str(png), "-np", "1"])
+    assert code == 0
+    assert (tmp_path / "raw" / "Dataset974_BraTSPhantom" / "imagesTs" / "Phantom_0001_0003.nii.gz").is_file()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
