@@ -35,6 +35,6 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.4"]},
+    extras_require={"test": ["pytest>=7", "ruff>=0.4", "medpy>=0.5"]},
     entry_points={"console_scripts": ["nnunet_missingmod=nnunet_missingmod.cli:main"]},
 )

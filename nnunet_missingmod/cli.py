@@ -46,6 +46,26 @@ def _add_cpu_config(args: argparse.Namespace) -> None:
           f"train it with: nnUNetv2_train {args.d} {args.name} FOLD -tr TRAINER -device cpu")
 
 
+def _folds(values: list[str] | None) -> list[int | str] | None:
+    return None if values is None else [v if v == "all" else int(v) for v in values]
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from nnunet_missingmod import modalities as mods
+    from nnunet_missingmod.inference.predict import model_folder, predict_folder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_folder(args.d, args.c, args.tr, args.p)
+    done = predict_folder(args.i, args.o, model, folds=_folds(args.f), checkpoint_name=args.chk, device=device,
+                          tile_step_size=args.step_size, use_mirroring=not args.disable_tta,
+                          save_probabilities=args.save_probabilities,
+                          available=mods.parse_modalities(args.available) if args.available else None,
+                          availability_file=args.availability, num_parts=args.num_parts, part_id=args.part_id)
+    print(f"predicted {len(done)} case(s) into {args.o} (modalities per case: {args.o}/modalities_used.json)")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from nnunet_missingmod.demo import run_demo
 
@@ -121,6 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="batch size (default: 2)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.set_defaults(func=_add_cpu_config)
+
+    p = sub.add_parser("predict", help="predict with any subset of the modalities (nnUNetv2_predict's options)",
+                       description="Like nnUNetv2_predict, but cases may lack channel files: missing modalities are "
+                                   "zero-filled. Availability comes from --available, else from "
+                                   "modality_availability.json (--availability, or found beside the input folder), "
+                                   "else from the files present. Every case is checked before anything is written.")
+    p.add_argument("-i", required=True, help="input folder of <case>_XXXX files (XXXX: 0000 t1, 0001 t1ce, "
+                                             "0002 t2, 0003 flair)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default: nnUNetTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: all found)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--save_probabilities", action="store_true", help="also write probabilities (.npz)")
+    p.add_argument("--available", default=None, help="modalities to use for every case, e.g. t1ce,flair")
+    p.add_argument("--availability", default=None, metavar="JSON", help="a modality_availability.json")
+    p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
+    p.add_argument("-part_id", type=int, default=0, help="which part this process predicts")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="phantoms -> plan/preprocess -> CPU config -> train -> predict -> Dice",
                        description="Run the whole pipeline on phantoms in a work folder of its own, through "

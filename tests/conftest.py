@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from nnunet_missingmod.config import OVERRIDE_ENV
 from nnunet_missingmod.data.phantom import PhantomConfig, make_phantom_dataset
+from nnunet_missingmod.data.plans import add_cpu_configuration
+from nnunet_missingmod.demo import nnunet_environment
 
 #: Coarse phantoms keep conversion and pipeline tests fast; contrast tests use the default 2 mm.
 FAST_CONFIG = PhantomConfig(spacing=4.0, padding_mm=16.0)
@@ -28,3 +34,47 @@ def phantom_with_brats(tmp_path_factory) -> tuple[Path, Path]:
                                    raw_folder=base / "raw", brats_layout=base / "brats",
                                    missing_rate=0.5, progress=False)
     return dataset, base / "brats"
+
+
+E2E_DATASET = 980
+E2E_NAME = f"Dataset{E2E_DATASET:03d}_BraTSPhantom"
+
+
+def nnunet_script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run_checked(command: list[str], env: dict) -> str:
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """Phantoms -> nnUNetv2_plan_and_preprocess -> 3d_cpu -> nnUNetv2_train (1 short epoch) -> nnUNetv2_predict.
+
+    Returns (work folder with nnUNet_raw/_preprocessed/_results and env.json, prediction folder, training log).
+    """
+    work = tmp_path_factory.mktemp("e2e")
+    override = work / "override.json"
+    override.write_text(json.dumps({"nnunet": {"num_epochs": 1, "num_iterations_per_epoch": 4,
+                                               "num_val_iterations_per_epoch": 2},
+                                    "inference": {"test_time_mirroring": False}}))
+    env = nnunet_environment(work, num_processes=2, extra={OVERRIDE_ENV: str(override), "nnUNet_n_proc_DA": "1"})
+    make_phantom_dataset(E2E_DATASET, num_cases=5, num_test=2, seed=1, config=FAST_CONFIG,
+                         raw_folder=work / "nnUNet_raw", progress=False)
+    run_checked([nnunet_script("nnUNetv2_plan_and_preprocess"), "-d", str(E2E_DATASET), "-c", "3d_fullres",
+                 "-np", "2", "--verify_dataset_integrity"], env)
+    add_cpu_configuration(E2E_DATASET, patch_size=(32, 32, 32), features_per_stage=(8, 16, 32),
+                          preprocessed_folder=work / "nnUNet_preprocessed")
+    train_log = run_checked([nnunet_script("nnUNetv2_train"), str(E2E_DATASET), "3d_cpu", "0",
+                             "-tr", "ModalityDropoutTrainer", "-device", "cpu"], env)
+    predictions = work / "predictions"
+    run_checked([nnunet_script("nnUNetv2_predict"), "-i", str(work / "nnUNet_raw" / E2E_NAME / "imagesTs"),
+                 "-o", str(predictions), "-d", str(E2E_DATASET), "-c", "3d_cpu", "-f", "0",
+                 "-tr", "ModalityDropoutTrainer", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    (work / "env.json").write_text(json.dumps(env))
+    return work, predictions, train_log
+
+

@@ -3,63 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 
-from nnunet_missingmod.config import OVERRIDE_ENV
-from nnunet_missingmod.data.phantom import make_phantom_dataset
-from nnunet_missingmod.data.plans import add_cpu_configuration
-from nnunet_missingmod.demo import nnunet_environment, region_dice
+from nnunet_missingmod.demo import region_dice
 from nnunet_missingmod.transforms import ModalityDropoutTransform
-from tests.conftest import FAST_CONFIG
-
-DATASET = 980
-NAME = f"Dataset{DATASET:03d}_BraTSPhantom"
+from tests.conftest import E2E_NAME as NAME
 
 
-def _script(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-def _run(command: list[str], env: dict) -> str:
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e")
-    override = work / "override.json"
-    override.write_text(json.dumps({"nnunet": {"num_epochs": 1, "num_iterations_per_epoch": 4,
-                                               "num_val_iterations_per_epoch": 2},
-                                    "inference": {"test_time_mirroring": False}}))
-    env = nnunet_environment(work, num_processes=2, extra={OVERRIDE_ENV: str(override), "nnUNet_n_proc_DA": "1"})
-    make_phantom_dataset(DATASET, num_cases=5, num_test=2, seed=1, config=FAST_CONFIG,
-                         raw_folder=work / "nnUNet_raw", progress=False)
-    _run([_script("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET), "-c", "3d_fullres", "-np", "2",
-          "--verify_dataset_integrity"], env)
-    add_cpu_configuration(DATASET, patch_size=(32, 32, 32), features_per_stage=(8, 16, 32),
-                          preprocessed_folder=work / "nnUNet_preprocessed")
-    train_log = _run([_script("nnUNetv2_train"), str(DATASET), "3d_cpu", "0", "-tr", "ModalityDropoutTrainer",
-                      "-device", "cpu"], env)
-    predictions = work / "predictions"
-    _run([_script("nnUNetv2_predict"), "-i", str(work / "nnUNet_raw" / NAME / "imagesTs"), "-o", str(predictions),
-          "-d", str(DATASET), "-c", "3d_cpu", "-f", "0", "-tr", "ModalityDropoutTrainer", "-device", "cpu",
-          "--disable_tta", "-npp", "1", "-nps", "1"], env)
-    return work, predictions, train_log
-
-
-def test_cpu_configuration_inherits_preprocessed_data(pipeline):
+def test_cpu_configuration_inherits_preprocessed_data(trained_model):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    work, _, _ = pipeline
+    work, _, _ = trained_model
     plans = json.loads((work / "nnUNet_preprocessed" / NAME / "nnUNetPlans.json").read_text())
     manager = PlansManager(plans)
     cpu, full = manager.get_configuration("3d_cpu"), manager.get_configuration("3d_fullres")
@@ -75,8 +32,8 @@ def test_cpu_configuration_inherits_preprocessed_data(pipeline):
     assert network(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
 
 
-def test_training_ran_with_our_trainer_and_recorded_its_config(pipeline):
-    work, _, train_log = pipeline
+def test_training_ran_with_our_trainer_and_recorded_its_config(trained_model):
+    work, _, train_log = trained_model
     fold = work / "nnUNet_results" / NAME / "ModalityDropoutTrainer__nnUNetPlans__3d_cpu" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     config = json.loads((fold / "trainer_config.json").read_text())
@@ -88,8 +45,8 @@ def test_training_ran_with_our_trainer_and_recorded_its_config(pipeline):
     assert (fold / "validation" / "summary.json").is_file()
 
 
-def test_prediction_matches_input_geometry(pipeline):
-    work, predictions, _ = pipeline
+def test_prediction_matches_input_geometry(trained_model):
+    work, predictions, _ = trained_model
     files = sorted(predictions.glob("*.nii.gz"))
     assert [f.name for f in files] == ["Phantom_0005.nii.gz", "Phantom_0006.nii.gz"]
     for file in files:
@@ -104,10 +61,10 @@ def test_prediction_matches_input_geometry(pipeline):
     assert all(0.0 <= row[r] <= 1.0 for row in result["per_case"] for r in ("WT", "TC", "ET"))
 
 
-def test_training_transforms_end_with_modality_dropout(pipeline, monkeypatch):
+def test_training_transforms_end_with_modality_dropout(trained_model, monkeypatch):
     from nnunet_missingmod.trainers import ModalityDropoutTrainer
 
-    work, _, _ = pipeline
+    work, _, _ = trained_model
     monkeypatch.setenv("nnUNet_results", str(work / "inprocess_results"))
     monkeypatch.setenv("nnUNet_preprocessed", str(work / "nnUNet_preprocessed"))
     plans = json.loads((work / "nnUNet_preprocessed" / NAME / "nnUNetPlans.json").read_text())

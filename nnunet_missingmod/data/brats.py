@@ -34,7 +34,13 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
-from nnunet_missingmod.data.nifti import atomic_output_folder, write_nifti
+from nnunet_missingmod.data.nifti import (
+    InputImageError,
+    atomic_output_folder,
+    geometry_mismatch,
+    read_geometry,
+    write_nifti,
+)
 from nnunet_missingmod.data.raw_dataset import dataset_folder, write_availability, write_dataset_json
 
 
@@ -56,7 +62,7 @@ LAYOUTS: dict[str, BratsLayout] = {
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 
-class BratsConversionError(ValueError):
+class BratsConversionError(InputImageError):
     """A BraTS case cannot be converted; the message names the case and the file."""
 
 
@@ -136,7 +142,7 @@ def find_cases(source: str | os.PathLike, layout: str = "auto") -> tuple[BratsLa
                                            f"{expected})")
         if not sequences:
             raise BratsConversionError(f"case {case}: no image sequence at all (only {[f.name for f in files]})")
-        cases.append(BratsCase(case, sequences, segmentation))
+        cases.append(BratsCase(case, dict(sorted(sequences.items())), segmentation))  # channel order
     return chosen, cases
 
 
@@ -145,26 +151,20 @@ def _geometry(image: sitk.Image) -> tuple:
 
 
 def _check_geometry(case: str, reference: tuple, reference_file: Path, other: tuple, other_file: Path) -> None:
-    names = ("shape", "spacing", "origin", "direction")
-    tolerances = (0, 1e-4, 1e-3, 1e-4)
-    for name, ref, oth, tol in zip(names, reference, other, tolerances, strict=True):
-        if len(ref) != len(oth) or not np.allclose(ref, oth, rtol=0, atol=tol):
-            raise BratsConversionError(f"case {case}: {other_file.name} has {name} {tuple(np.round(oth, 4))} but "
-                                       f"{reference_file.name} has {tuple(np.round(ref, 4))}; all sequences and the "
-                                       f"segmentation of a case must share one geometry")
+    problem = geometry_mismatch(reference, other)
+    if problem:
+        name, values = problem.split(": ", 1)
+        other_value, reference_value = values.split(" vs ")
+        raise BratsConversionError(f"case {case}: {other_file.name} has {name} {other_value} but {reference_file.name} "
+                                   f"has {reference_value}; all sequences and the segmentation of a case must share "
+                                   f"one geometry")
 
 
 def _read_header(case: str, file: Path) -> tuple:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(file))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise BratsConversionError(f"case {case}: cannot read {file}: {str(error).strip().splitlines()[-1]}") from None
-    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
-        raise BratsConversionError(f"case {case}: {file.name} is not a 3D single-channel image "
-                                   f"({reader.GetDimension()}D, {reader.GetNumberOfComponents()} components)")
-    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+        return read_geometry(file)
+    except InputImageError as error:
+        raise BratsConversionError(f"case {case}: {error}") from None
 
 
 def check_case_headers(case: BratsCase) -> None:

@@ -50,3 +50,41 @@ def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+class InputImageError(ValueError):
+    """An input image cannot be used; the message names the case and the file."""
+
+
+def read_geometry(file: str | os.PathLike) -> tuple:
+    """(size, spacing, origin, direction) from the header alone (SimpleITK).
+
+    Raises:
+        InputImageError: unreadable file, or not a 3D single-channel image.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputImageError(f"cannot read {file}: {str(error).strip().splitlines()[-1]}") from None
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise InputImageError(f"{Path(file).name} is not a 3D single-channel image ({reader.GetDimension()}D, "
+                              f"{reader.GetNumberOfComponents()} components)")
+    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+
+
+def _format(values) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+def geometry_mismatch(reference: tuple, other: tuple) -> str | None:
+    """Which of shape, spacing, origin, direction differ between two geometries (with their values), or None."""
+    names = ("shape", "spacing", "origin", "direction")
+    tolerances = (0, 1e-4, 1e-3, 1e-4)
+    for name, ref, oth, tol in zip(names, reference, other, tolerances, strict=True):
+        if len(ref) != len(oth) or not np.allclose(ref, oth, rtol=0, atol=tol):
+            return f"{name}: {_format(oth)} vs {_format(ref)}"
+    return None

@@ -1,0 +1,237 @@
+"""Prediction with any subset of the modalities.
+
+:class:`MissingModalityPredictor` wraps nnU-Net's ``nnUNetPredictor``: a case is read and preprocessed
+once by nnU-Net's own preprocessor, then every requested subset of modalities is predicted from that
+tensor with the missing channels set to zero in normalised space (nnU-Net's sliding window, Gaussian
+weighting, optional mirroring, fold ensembling). Missing channel files are zero-filled before
+preprocessing, so a case predicted with :func:`predict_folder` gives exactly what ``nnUNetv2_predict``
+gives for the same case with zero-filled files.
+
+Which modalities a case has comes, in this order, from ``--available`` (one list for all cases),
+from a ``modality_availability.json`` (per case), or from the channel files present in the input folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.data.nifti import InputImageError, geometry_mismatch, read_geometry
+from nnunet_missingmod.ext import register
+
+
+@dataclass
+class CaseInput:
+    """One case of an input folder: its channel files and the modalities to use."""
+
+    identifier: str
+    files: dict[int, Path]  # channel -> file (present files only)
+    available: tuple[int, ...]
+
+
+def _channel_index_of_model(dataset_json: dict) -> list[int]:
+    """Map the model's input channels to modality indices; raise if the model was not trained on the 4 modalities."""
+    names = [dataset_json["channel_names"][str(i)] for i in range(len(dataset_json["channel_names"]))]
+    try:
+        indices = [mods.modality_index(name) for name in names]
+    except ValueError:
+        indices = []
+    if indices != list(range(mods.NUM_MODALITIES)):
+        raise ValueError(f"the model expects channels {names}, but missing-modality prediction needs the "
+                         f"BraTS channels in nnU-Net's order {list(mods.CHANNEL_NAMES.values())}")
+    return indices
+
+
+def find_cases(input_folder: str | os.PathLike, file_ending: str = ".nii.gz",
+               available: Sequence[int] | None = None, availability_file: str | os.PathLike | None = None
+               ) -> list[CaseInput]:
+    """List the cases of a folder of ``<case>_XXXX<file_ending>`` files and decide their available modalities.
+
+    Raises:
+        InputImageError: a file name with a channel index outside 0-3, a case without any usable modality,
+            or a modality named in ``available`` whose file is missing.
+    """
+    folder = Path(input_folder)
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    files: dict[str, dict[int, Path]] = {}
+    for file in sorted(folder.iterdir()):
+        match = pattern.match(file.name)
+        if match:
+            channel = int(match.group(2))
+            if channel >= mods.NUM_MODALITIES:
+                raise InputImageError(f"case {match.group(1)}: {file.name} has channel index {channel}; "
+                                      f"expected 0000-{mods.NUM_MODALITIES - 1:04d} ({', '.join(mods.MODALITIES)})")
+            files.setdefault(match.group(1), {})[channel] = file
+    if not files:
+        raise InputImageError(f"{folder} holds no files named <case>_XXXX{file_ending}")
+    per_case = None
+    if availability_file is not None:
+        per_case = json.loads(Path(availability_file).read_text())["cases"]
+    cases = []
+    for identifier, channel_files in files.items():
+        if available is not None:
+            wanted = tuple(sorted(available))
+            missing_files = [mods.MODALITIES[c] for c in wanted if c not in channel_files]
+            if missing_files:
+                raise InputImageError(f"case {identifier}: --available names {missing_files} but there is no file "
+                                      f"for {'it' if len(missing_files) == 1 else 'them'} in {folder}")
+        elif per_case is not None and identifier in per_case:
+            wanted = tuple(sorted(c for c in (mods.modality_index(m) for m in per_case[identifier])
+                                  if c in channel_files))
+        else:
+            wanted = tuple(sorted(channel_files))
+        if not wanted:
+            raise InputImageError(f"case {identifier}: none of the modalities "
+                                  f"{', '.join(mods.MODALITIES)} is available")
+        cases.append(CaseInput(identifier, channel_files, wanted))
+    return cases
+
+
+def check_case_geometry(case: CaseInput) -> None:
+    """All channel files of a case must share shape, spacing, origin and direction."""
+    files = [case.files[c] for c in sorted(case.files)]
+    reference = read_geometry(files[0])
+    for file in files[1:]:
+        problem = geometry_mismatch(reference, read_geometry(file))
+        if problem:
+            raise InputImageError(f"case {case.identifier}: {file.name} and {files[0].name} differ in {problem}")
+
+
+class MissingModalityPredictor:
+    """A trained nnU-Net model that predicts from any subset of the four modalities.
+
+    Args:
+        model_folder: ``<nnUNet_results>/DatasetNNN/<trainer>__<plans>__<configuration>``.
+        folds: folds to ensemble (default: all folds found).
+        checkpoint_name: checkpoint file in each fold folder.
+        device: torch device.
+        tile_step_size: sliding-window step as a fraction of the patch size.
+        use_mirroring: mirroring test-time augmentation (if the model allows it).
+        progress: show nnU-Net's sliding-window progress bars.
+    """
+
+    def __init__(self, model_folder: str | os.PathLike, *, folds: Sequence[int | str] | None = None,
+                 checkpoint_name: str = "checkpoint_final.pth", device: torch.device | str = "cpu",
+                 tile_step_size: float = 0.5, use_mirroring: bool = True, progress: bool = False) -> None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        register()  # our trainers must be found by name when nnU-Net restores the network
+        device = torch.device(device)
+        self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                         perform_everything_on_device=device.type == "cuda", device=device,
+                                         verbose=False, verbose_preprocessing=False, allow_tqdm=progress)
+        self.predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint_name)
+        _channel_index_of_model(self.predictor.dataset_json)
+        self.reader = self.predictor.plans_manager.image_reader_writer_class()
+
+    @property
+    def file_ending(self) -> str:
+        return self.predictor.dataset_json["file_ending"]
+
+    def read_case(self, case: CaseInput) -> tuple[np.ndarray, dict]:
+        """Read the present channels (nnU-Net's reader and axis order) and zero-fill the missing ones."""
+        check_case_geometry(case)
+        arrays, properties = {}, None
+        for channel in case.available:
+            array, props = self.reader.read_images([str(case.files[channel])])
+            arrays[channel], properties = array[0], props
+        shape = next(iter(arrays.values())).shape
+        image = np.zeros((mods.NUM_MODALITIES, *shape), dtype=np.float32)
+        for channel, array in arrays.items():
+            image[channel] = array
+        return image, properties
+
+    def preprocess(self, image: np.ndarray, properties: dict) -> tuple[torch.Tensor, dict]:
+        """nnU-Net's preprocessing (crop, resample, normalise) of a (C, ...) image."""
+        p = self.predictor
+        preprocessor = p.configuration_manager.preprocessor_class(verbose=False)
+        data, _, data_properties = preprocessor.run_case_npy(image, None, properties, p.plans_manager,
+                                                              p.configuration_manager, p.dataset_json)
+        return torch.from_numpy(data).float(), data_properties
+
+    def predict_logits(self, data: torch.Tensor, available: Sequence[int]) -> torch.Tensor:
+        """Sliding-window logits of a preprocessed tensor with the channels not in ``available`` set to zero."""
+        masked = data.clone()
+        missing = [c for c in range(mods.NUM_MODALITIES) if c not in set(available)]
+        if missing:
+            masked[missing] = 0
+        return self.predictor.predict_logits_from_preprocessed_data(masked)
+
+    def logits_to_segmentation(self, logits: torch.Tensor, data_properties: dict) -> np.ndarray:
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        p = self.predictor
+        return convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, p.plans_manager, p.configuration_manager, p.label_manager, data_properties)
+
+    def export(self, logits: torch.Tensor, data_properties: dict, output_truncated: str,
+               save_probabilities: bool = False) -> None:
+        from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+        p = self.predictor
+        export_prediction_from_logits(logits, data_properties, p.configuration_manager, p.plans_manager,
+                                      p.dataset_json, output_truncated, save_probabilities)
+
+
+def model_folder(dataset: int | str, configuration: str, trainer: str = "nnUNetTrainer",
+                 plans: str = "nnUNetPlans", results_folder: str | os.PathLike | None = None) -> Path:
+    """``$nnUNet_results/DatasetNNN_Name/<trainer>__<plans>__<configuration>`` (must exist)."""
+    base = Path(results_folder or os.environ.get("nnUNet_results") or "")
+    if not str(base) or str(base) == ".":
+        raise RuntimeError("nnUNet_results is not set; export nnUNet_results=/path/to/nnUNet_results")
+    if isinstance(dataset, str) and dataset.startswith("Dataset"):
+        name = dataset
+    else:
+        matches = sorted(p.name for p in base.glob(f"Dataset{int(dataset):03d}_*"))
+        if len(matches) != 1:
+            raise FileNotFoundError(f"expected one folder Dataset{int(dataset):03d}_* in {base}, "
+                                    f"found {matches or 'none'}")
+        name = matches[0]
+    folder = base / name / f"{trainer}__{plans}__{configuration}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no trained model at {folder}")
+    return folder
+
+
+def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLike, model: str | os.PathLike, *,
+                   folds: Sequence[int | str] | None = None, checkpoint_name: str = "checkpoint_final.pth",
+                   device: str = "cpu", tile_step_size: float = 0.5, use_mirroring: bool = True,
+                   save_probabilities: bool = False, available: Sequence[int] | None = None,
+                   availability_file: str | os.PathLike | None = None, num_parts: int = 1, part_id: int = 0,
+                   progress: bool = True) -> list[str]:
+    """Predict every case of ``input_folder`` with the modalities it has (see the module docstring).
+
+    All cases are checked (names, availability, geometry) before anything is written.
+
+    Returns:
+        The identifiers of the predicted cases (this part's share when ``num_parts`` > 1).
+    """
+    assert 0 <= part_id < num_parts, f"part_id must be in [0, {num_parts}), got {part_id}"
+    predictor = MissingModalityPredictor(model, folds=folds, checkpoint_name=checkpoint_name, device=device,
+                                         tile_step_size=tile_step_size, use_mirroring=use_mirroring)
+    if availability_file is None and (Path(input_folder).parent / "modality_availability.json").is_file():
+        availability_file = Path(input_folder).parent / "modality_availability.json"
+    cases = find_cases(input_folder, predictor.file_ending, available, availability_file)[part_id::num_parts]
+    for case in cases:
+        check_case_geometry(case)
+    output = Path(output_folder)
+    output.mkdir(parents=True, exist_ok=True)
+    used = {}
+    for case in tqdm(cases, desc="predicting", unit="case", disable=not progress):
+        image, properties = predictor.read_case(case)
+        data, data_properties = predictor.preprocess(image, properties)
+        logits = predictor.predict_logits(data, case.available)
+        predictor.export(logits, data_properties, str(output / case.identifier), save_probabilities)
+        used[case.identifier] = [mods.MODALITIES[c] for c in case.available]
+    with open(output / "modalities_used.json", "w") as f:
+        json.dump(used, f, indent=2)
+    return list(used)

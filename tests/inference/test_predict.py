@@ -1,0 +1,102 @@
+"""Missing-modality prediction: same segmentation as nnUNetv2_predict on zero-filled files; clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_missingmod.data.nifti import InputImageError
+from nnunet_missingmod.inference.predict import _channel_index_of_model, predict_folder
+from tests.conftest import E2E_DATASET, E2E_NAME, nnunet_script, run_checked
+
+KEPT = (1, 3)  # t1ce + flair
+
+
+def _model(work):
+    return work / "nnUNet_results" / E2E_NAME / "ModalityDropoutTrainer__nnUNetPlans__3d_cpu"
+
+
+def _labels(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+@pytest.fixture(scope="module")
+def folders(trained_model, tmp_path_factory):
+    """imagesTs copied twice: with only t1ce/flair files, and with zero-filled t1/t2 files."""
+    work, _, _ = trained_model
+    source = work / "nnUNet_raw" / E2E_NAME / "imagesTs"
+    base = tmp_path_factory.mktemp("subsets")
+    sparse, zero_filled = base / "sparse", base / "zero_filled"
+    sparse.mkdir()
+    zero_filled.mkdir()
+    for file in sorted(source.glob("*.nii.gz")):
+        channel = int(file.name[-11:-7])
+        if channel in KEPT:
+            shutil.copy(file, sparse / file.name)
+            shutil.copy(file, zero_filled / file.name)
+        else:
+            image = sitk.ReadImage(str(file))
+            zeros = sitk.Image(image.GetSize(), image.GetPixelID())
+            zeros.CopyInformation(image)
+            sitk.WriteImage(zeros, str(zero_filled / file.name))
+    return work, source, sparse, zero_filled
+
+
+def test_same_segmentation_as_nnunet_predict_on_zero_filled_files(folders, tmp_path):
+    work, source, sparse, zero_filled = folders
+    env = json.loads((work / "env.json").read_text())
+    run_checked([nnunet_script("nnUNetv2_predict"), "-i", str(zero_filled), "-o", str(tmp_path / "nnunet"),
+                 "-d", str(E2E_DATASET), "-c", "3d_cpu", "-f", "0", "-tr", "ModalityDropoutTrainer",
+                 "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    ours = predict_folder(sparse, tmp_path / "ours", _model(work), folds=[0], use_mirroring=False, progress=False)
+    explicit = predict_folder(source, tmp_path / "explicit", _model(work), folds=[0], use_mirroring=False,
+                              available=KEPT, progress=False)
+    assert ours == explicit == ["Phantom_0005", "Phantom_0006"]
+    for case in ours:
+        reference = _labels(tmp_path / "nnunet" / f"{case}.nii.gz")
+        np.testing.assert_array_equal(_labels(tmp_path / "ours" / f"{case}.nii.gz"), reference)
+        np.testing.assert_array_equal(_labels(tmp_path / "explicit" / f"{case}.nii.gz"), reference)
+    used = json.loads((tmp_path / "ours" / "modalities_used.json").read_text())
+    assert used == {"Phantom_0005": ["t1ce", "flair"], "Phantom_0006": ["t1ce", "flair"]}
+
+
+def test_availability_file_is_honoured(folders, tmp_path):
+    work, source, _, _ = folders
+    manifest = tmp_path / "availability.json"
+    manifest.write_text(json.dumps({"cases": {"Phantom_0005": ["flair"], "Phantom_0006": ["t1", "t2"]}}))
+    predict_folder(source, tmp_path / "out", _model(work), folds=[0], use_mirroring=False,
+                   availability_file=manifest, progress=False)
+    used = json.loads((tmp_path / "out" / "modalities_used.json").read_text())
+    assert used == {"Phantom_0005": ["flair"], "Phantom_0006": ["t1", "t2"]}
+
+
+def test_geometry_mismatch_is_reported_and_nothing_written(folders, tmp_path):
+    work, _, sparse, _ = folders
+    broken = tmp_path / "broken"
+    shutil.copytree(sparse, broken)
+    file = broken / "Phantom_0006_0003.nii.gz"
+    image = sitk.ReadImage(str(file))
+    image.SetSpacing((4.0, 4.0, 4.5))
+    sitk.WriteImage(image, str(file))
+    with pytest.raises(InputImageError, match="case Phantom_0006: Phantom_0006_0003.nii.gz .* spacing"):
+        predict_folder(broken, tmp_path / "out", _model(work), folds=[0], use_mirroring=False, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file_for_available_modality_and_empty_case(folders, tmp_path):
+    work, _, sparse, _ = folders
+    with pytest.raises(InputImageError, match="case Phantom_0005: --available names \\['t2'\\]"):
+        predict_folder(sparse, tmp_path / "out", _model(work), folds=[0], available=(2,), progress=False)
+    manifest = tmp_path / "availability.json"
+    manifest.write_text(json.dumps({"cases": {"Phantom_0005": ["t1"]}}))  # t1 has no file here
+    with pytest.raises(InputImageError, match="case Phantom_0005: none of the modalities"):
+        predict_folder(sparse, tmp_path / "out", _model(work), folds=[0], availability_file=manifest, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_with_other_channels_is_refused():
+    with pytest.raises(ValueError, match="the model expects channels \\['CT'\\]"):
+        _channel_index_of_model({"channel_names": {"0": "CT"}})
+    assert _channel_index_of_model({"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}}) == [0, 1, 2, 3]
