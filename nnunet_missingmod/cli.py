@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +65,34 @@ def _predict(args: argparse.Namespace) -> None:
                           available=mods.parse_modalities(args.available) if args.available else None,
                           availability_file=args.availability, num_parts=args.num_parts, part_id=args.part_id)
     print(f"predicted {len(done)} case(s) into {args.o} (modalities per case: {args.o}/modalities_used.json)")
+
+
+def _evaluate_missing(args: argparse.Namespace) -> None:
+    import torch
+
+    from nnunet_missingmod import modalities as mods
+    from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing, markdown_table
+    from nnunet_missingmod.inference.predict import model_folder
+
+    combinations = None
+    if args.combinations != "all":
+        combinations = [mods.parse_modalities(spec) for spec in args.combinations.split(",")]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = evaluate_missing(model_folder(args.d, args.c, args.tr, args.p), _folds([args.f])[0], split=args.split,
+                           combinations=combinations, output=args.o, save_predictions=args.save_predictions,
+                           checkpoint_name=args.chk, device=device, tile_step_size=args.step_size,
+                           use_mirroring=not args.disable_tta)
+    summary = json.loads((out / "summary.json").read_text())
+    print("\n" + markdown_table(summary, "Dice"))
+    print(f"per-case CSV, summary.json, table.md and heatmap.png in {out}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.evaluation.missing_combinations import compare
+
+    markdown, png = compare(args.runs, args.o, args.labels)
+    print(markdown.read_text())
+    print(f"chart: {png}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -165,6 +194,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("-part_id", type=int, default=0, help="which part this process predicts")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("evaluate-missing", help="score a model on all 15 combinations of available modalities",
+                       description="Predict the fold's validation cases (or imagesTs/labelsTs) with every non-empty "
+                                   "subset of the modalities (each case preprocessed once) and report Dice and HD95 "
+                                   "for WT, TC and ET: per_case.csv, summary.json, table.md (D2-Net Table I layout) "
+                                   "and heatmap.png in <fold folder>/missing_modalities_<split> (or -o).")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default: nnUNetTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-f", default="0", help="fold (default: 0)")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="the fold's validation cases, or imagesTs with labelsTs (default: val)")
+    p.add_argument("--combinations", default="all",
+                   help="'all' (default) or a comma-separated list such as t1ce+flair,flair,t1+t1ce+t2+flair")
+    p.add_argument("--save-predictions", action="store_true", help="keep each combination's segmentation")
+    p.add_argument("-o", default=None, help="output folder (default: in the fold folder)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.set_defaults(func=_evaluate_missing)
+
+    p = sub.add_parser("compare", help="several evaluate-missing results side by side (Markdown + bar chart)",
+                       description="Average Dice and HD95 over the modality combinations of several evaluate-missing "
+                                   "outputs, as comparison.md and a grouped bar chart comparison.png.")
+    p.add_argument("runs", nargs="+", help="folders written by evaluate-missing")
+    p.add_argument("-o", default=".", help="output folder (default: current folder)")
+    p.add_argument("--labels", nargs="+", default=None, help="names of the runs (default: trainer names)")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("demo", help="phantoms -> plan/preprocess -> CPU config -> train -> predict -> Dice",
                        description="Run the whole pipeline on phantoms in a work folder of its own, through "

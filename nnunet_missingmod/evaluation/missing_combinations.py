@@ -1,0 +1,232 @@
+"""Score a trained model on every non-empty subset of the four modalities (15 combinations).
+
+Each case is read and preprocessed once by nnU-Net's preprocessor; every combination is then
+predicted from that tensor with the missing channels set to zero in normalised space (nnU-Net's
+sliding window), converted back to the original geometry, and scored with Dice and HD95 per region
+(WT, TC, ET; :mod:`nnunet_missingmod.evaluation.metrics`). Zeroing after preprocessing equals
+zero-filling the files when nnU-Net's crop and normalisation mask do not depend on the dropped
+channels, as for skull-stripped BraTS data and the phantoms, whose channels share one brain mask.
+
+Outputs (in ``<fold folder>/missing_modalities_<split>`` or ``output``):
+``per_case.csv``, ``summary.json``, ``table.md`` (the layout of Table I of D²-Net: rows WT/TC/ET, one
+column per combination marked ✓/– for FLAIR, T1, T1ce, T2, plus the average) and ``heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.evaluation.metrics import region_metrics
+from nnunet_missingmod.inference.predict import CaseInput, MissingModalityPredictor, find_cases
+
+METRICS = ("Dice", "HD95")
+#: Marker order of the D²-Net table header.
+TABLE_ORDER = (3, 0, 1, 2)  # FLAIR, T1, T1ce, T2
+
+
+def _dataset_folders(model: Path) -> tuple[Path, Path]:
+    dataset = model.parent.name
+    raw, preprocessed = os.environ.get("nnUNet_raw"), os.environ.get("nnUNet_preprocessed")
+    if not raw:
+        raise RuntimeError("nnUNet_raw is not set; evaluate-missing reads the images and labels from it")
+    return Path(raw) / dataset, Path(preprocessed) / dataset if preprocessed else model
+
+
+def evaluation_cases(model: Path, fold: int | str, split: str, file_ending: str) -> tuple[list[CaseInput], Path]:
+    """The fold's validation cases (``val``) or ``imagesTs`` (``test``) with their label folder."""
+    raw, preprocessed = _dataset_folders(model)
+    availability = raw / "modality_availability.json"
+    availability = availability if availability.is_file() else None
+    if split == "test":
+        cases = find_cases(raw / "imagesTs", file_ending, availability_file=availability)
+        labels = raw / "labelsTs"
+    elif split == "val":
+        splits_file = preprocessed / "splits_final.json"
+        if not splits_file.is_file():
+            raise FileNotFoundError(f"{splits_file} not found; set nnUNet_preprocessed to the folder used in training")
+        if fold == "all":
+            raise ValueError("fold 'all' has no validation cases; use --split test")
+        validation = set(json.loads(splits_file.read_text())[int(fold)]["val"])
+        cases = [c for c in find_cases(raw / "imagesTr", file_ending, availability_file=availability)
+                 if c.identifier in validation]
+        labels = raw / "labelsTr"
+    else:
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    missing_labels = [c.identifier for c in cases if not (labels / f"{c.identifier}{file_ending}").is_file()]
+    if missing_labels:
+        raise FileNotFoundError(f"no reference label in {labels} for {missing_labels}")
+    if not cases:
+        raise FileNotFoundError(f"no cases to evaluate for split {split!r}")
+    return cases, labels
+
+
+def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: str = "val",
+                     combinations: Sequence[Sequence[int]] | None = None, output: str | os.PathLike | None = None,
+                     save_predictions: bool = False, checkpoint_name: str = "checkpoint_final.pth",
+                     device: str = "cpu", tile_step_size: float = 0.5, use_mirroring: bool = True,
+                     progress: bool = True) -> Path:
+    """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
+
+    Returns:
+        The output folder.
+    """
+    model = Path(model)
+    predictor = MissingModalityPredictor(model, folds=[fold], checkpoint_name=checkpoint_name, device=device,
+                                         tile_step_size=tile_step_size, use_mirroring=use_mirroring)
+    combinations = [tuple(sorted(c)) for c in (combinations or mods.all_combinations())]
+    cases, label_folder = evaluation_cases(model, fold, split, predictor.file_ending)
+    out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        # read and preprocessed once; combinations needing a modality the case really lacks are skipped
+        image, properties = predictor.read_case(case)
+        data, data_properties = predictor.preprocess(image, properties)
+        reference, _ = predictor.reader.read_seg(str(label_folder / f"{case.identifier}{predictor.file_ending}"))
+        spacing = properties["spacing"]
+        usable = [c for c in combinations if set(c) <= set(case.available)]
+        for combination in tqdm(usable, desc=case.identifier, unit="combination", disable=not progress, leave=False):
+            logits = predictor.predict_logits(data, combination)
+            segmentation = predictor.logits_to_segmentation(logits, data_properties)
+            metrics = region_metrics(reference[0], segmentation, spacing)
+            rows.append({"case": case.identifier, "combination": mods.combination_name(combination),
+                         **{f"{region}_{metric}": metrics[region][metric]
+                            for region in mods.REGIONS for metric in METRICS}})
+            if save_predictions:
+                folder = out / "predictions" / mods.combination_name(combination)
+                folder.mkdir(parents=True, exist_ok=True)
+                predictor.reader.write_seg(segmentation, str(folder / f"{case.identifier}{predictor.file_ending}"),
+                                           properties)
+        if progress:
+            print(f"{case.identifier}: {len(usable)} combinations, mean WT Dice "
+                  f"{np.mean([r['WT_Dice'] for r in rows if r['case'] == case.identifier]):.3f}", flush=True)
+    summary = summarise(rows, combinations)
+    summary.update({"model": str(model), "fold": fold, "split": split, "num_cases": len(cases),
+                    "checkpoint": checkpoint_name, "mirroring": use_mirroring})
+    write_outputs(out, rows, summary, title=f"{model.name}, fold {fold}, {split} ({len(cases)} cases)")
+    return out
+
+
+def summarise(rows: list[dict], combinations: Sequence[Sequence[int]]) -> dict:
+    """Mean of every region/metric per combination, and the average over combinations."""
+    per_combination = {}
+    for combination in combinations:
+        name = mods.combination_name(combination)
+        selected = [r for r in rows if r["combination"] == name]
+        if selected:
+            per_combination[name] = {f"{region}_{metric}": float(np.mean([r[f"{region}_{metric}"] for r in selected]))
+                                     for region in mods.REGIONS for metric in METRICS} | {"num_cases": len(selected)}
+    keys = [f"{region}_{metric}" for region in mods.REGIONS for metric in METRICS]
+    average = {k: float(np.mean([v[k] for v in per_combination.values()])) for k in keys}
+    return {"per_combination": per_combination, "average": average}
+
+
+def markdown_table(summary: dict, metric: str = "Dice") -> str:
+    """D²-Net Table I layout: marker rows for FLAIR, T1, T1ce, T2, then one row per region, plus the average."""
+    names = list(summary["per_combination"])
+    combos = [tuple(mods.MODALITIES.index(m) for m in name.split("+")) for name in names]
+    scale, fmt = (100.0, "{:.2f}") if metric == "Dice" else (1.0, "{:.2f}")
+    lines = ["| | " + " | ".join(str(i + 1) for i in range(len(names))) + " | Avg |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for channel in TABLE_ORDER:
+        marks = ["✓" if channel in combo else "–" for combo in combos]
+        lines.append(f"| {mods.DISPLAY_NAMES[channel]} | " + " | ".join(marks) + " | |")
+    for region in mods.REGIONS:
+        values = [summary["per_combination"][n][f"{region}_{metric}"] * scale for n in names]
+        average = summary["average"][f"{region}_{metric}"] * scale
+        lines.append(f"| {region} | " + " | ".join(fmt.format(v) for v in values) + f" | **{fmt.format(average)}** |")
+    unit = "Dice (%)" if metric == "Dice" else "HD95 (mm)"
+    return f"{unit} per modality combination (✓ available, – missing)\n\n" + "\n".join(lines) + "\n"
+
+
+def heatmap(summary: dict, png: Path, title: str) -> None:
+    """Combinations × regions heat map of Dice (left) and HD95 (right), with the values written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["per_combination"])
+    regions = list(mods.REGIONS)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.42 * len(names) + 1.8))
+    for ax, metric, cmap in zip(axes, METRICS, ("viridis", "magma_r"), strict=True):
+        values = np.array([[summary["per_combination"][n][f"{r}_{metric}"] for r in regions] for n in names])
+        limits = (0, 1) if metric == "Dice" else (0, max(1.0, float(values.max())))
+        shown = ax.imshow(values, cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+        for (i, j), value in np.ndenumerate(values):
+            red, green, blue, _ = shown.cmap(shown.norm(value))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            ax.text(j, i, f"{value:.2f}" if metric == "Dice" else f"{value:.1f}", ha="center", va="center",
+                    color="white" if dark else "black", fontsize=8)
+        ax.set_xticks(range(len(regions)), regions)
+        ax.set_yticks(range(len(names)), [n.replace("+", " + ") for n in names], fontsize=8)
+        ax.set_title(metric if metric == "Dice" else "HD95 (mm)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, rows: list[dict], summary: dict, title: str) -> None:
+    with open(out / "per_case.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table.md").write_text(f"# {title}\n\n{markdown_table(summary, 'Dice')}\n{markdown_table(summary, 'HD95')}")
+    heatmap(summary, out / "heatmap.png", title)
+
+
+def compare(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, labels: Sequence[str] | None = None
+            ) -> tuple[Path, Path]:
+    """Side-by-side Markdown table and grouped bar chart of several ``evaluate-missing`` outputs.
+
+    Returns:
+        The Markdown file and the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = []
+    for run in run_dirs:
+        file = Path(run) / "summary.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found; pass folders written by evaluate-missing")
+        summaries.append(json.loads(file.read_text()))
+    labels = list(labels) if labels else [Path(s["model"]).name.split("__")[0] for s in summaries]
+    regions = list(mods.REGIONS)
+    header = "| run | " + " | ".join(f"{r} Dice" for r in regions) + " | " + " | ".join(f"{r} HD95" for r in regions)
+    lines = [header + " |", "|---|" + "---|" * (2 * len(regions))]
+    for label, s in zip(labels, summaries, strict=True):
+        dice = " | ".join(f"{100 * s['average'][f'{r}_Dice']:.2f}" for r in regions)
+        hd = " | ".join(f"{s['average'][f'{r}_HD95']:.2f}" for r in regions)
+        lines.append(f"| {label} | {dice} | {hd} |")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = out / "comparison.md"
+    markdown.write_text("Average over the modality combinations (Dice in %, HD95 in mm)\n\n" + "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(regions), 3.6))
+    width = 0.8 / len(summaries)
+    for k, (label, s) in enumerate(zip(labels, summaries, strict=True)):
+        values = [s["average"][f"{r}_Dice"] for r in regions]
+        bars = ax.bar(np.arange(len(regions)) + (k - (len(summaries) - 1) / 2) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(regions)), regions)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean Dice over modality combinations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "comparison.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return markdown, png

@@ -1,0 +1,100 @@
+"""evaluate-missing and compare on the session's trained model, checked against independent computations."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from medpy.metric import binary as medpy_binary
+
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.cli import main
+from nnunet_missingmod.evaluation.missing_combinations import compare, evaluate_missing
+from nnunet_missingmod.inference.predict import predict_folder
+from tests.conftest import E2E_NAME
+
+TRAINER_FOLDER = "ModalityDropoutTrainer__nnUNetPlans__3d_cpu"
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_model, tmp_path_factory):
+    work, _, _ = trained_model
+    env = json.loads((work / "env.json").read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.setenv(key, env[key])
+        out = evaluate_missing(work / "nnUNet_results" / E2E_NAME / TRAINER_FOLDER, 0, split="test",
+                               output=tmp_path_factory.mktemp("eval") / "test", save_predictions=True,
+                               use_mirroring=False, progress=False)
+    return work, env, out
+
+
+def _rows(out):
+    with open(out / "per_case.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_all_fifteen_combinations_per_case_and_averages(evaluated):
+    _, _, out = evaluated
+    rows = _rows(out)
+    assert len(rows) == 2 * 15
+    assert {r["combination"] for r in rows} == {mods.combination_name(c) for c in mods.all_combinations()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == 2 and len(summary["per_combination"]) == 15
+    for name, values in summary["per_combination"].items():
+        dice_wt = [float(r["WT_Dice"]) for r in rows if r["combination"] == name]
+        assert values["WT_Dice"] == pytest.approx(sum(dice_wt) / len(dice_wt))
+    average_et_hd = np.mean([v["ET_HD95"] for v in summary["per_combination"].values()])
+    assert summary["average"]["ET_HD95"] == pytest.approx(average_et_hd)
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_has_paper_layout(evaluated):
+    _, _, out = evaluated
+    table = (out / "table.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| |"))
+    assert header.split("|")[2].strip() == "1" and header.rstrip(" |").endswith("Avg")
+    flair = next(line for line in table.splitlines() if line.startswith("| FLAIR |"))
+    marks = [c.strip() for c in flair.split("|")[2:-2]]
+    assert marks[:4] == ["–", "–", "–", "✓"]  # single modalities in channel order: t1, t1ce, t2, flair
+    assert marks.count("✓") == 8  # FLAIR is in 8 of the 15 combinations
+    for region in ("WT", "TC", "ET"):
+        assert any(line.startswith(f"| {region} |") for line in table.splitlines())
+
+
+def test_scores_match_an_independent_prediction_and_medpy(evaluated, tmp_path):
+    work, env, out = evaluated
+    source = work / "nnUNet_raw" / E2E_NAME / "imagesTs"
+    predict_folder(source, tmp_path / "pred", work / "nnUNet_results" / E2E_NAME / TRAINER_FOLDER, folds=[0],
+                   use_mirroring=False, available=(1, 3), progress=False)
+    rows = {r["case"]: r for r in _rows(out) if r["combination"] == "t1ce+flair"}
+    for case, row in rows.items():
+        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / f"{case}.nii.gz")))
+        saved = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predictions" / "t1ce+flair" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(saved, predicted)
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw" / E2E_NAME / "labelsTs" /
+                                                                 f"{case}.nii.gz")))
+        for region, members in mods.REGIONS.items():
+            ref, pred = np.isin(reference, members), np.isin(predicted, members)
+            expected = 1.0 if not ref.any() and not pred.any() else medpy_binary.dc(pred, ref)
+            assert float(row[f"{region}_Dice"]) == pytest.approx(expected)
+
+
+def test_validation_split_cli_and_compare(evaluated, tmp_path, monkeypatch, capsys):
+    work, env, test_out = evaluated
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, env[key])
+    code = main(["evaluate-missing", "-d", "980", "-c", "3d_cpu", "-tr", "ModalityDropoutTrainer", "-f", "0",
+                 "--combinations", "flair,t1+t1ce+t2+flair", "-o", str(tmp_path / "val"), "-device", "cpu",
+                 "--disable_tta"])
+    assert code == 0
+    splits = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "splits_final.json").read_text())
+    rows = _rows(tmp_path / "val")
+    assert sorted({r["case"] for r in rows}) == sorted(splits[0]["val"])
+    assert sorted({r["combination"] for r in rows}) == ["flair", "t1+t1ce+t2+flair"]
+    assert "Dice (%) per modality combination" in capsys.readouterr().out
+    markdown, png = compare([test_out, tmp_path / "val"], tmp_path / "cmp", labels=["test", "val"])
+    lines = markdown.read_text().splitlines()
+    assert lines[2].startswith("| run | WT Dice") and lines[4].startswith("| test |") and lines[5].startswith("| val |")
+    assert png.read_bytes()[:4] == b"\x89PNG"
