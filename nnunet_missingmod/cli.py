@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.work_dir, trainer=args.tr, dataset_id=args.dataset_id, num_cases=args.num_cases,
              num_test=args.num_test, seed=args.seed, epochs=args.epochs, iterations_per_epoch=args.iterations,
              patch_size=tuple(args.patch_size), device=args.device, num_processes=args.num_processes,
-             tta=args.tta, fresh=args.fresh)
+             tta=args.tta, step_size=args.step_size, eval_cases=args.eval_cases, fresh=args.fresh)
 
 
 def _add_dataset_output_options(p: argparse.ArgumentParser) -> None:
@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--tta", action="store_true",
                    help="validate and predict with mirroring test-time augmentation (8x slower on CPU)")
+    p.add_argument("--step-size", type=float, default=1.0,
+                   help="sliding-window step for prediction and evaluation (default: 1.0, no overlap; nnU-Net: 0.5)")
+    p.add_argument("--eval-cases", type=int, default=5,
+                   help="held-out phantoms scored on all 15 modality combinations (default: 5; 0 skips it)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first instead of reusing it")
     p.set_defaults(func=_demo)
     return parser

@@ -72,8 +72,10 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      combinations: Sequence[Sequence[int]] | None = None, output: str | os.PathLike | None = None,
                      save_predictions: bool = False, checkpoint_name: str = "checkpoint_final.pth",
                      device: str = "cpu", tile_step_size: float = 0.5, use_mirroring: bool = True,
-                     progress: bool = True) -> Path:
+                     case_filter: set[str] | None = None, progress: bool = True) -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
+
+    ``case_filter`` restricts the evaluation to the named cases of the split.
 
     Returns:
         The output folder.
@@ -83,6 +85,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                                          tile_step_size=tile_step_size, use_mirroring=use_mirroring)
     combinations = [tuple(sorted(c)) for c in (combinations or mods.all_combinations())]
     cases, label_folder = evaluation_cases(model, fold, split, predictor.file_ending)
+    if case_filter is not None:
+        cases = [c for c in cases if c.identifier in case_filter]
     out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
