@@ -2,5 +2,6 @@
 
 from nnunet_missingmod.trainers.base import MissingModTrainerBase
 from nnunet_missingmod.trainers.modality_dropout import ModalityDropoutTrainer
+from nnunet_missingmod.trainers.shared_latent import SharedLatentTrainer
 
-__all__ = ["MissingModTrainerBase", "ModalityDropoutTrainer"]
+__all__ = ["MissingModTrainerBase", "ModalityDropoutTrainer", "SharedLatentTrainer"]

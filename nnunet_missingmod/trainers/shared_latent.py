@@ -1,0 +1,104 @@
+"""SharedLatentTrainer: per-modality encoders fused in a shared latent space (see networks/shared_latent.py).
+
+``nnUNetv2_train D CONFIG FOLD -tr SharedLatentTrainer``. Loss:
+``L_seg + w_rec * ((1 - alpha) * L_rec + alpha * L_sim)`` with nnU-Net's segmentation loss (deep
+supervision), L_rec the MSE of the reconstruction of every modality whose target is known (also the
+dropped ones), and L_sim the similarity term over the available modalities at every encoder level.
+Settings: ``trainer_configs/SharedLatentTrainer.json`` (``shared_latent``: ``w_rec``, ``alpha``,
+``feature_fraction``, ``reconstruction``; ``modality_dropout`` as in ModalityDropoutTrainer).
+
+Modality dropout is drawn in ``train_step`` (numpy's stream, same schemes as the transform), not in
+the augmentation pipeline, so that the un-dropped channels remain available as reconstruction targets.
+Inference builds the network without the reconstruction decoder; ``nnUNetv2_predict`` works unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast
+
+from nnunet_missingmod.config import load_trainer_config
+from nnunet_missingmod.networks.shared_latent import SharedLatentUNet, resolve_architecture_kwargs, similarity_loss
+from nnunet_missingmod.trainers.base import MissingModTrainerBase
+from nnunet_missingmod.transforms.modality_dropout import sample_kept_modalities
+
+
+class SharedLatentTrainer(MissingModTrainerBase):
+    """Multi-encoder shared-latent network with reconstruction and similarity terms."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        name = configuration_manager.network_arch_class_name
+        assert name.endswith("PlainConvUNet"), f"SharedLatentTrainer builds on PlainConvUNet plans, got {name}"
+        # feature_fraction shapes the network: inference reads the shipped config (or the same override file)
+        settings = load_trainer_config(SharedLatentTrainer)["shared_latent"]
+        kwargs = resolve_architecture_kwargs(configuration_manager.network_arch_init_kwargs,
+                                             configuration_manager.network_arch_init_kwargs_req_import)
+        # deep supervision is on in training only: the reconstruction decoder never reaches inference
+        return SharedLatentUNet(num_modalities=num_input_channels, num_classes=num_output_channels,
+                                arch_kwargs=kwargs, deep_supervision=enable_deep_supervision,
+                                feature_fraction=settings["feature_fraction"],
+                                reconstruction=enable_deep_supervision and settings["reconstruction"])
+
+    def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
+        settings = self.trainer_config["modality_dropout"]
+        num_modalities = data.shape[1]
+        independent = settings["scheme"] == "independent"
+        keep = np.stack([sample_kept_modalities(num_modalities, scheme=settings["scheme"],
+                                                drop_probabilities=settings["drop_probabilities"] if independent
+                                                else None, p_keep_all=settings["p_keep_all"])
+                         for _ in range(data.shape[0])])
+        keep = torch.from_numpy(keep).to(data.device)
+        present = data.flatten(2).ne(0).any(-1)  # channels that exist at all in this sample
+        available = keep & present
+        available |= ~available.any(1, keepdim=True) & present  # never drop every present modality
+        mask = available.to(data.dtype).view(*available.shape, *([1] * (data.ndim - 2)))
+        return data * mask, available
+
+    def compute_losses(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
+        settings = self.trainer_config["shared_latent"]
+        dropped, available = self.drop_modalities(data)
+        output, aux = self.network.forward_with_aux(dropped, available)
+        losses = {"seg": self.loss(output, target)}
+        losses["sim"] = torch.stack([similarity_loss(f, aux["available"]) for f in aux["features"]]).mean()
+        if "reconstruction" in aux:
+            known = data.flatten(2).ne(0).any(-1)  # reconstruction targets exist for every present channel
+            squared = (aux["reconstruction"] - data).pow(2).flatten(2).mean(-1)  # (B, M)
+            losses["rec"] = (squared * known).sum() / known.sum().clamp_min(1)
+        else:
+            losses["rec"] = torch.zeros((), device=data.device)
+        weight, alpha = settings["w_rec"], settings["alpha"]
+        losses["total"] = losses["seg"] + weight * ((1 - alpha) * losses["rec"] + alpha * losses["sim"])
+        return losses
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            losses = self.compute_losses(data, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses["total"]).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": losses["total"].detach().cpu().numpy(),
+                **{f"loss_{k}": v.detach().cpu().numpy() for k, v in losses.items() if k != "total"}}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        terms = {k: float(np.mean([o[k] for o in train_outputs])) for k in train_outputs[0] if k.startswith("loss_")}
+        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
