@@ -81,7 +81,7 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
     out = evaluate_missing(model_folder(args.d, args.c, args.tr, args.p), _folds([args.f])[0], split=args.split,
                            combinations=combinations, output=args.o, save_predictions=args.save_predictions,
                            checkpoint_name=args.chk, device=device, tile_step_size=args.step_size,
-                           use_mirroring=not args.disable_tta)
+                           use_mirroring=not args.disable_tta, batch_size=args.batch_size)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_table(summary, "Dice"))
     print(f"per-case CSV, summary.json, table.md and heatmap.png in {out}")
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--batch-size", type=int, default=5,
+                   help="combinations per forward pass (default: 5; 1 uses nnU-Net's sliding window one at a time)")
     p.set_defaults(func=_evaluate_missing)
 
     p = sub.add_parser("compare", help="several evaluate-missing results side by side (Markdown + bar chart)",

@@ -79,6 +79,41 @@ def region_dice(reference_folder: Path, prediction_folder: Path, dataset_json: d
     return {"mean": mean, "per_case": per_case}
 
 
+def prepare_phantom_dataset(work: Path, env: dict[str, str], *, dataset_id: int = 990, num_cases: int = 40,
+                            num_test: int = 10, seed: int = 0, configuration: str = "3d_cpu",
+                            patch_size: tuple[int, int, int] = (48, 48, 48),
+                            num_processes: int = 2) -> dict[str, float]:
+    """Phantoms, nnU-Net planning/preprocessing and the CPU configuration in ``work`` (finished steps are reused).
+
+    Returns:
+        Wall times in seconds of the steps that ran.
+    """
+    from nnunet_missingmod.data.phantom import make_phantom_dataset, render_preview
+    from nnunet_missingmod.data.plans import add_cpu_configuration
+
+    timings = {}
+    dataset_name = f"Dataset{dataset_id:03d}_BraTSPhantom"
+    raw = work / "nnUNet_raw" / dataset_name
+    start = time.perf_counter()
+    if not (raw / "dataset.json").is_file():
+        print(f"=== generating {num_cases + num_test} phantoms", flush=True)
+        make_phantom_dataset(dataset_id, num_cases=num_cases, num_test=num_test, seed=seed,
+                             raw_folder=work / "nnUNet_raw", num_processes=num_processes)
+    render_preview(raw, work / "phantom_preview.png")
+    timings["phantoms"] = time.perf_counter() - start
+
+    plans = work / "nnUNet_preprocessed" / dataset_name / "nnUNetPlans.json"
+    if not plans.is_file() or not (plans.parent / "nnUNetPlans_3d_fullres").is_dir():
+        timings["plan_and_preprocess"] = run_step(
+            "nnU-Net planning and preprocessing",
+            [_console_script("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
+             "-np", str(num_processes), "--verify_dataset_integrity"], env)
+    add_cpu_configuration(dataset_id, name=configuration, patch_size=patch_size,
+                          preprocessed_folder=work / "nnUNet_preprocessed")
+    print(f"added configuration {configuration} (patch {list(patch_size)}) to {plans}")
+    return timings
+
+
 def run_demo(work_dir: str | os.PathLike = "demo_output", *, trainer: str = "ModalityDropoutTrainer",
              dataset_id: int = 990, num_cases: int = 40, num_test: int = 10, seed: int = 0,
              epochs: int = 20, iterations_per_epoch: int = 25, configuration: str = "3d_cpu",
@@ -109,8 +144,6 @@ def run_demo(work_dir: str | os.PathLike = "demo_output", *, trainer: str = "Mod
         ``{"mean": {region: dice}, "per_case": [...], "timings_s": {...}}``.
     """
     import nnunet_missingmod.trainers as trainers
-    from nnunet_missingmod.data.phantom import make_phantom_dataset, render_preview
-    from nnunet_missingmod.data.plans import add_cpu_configuration
 
     if not isinstance(getattr(trainers, trainer, None), type):
         raise ValueError(f"the demo trains this package's trainers, whose budget it can set: "
@@ -131,23 +164,9 @@ def run_demo(work_dir: str | os.PathLike = "demo_output", *, trainer: str = "Mod
 
     dataset_name = f"Dataset{dataset_id:03d}_BraTSPhantom"
     raw = work / "nnUNet_raw" / dataset_name
-    start = time.perf_counter()
-    if not (raw / "dataset.json").is_file():
-        print(f"=== generating {num_cases + num_test} phantoms", flush=True)
-        make_phantom_dataset(dataset_id, num_cases=num_cases, num_test=num_test, seed=seed,
-                             raw_folder=work / "nnUNet_raw", num_processes=num_processes)
-    render_preview(raw, work / "phantom_preview.png")
-    timings["phantoms"] = time.perf_counter() - start
-
-    plans = work / "nnUNet_preprocessed" / dataset_name / "nnUNetPlans.json"
-    if not plans.is_file() or not (plans.parent / "nnUNetPlans_3d_fullres").is_dir():
-        timings["plan_and_preprocess"] = run_step(
-            "nnU-Net planning and preprocessing",
-            [_console_script("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
-             "-np", str(num_processes), "--verify_dataset_integrity"], env)
-    add_cpu_configuration(dataset_id, name=configuration, patch_size=patch_size,
-                          preprocessed_folder=work / "nnUNet_preprocessed")
-    print(f"added configuration {configuration} (patch {list(patch_size)}) to {plans}")
+    timings.update(prepare_phantom_dataset(work, env, dataset_id=dataset_id, num_cases=num_cases, num_test=num_test,
+                                           seed=seed, configuration=configuration, patch_size=patch_size,
+                                           num_processes=num_processes))
 
     timings["train"] = run_step(
         f"training {trainer} ({epochs} epochs x {iterations_per_epoch} iterations)",

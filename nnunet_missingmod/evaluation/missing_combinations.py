@@ -72,10 +72,11 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      combinations: Sequence[Sequence[int]] | None = None, output: str | os.PathLike | None = None,
                      save_predictions: bool = False, checkpoint_name: str = "checkpoint_final.pth",
                      device: str = "cpu", tile_step_size: float = 0.5, use_mirroring: bool = True,
-                     case_filter: set[str] | None = None, progress: bool = True) -> Path:
+                     case_filter: set[str] | None = None, batch_size: int = 5, progress: bool = True) -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
 
-    ``case_filter`` restricts the evaluation to the named cases of the split.
+    ``case_filter`` restricts the evaluation to the named cases of the split. ``batch_size`` combinations are
+    predicted per forward pass (1: nnU-Net's own sliding window, one combination at a time).
 
     Returns:
         The output folder.
@@ -97,8 +98,11 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
         reference, _ = predictor.reader.read_seg(str(label_folder / f"{case.identifier}{predictor.file_ending}"))
         spacing = properties["spacing"]
         usable = [c for c in combinations if set(c) <= set(case.available)]
-        for combination in tqdm(usable, desc=case.identifier, unit="combination", disable=not progress, leave=False):
-            logits = predictor.predict_logits(data, combination)
+        if batch_size > 1:
+            all_logits = predictor.predict_logits_many(data, usable, batch_size, progress=progress)
+        for index, combination in enumerate(tqdm(usable, desc=case.identifier, unit="combination",
+                                                 disable=not progress, leave=False)):
+            logits = all_logits[index] if batch_size > 1 else predictor.predict_logits(data, combination)
             segmentation = predictor.logits_to_segmentation(logits, data_properties)
             metrics = region_metrics(reference[0], segmentation, spacing)
             rows.append({"case": case.identifier, "combination": mods.combination_name(combination),

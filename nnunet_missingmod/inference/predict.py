@@ -166,6 +166,51 @@ class MissingModalityPredictor:
             masked[missing] = 0
         return self.predictor.predict_logits_from_preprocessed_data(masked)
 
+    @torch.inference_mode()
+    def predict_logits_many(self, data: torch.Tensor, combinations: Sequence[Sequence[int]], batch_size: int = 5,
+                            progress: bool = False) -> list[torch.Tensor]:
+        """Logits of several modality subsets at once: each sliding window is predicted as a batch of masked copies.
+
+        The same padding, windows, Gaussian weighting, mirroring and fold ensembling as nnU-Net's
+        ``predict_sliding_window_return_logits``, with ``batch_size`` combinations per forward pass.
+        """
+        from acvl_utils.cropping_and_padding.padding import pad_nd_image
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+        from nnunetv2.utilities.helpers import dummy_context
+
+        p = self.predictor
+        device, results = p.device, torch.device("cpu")
+        p.network = p.network.to(device).eval()
+        patch_size = tuple(p.configuration_manager.patch_size)
+        padded, revert = pad_nd_image(data, patch_size, "constant", {"value": 0}, True, None)
+        slicers = p._internal_get_sliding_window_slicers(padded.shape[1:])
+        gaussian = compute_gaussian(patch_size, sigma_scale=1. / 8, value_scaling_factor=10, device=results) \
+            if p.use_gaussian else 1
+        masks = torch.zeros(len(combinations), data.shape[0], device=device)
+        for k, combination in enumerate(combinations):
+            masks[k, list(combination)] = 1
+        masks = masks.view(*masks.shape, *([1] * len(patch_size)))  # (K, C, 1, ...)
+        total = None
+        for parameters in p.list_of_parameters:
+            p.network.load_state_dict(parameters)
+            logits = torch.zeros((len(combinations), p.label_manager.num_segmentation_heads, *padded.shape[1:]),
+                                 dtype=torch.half, device=results)
+            counts = torch.zeros(padded.shape[1:], dtype=torch.half, device=results)
+            with torch.autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context():
+                for window in tqdm(slicers, desc="windows", leave=False, disable=not progress):
+                    patch = padded[window][None].to(device)  # (1, C, *patch)
+                    for start in range(0, len(combinations), batch_size):
+                        batch = patch * masks[start:start + batch_size]  # (k, C, *patch)
+                        prediction = p._internal_maybe_mirror_and_predict(batch).to(results)
+                        if p.use_gaussian:
+                            prediction *= gaussian
+                        logits[(slice(start, start + batch_size), *window)] += prediction
+                    counts[window[1:]] += gaussian
+            logits = (logits / counts).float()
+            total = logits if total is None else total + logits
+        total /= len(p.list_of_parameters)
+        return [total[k][(slice(None), *revert[1:])] for k in range(len(combinations))]
+
     def logits_to_segmentation(self, logits: torch.Tensor, data_properties: dict) -> np.ndarray:
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 

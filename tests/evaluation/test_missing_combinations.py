@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from medpy.metric import binary as medpy_binary
 
 from nnunet_missingmod import modalities as mods
@@ -72,11 +73,12 @@ def test_scores_match_an_independent_prediction_and_medpy(evaluated, tmp_path):
     for case, row in rows.items():
         predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / f"{case}.nii.gz")))
         saved = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predictions" / "t1ce+flair" / f"{case}.nii.gz")))
-        np.testing.assert_array_equal(saved, predicted)
+        # batched windows differ from nnU-Net's one-at-a-time path only by float rounding
+        assert np.mean(saved == predicted) > 0.999
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw" / E2E_NAME / "labelsTs" /
                                                                  f"{case}.nii.gz")))
         for region, members in mods.REGIONS.items():
-            ref, pred = np.isin(reference, members), np.isin(predicted, members)
+            ref, pred = np.isin(reference, members), np.isin(saved, members)
             expected = 1.0 if not ref.any() and not pred.any() else medpy_binary.dc(pred, ref)
             assert float(row[f"{region}_Dice"]) == pytest.approx(expected)
 
@@ -98,3 +100,18 @@ def test_validation_split_cli_and_compare(evaluated, tmp_path, monkeypatch, caps
     lines = markdown.read_text().splitlines()
     assert lines[2].startswith("| run | WT Dice") and lines[4].startswith("| test |") and lines[5].startswith("| val |")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_batched_combinations_match_one_at_a_time(trained_model):
+    from nnunet_missingmod.inference.predict import MissingModalityPredictor, find_cases
+
+    work, _, _ = trained_model
+    predictor = MissingModalityPredictor(work / "nnUNet_results" / E2E_NAME / TRAINER_FOLDER, folds=[0],
+                                         use_mirroring=False)
+    case = find_cases(work / "nnUNet_raw" / E2E_NAME / "imagesTs")[0]
+    data, _ = predictor.preprocess(*predictor.read_case(case))
+    combinations = [(3,), (1, 3), (0, 2), (0, 1, 2, 3)]
+    batched = predictor.predict_logits_many(data, combinations, batch_size=3)
+    for combination, logits in zip(combinations, batched, strict=True):
+        torch.testing.assert_close(logits, predictor.predict_logits(data, combination).float(), rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(batched[0], batched[3])  # the masks reach the network

@@ -100,3 +100,21 @@ def test_model_with_other_channels_is_refused():
     with pytest.raises(ValueError, match="the model expects channels \\['CT'\\]"):
         _channel_index_of_model({"channel_names": {"0": "CT"}})
     assert _channel_index_of_model({"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "Flair"}}) == [0, 1, 2, 3]
+
+
+def test_exported_zip_installs_and_predicts_elsewhere(folders, tmp_path):
+    work, source, _, _ = folders
+    env = json.loads((work / "env.json").read_text())
+    archive = tmp_path / "model.zip"
+    run_checked([nnunet_script("nnUNetv2_export_model_to_zip"), "-d", str(E2E_DATASET), "-o", str(archive),
+                 "-c", "3d_cpu", "-tr", "ModalityDropoutTrainer", "-f", "0"], env)
+    elsewhere = dict(env, nnUNet_results=str(tmp_path / "other_results"))
+    run_checked([nnunet_script("nnUNetv2_install_pretrained_model_from_zip"), str(archive)], elsewhere)
+    installed = tmp_path / "other_results" / E2E_NAME / "ModalityDropoutTrainer__nnUNetPlans__3d_cpu"
+    assert (installed / "fold_0" / "checkpoint_final.pth").is_file()
+    run_checked([nnunet_script("nnUNetv2_predict"), "-i", str(source), "-o", str(tmp_path / "pred"),
+                 "-d", str(E2E_DATASET), "-c", "3d_cpu", "-f", "0", "-tr", "ModalityDropoutTrainer",
+                 "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], elsewhere)
+    for case in ("Phantom_0005", "Phantom_0006"):
+        np.testing.assert_array_equal(_labels(tmp_path / "pred" / f"{case}.nii.gz"),
+                                      _labels(work / "predictions" / f"{case}.nii.gz"))
