@@ -47,7 +47,8 @@ def test_with_ext_trainer_keeps_other_folders():
 
 
 def test_every_subcommand_has_help():
-    for command in ("ext-path", "phantom", "convert-brats", "add-cpu-config", "demo"):
+    for command in ("ext-path", "phantom", "convert-brats", "add-cpu-config", "predict", "evaluate-missing",
+                    "compare", "demo"):
         out = subprocess.run([sys.executable, "-m", "nnunet_missingmod.cli", command, "--help"],
                              capture_output=True, text=True)
         assert out.returncode == 0 and "usage: nnunet_missingmod " + command in out.stdout, out.stderr
