@@ -111,6 +111,18 @@ def _add_dataset_output_options(p: argparse.ArgumentParser) -> None:
                    help="worker processes (default: $nnUNet_def_n_proc or 2)")
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The trained model (as nnUNetv2_predict names it) and the inference settings."""
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default: nnUNetTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_missingmod",
@@ -179,15 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", required=True, help="input folder of <case>_XXXX files (XXXX: 0000 t1, 0001 t1ce, "
                                              "0002 t2, 0003 flair)")
     p.add_argument("-o", required=True, help="output folder")
-    p.add_argument("-d", required=True, help="dataset id or name")
-    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default: nnUNetTrainer)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    _add_model_options(p)
     p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: all found)")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
-    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save_probabilities", action="store_true", help="also write probabilities (.npz)")
     p.add_argument("--available", default=None, help="modalities to use for every case, e.g. t1ce,flair")
     p.add_argument("--availability", default=None, metavar="JSON", help="a modality_availability.json")
@@ -200,10 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "subset of the modalities (each case preprocessed once) and report Dice and HD95 "
                                    "for WT, TC and ET: per_case.csv, summary.json, table.md (D2-Net Table I layout) "
                                    "and heatmap.png in <fold folder>/missing_modalities_<split> (or -o).")
-    p.add_argument("-d", required=True, help="dataset id or name")
-    p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default: nnUNetTrainer)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    _add_model_options(p)
     p.add_argument("-f", default="0", help="fold (default: 0)")
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="the fold's validation cases, or imagesTs with labelsTs (default: val)")
@@ -211,10 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all' (default) or a comma-separated list such as t1ce+flair,flair,t1+t1ce+t2+flair")
     p.add_argument("--save-predictions", action="store_true", help="keep each combination's segmentation")
     p.add_argument("-o", default=None, help="output folder (default: in the fold folder)")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
-    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--batch-size", type=int, default=5,
                    help="combinations per forward pass (default: 5; 1 uses nnU-Net's sliding window one at a time)")
     p.set_defaults(func=_evaluate_missing)
