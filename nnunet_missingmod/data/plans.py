@@ -16,6 +16,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from nnunet_missingmod.data.raw_dataset import find_dataset_folder
+
 
 def plans_file(dataset: int | str, plans_identifier: str = "nnUNetPlans",
                preprocessed_folder: str | os.PathLike | None = None) -> Path:
@@ -23,15 +25,7 @@ def plans_file(dataset: int | str, plans_identifier: str = "nnUNetPlans",
     base = preprocessed_folder or os.environ.get("nnUNet_preprocessed")
     if not base:
         raise RuntimeError("nnUNet_preprocessed is not set; export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
-    if isinstance(dataset, str) and dataset.startswith("Dataset"):
-        name = dataset
-    else:
-        matches = sorted(p.name for p in Path(base).glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
-        if len(matches) != 1:
-            raise FileNotFoundError(f"expected one preprocessed folder Dataset{int(dataset):03d}_* in {base}, found "
-                                    f"{matches or 'none'}; run nnUNetv2_plan_and_preprocess -d {dataset} first")
-        name = matches[0]
-    path = Path(base) / name / f"{plans_identifier}.json"
+    path = Path(base) / find_dataset_folder(base, dataset) / f"{plans_identifier}.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run nnUNetv2_plan_and_preprocess -d {dataset} first")
     return path

@@ -38,6 +38,20 @@ def dataset_folder(raw_folder: str | os.PathLike | None, dataset_id: int, name: 
     return final
 
 
+def find_dataset_folder(base: str | os.PathLike, dataset: int | str) -> str:
+    """Name of the ``DatasetNNN_*`` folder in ``base`` for a dataset id or name (nnU-Net's naming).
+
+    Raises:
+        FileNotFoundError: no folder, or more than one, matches the id.
+    """
+    if isinstance(dataset, str) and dataset.startswith("Dataset"):
+        return dataset
+    matches = sorted(p.name for p in Path(base).glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
+    if len(matches) != 1:
+        raise FileNotFoundError(f"expected one folder Dataset{int(dataset):03d}_* in {base}, found {matches or 'none'}")
+    return matches[0]
+
+
 def write_dataset_json(folder: Path, *, dataset_name: str, num_training: int, **metadata: str) -> None:
     """``dataset.json`` with the BraTS channels, regions and ``regions_class_order`` (via nnU-Net's own writer)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.data.nifti import InputImageError, geometry_mismatch, read_geometry
+from nnunet_missingmod.data.raw_dataset import find_dataset_folder
 from nnunet_missingmod.ext import register
 
 
@@ -233,15 +234,7 @@ def model_folder(dataset: int | str, configuration: str, trainer: str = "nnUNetT
     base = Path(results_folder or os.environ.get("nnUNet_results") or "")
     if not str(base) or str(base) == ".":
         raise RuntimeError("nnUNet_results is not set; export nnUNet_results=/path/to/nnUNet_results")
-    if isinstance(dataset, str) and dataset.startswith("Dataset"):
-        name = dataset
-    else:
-        matches = sorted(p.name for p in base.glob(f"Dataset{int(dataset):03d}_*"))
-        if len(matches) != 1:
-            raise FileNotFoundError(f"expected one folder Dataset{int(dataset):03d}_* in {base}, "
-                                    f"found {matches or 'none'}")
-        name = matches[0]
-    folder = base / name / f"{trainer}__{plans}__{configuration}"
+    folder = base / find_dataset_folder(base, dataset) / f"{trainer}__{plans}__{configuration}"
     if not folder.is_dir():
         raise FileNotFoundError(f"no trained model at {folder}")
     return folder
