@@ -1,7 +1,7 @@
 """Train several trainers with the same budget on the phantoms, evaluate all 15 modality combinations, compare.
 
     python scripts/bench_robustness.py [--work-dir bench_work] [--trainers nnUNetTrainer ModalityDropoutTrainer
-        SharedLatentTrainer] [--epochs 20] [--iterations 25] [--eval-cases 10] [--step-size 1.0]
+        SharedLatentTrainer D2NetTrainer] [--epochs 20] [--iterations 25] [--eval-cases 10] [--step-size 1.0]
 
 Every trainer (plain nnUNetTrainer included) trains fold 0 of the 3d_cpu configuration for exactly
 ``epochs x iterations`` iterations (set on the trainer object), in its own process. Each model is then
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="bench_work")
     parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "ModalityDropoutTrainer",
-                                                          "SharedLatentTrainer"])
+                                                          "SharedLatentTrainer", "D2NetTrainer"])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--eval-cases", type=int, default=10)

@@ -1,7 +1,7 @@
 """Median time and peak memory of a training iteration per trainer, as ratios to plain nnUNetTrainer.
 
     python scripts/bench_train_step.py [--work-dir bench_work] [--trainers nnUNetTrainer ModalityDropoutTrainer
-        SharedLatentTrainer] [--steps 15] [--device cpu]
+        SharedLatentTrainer D2NetTrainer] [--steps 15] [--device cpu]
 
 Same plans (3d_cpu on the phantoms) and the same batch for every trainer: one batch is drawn once
 from nnU-Net's data loader and saved, then each trainer runs in a fresh process, builds its network,
@@ -44,6 +44,28 @@ def make_batch(path: Path, device: str) -> None:
     torch.save({"data": batch["data"], "target": batch["target"]}, path)
 
 
+def time_inference(trainer, data, steps: int, device: str) -> float:
+    """Median time of one forward pass of the inference network (as nnUNetv2_predict builds it) on ``data``."""
+    import torch
+
+    network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                 trainer.num_input_channels,
+                                                 trainer.label_manager.num_segmentation_heads, False)
+    network.load_state_dict(trainer.network.state_dict())
+    network.to(trainer.device).eval()
+    data = data.to(trainer.device)
+    times = []
+    with torch.no_grad():
+        for step in range(steps + 2):
+            start = time.perf_counter()
+            network(data)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= 2:  # warm-up
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure(name: str, batch_file: Path, steps: int, device: str) -> dict:
     import numpy as np
     import torch
@@ -65,6 +87,7 @@ def measure(name: str, batch_file: Path, steps: int, device: str) -> dict:
         times.append(time.perf_counter() - start)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    inference_s = time_inference(trainer, batch["data"], steps, device)
     configured = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     rotation, dummy_2d, initial_patch, mirror_axes = configured
     transforms = trainer.get_training_transforms(
@@ -80,6 +103,7 @@ def measure(name: str, batch_file: Path, steps: int, device: str) -> dict:
         transforms(image=image, segmentation=seg)
         augment.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "peak_mb": peak_mb, "augment_s": statistics.mean(augment),
+            "inference_s": inference_s,
             "parameters": sum(p.numel() for p in trainer.network.parameters())}
 
 
@@ -87,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="bench_work")
     parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "ModalityDropoutTrainer",
-                                                          "SharedLatentTrainer"])
+                                                          "SharedLatentTrainer", "D2NetTrainer"])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -113,10 +137,11 @@ def main() -> None:
     base = results.get("nnUNetTrainer") or next(iter(results.values()))
     print(f"\n{CONFIGURATION} on {args.device}, {args.steps} timed steps (median), same batch for every trainer; "
           f"augment: mean over 200 samples of the training transforms")
-    print(f"{'trainer':<26}{'step s':>9}{'ratio':>8}{'peak MB':>10}{'ratio':>8}{'augment ms':>12}{'ratio':>8}"
-          f"{'params':>10}")
+    print(f"{'trainer':<28}{'step s':>9}{'ratio':>8}{'infer s':>9}{'ratio':>8}{'peak MB':>10}{'ratio':>8}"
+          f"{'augment ms':>12}{'ratio':>8}{'params':>10}")
     for name, r in results.items():
-        print(f"{name:<26}{r['step_s']:9.3f}{r['step_s'] / base['step_s']:8.2f}{r['peak_mb']:10.0f}"
+        print(f"{name:<28}{r['step_s']:9.3f}{r['step_s'] / base['step_s']:8.2f}{r['inference_s']:9.3f}"
+              f"{r['inference_s'] / base['inference_s']:8.2f}{r['peak_mb']:10.0f}"
               f"{r['peak_mb'] / base['peak_mb']:8.2f}{1000 * r['augment_s']:12.1f}"
               f"{r['augment_s'] / base['augment_s']:8.2f}{r['parameters']:10d}")
     (work / "bench_train_step.json").write_text(json.dumps(results, indent=2))

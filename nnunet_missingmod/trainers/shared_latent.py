@@ -23,7 +23,7 @@ from torch import autocast
 from nnunet_missingmod.config import load_trainer_config
 from nnunet_missingmod.networks.shared_latent import SharedLatentUNet, resolve_architecture_kwargs, similarity_loss
 from nnunet_missingmod.trainers.base import MissingModTrainerBase
-from nnunet_missingmod.transforms.modality_dropout import sample_kept_modalities
+from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
 
 
 class SharedLatentTrainer(MissingModTrainerBase):
@@ -47,19 +47,7 @@ class SharedLatentTrainer(MissingModTrainerBase):
 
     def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
-        settings = self.trainer_config["modality_dropout"]
-        num_modalities = data.shape[1]
-        independent = settings["scheme"] == "independent"
-        keep = np.stack([sample_kept_modalities(num_modalities, scheme=settings["scheme"],
-                                                drop_probabilities=settings["drop_probabilities"] if independent
-                                                else None, p_keep_all=settings["p_keep_all"])
-                         for _ in range(data.shape[0])])
-        keep = torch.from_numpy(keep).to(data.device)
-        present = data.flatten(2).ne(0).any(-1)  # channels that exist at all in this sample
-        available = keep & present
-        available |= ~available.any(1, keepdim=True) & present  # never drop every present modality
-        mask = available.to(data.dtype).view(*available.shape, *([1] * (data.ndim - 2)))
-        return data * mask, available
+        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
 
     def compute_losses(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
         settings = self.trainer_config["shared_latent"]

@@ -110,3 +110,30 @@ class ModalityDropoutTransform(ImageOnlyTransform):
         if dropped:
             img[dropped] = 0
         return img
+
+
+def drop_modalities_in_batch(data: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero a random subset of modalities per sample of a batch (for trainers that drop in ``train_step``).
+
+    Channels that are exactly zero in a sample (really missing) never count as available, and a sample
+    always keeps at least one of its present channels.
+
+    Args:
+        data: (B, M, ...) batch of images.
+        settings: a ``modality_dropout`` config section (``scheme``, ``drop_probabilities``, ``p_keep_all``).
+
+    Returns:
+        The dropped batch (a new tensor) and the (B, M) boolean mask of available modalities.
+    """
+    num_modalities = data.shape[1]
+    independent = settings["scheme"] == "independent"
+    keep = np.stack([sample_kept_modalities(num_modalities, scheme=settings["scheme"],
+                                            drop_probabilities=settings["drop_probabilities"] if independent else None,
+                                            p_keep_all=settings["p_keep_all"])
+                     for _ in range(data.shape[0])])
+    keep = torch.from_numpy(keep).to(data.device)
+    present = data.flatten(2).ne(0).any(-1)  # channels that exist at all in this sample
+    available = keep & present
+    available |= ~available.any(1, keepdim=True) & present  # never drop every present modality
+    mask = available.to(data.dtype).view(*available.shape, *([1] * (data.ndim - 2)))
+    return data * mask, available

@@ -1,0 +1,133 @@
+"""Tumour-region disentanglement losses of D²-Net: affinity-guided dense distillation and its companions.
+
+Yang et al., "D²-Net: Dual Disentanglement Network for Brain Tumor Segmentation With Missing
+Modalities", IEEE TMI 2022:
+
+* L_ADT-KD (eq. 8-9): for every pair of a student decoder stage s and a teacher decoder stage t,
+  the student's features are resized to the teacher's grid and projected to its channels, the
+  affinity ``a_{s,t}`` is the global average of the normalised Hadamard product of the two feature
+  maps, and the pair contributes ``a_{s,t} (‖F_t − F_s‖ + KL(p_t ‖ p_s))``, the KL per region on
+  sigmoid probabilities of the stages' auxiliary heads;
+* L_aux (eq. 7): binary cross-entropy of each teacher map against its region mask;
+* L_consis: squared distance between the final teacher and student probabilities;
+* L_rec (eq. 6): mean squared error of the reconstructed modalities.
+
+Deviations and choices:
+
+* "normalised Hadamard product": features are L2-normalised over channels at each voxel, so
+  ``a_{s,t}`` is the mean cosine similarity of the two maps; it is detached (a weight, not a target,
+  or the network could lower the loss by making the features dissimilar) and clamped at 0;
+* ``‖F_t − F_s‖`` is the mean squared difference per element, and the KL the mean over voxels and
+  regions, so that the loss does not grow with the patch size; the pair sum is divided by
+  N_s·N_t (the paper's sum over pairs, scaled) so that λ2 does not depend on the network depth;
+* the teacher's features and probabilities are detached in L_ADT-KD (distillation flows from the
+  teacher to the student; the teacher learns from L_aux); L_consis is symmetric;
+* the 1x1x1 projection and the trilinear resize commute (both linear, interpolation weights sum to
+  1), so the projection runs on whichever side is smaller;
+* L_aux is summed over all teacher stages with nnU-Net's deep-supervision weights;
+* L_rec covers the modalities available in the sample (the reconstruction of a dropped modality from
+  its code would have no input to come from).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def resize(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize of (B, C, *S) to ``size`` (no-op when the size already matches)."""
+    if tuple(volume.shape[2:]) == tuple(size):
+        return volume
+    return F.interpolate(volume, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def project_and_resize(student_feature: torch.Tensor, projection: nn.Module, size: Sequence[int]) -> torch.Tensor:
+    """``resize(projection(F_s))``, computed in the cheaper order (the two operations commute)."""
+    if student_feature.shape[2:].numel() > torch.Size(size).numel():
+        return projection(resize(student_feature, size))
+    return resize(projection(student_feature), size)
+
+
+def affinity(teacher_feature: torch.Tensor, student_feature: torch.Tensor) -> torch.Tensor:
+    """a_{s,t}: mean over voxels (and the batch) of the cosine similarity of the channel vectors."""
+    product = F.normalize(teacher_feature.float(), dim=1) * F.normalize(student_feature.float(), dim=1)
+    return product.sum(1).mean()
+
+
+def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over elements of KL(Bernoulli(σ(l_t)) ‖ Bernoulli(σ(l_s)))."""
+    teacher_logits, student_logits = teacher_logits.float(), student_logits.float()
+    p_teacher = torch.sigmoid(teacher_logits)
+    kl = p_teacher * (F.logsigmoid(teacher_logits) - F.logsigmoid(student_logits)) \
+        + (1 - p_teacher) * (F.logsigmoid(-teacher_logits) - F.logsigmoid(-student_logits))
+    return kl.mean()
+
+
+def adt_kd_loss(student_features: Sequence[torch.Tensor], student_logits: Sequence[torch.Tensor],
+                teacher_features: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
+                projection: Callable[[int, int], nn.Module], *, feature_weight: float = 1.0,
+                logit_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """L_ADT-KD over all N_s × N_t stage pairs (eq. 8-9, scaled by 1 / (N_s N_t)).
+
+    Args:
+        student_features, student_logits: per student stage, (B, C_s, *S_s) and (B, R, *S_s).
+        teacher_features, teacher_logits: per teacher stage, (B, C_t, *S_t) and (B, R, *S_t).
+        projection: ``projection(s, t)`` maps C_s to C_t channels (``nn.Identity`` where they agree).
+        feature_weight, logit_weight: weights of the feature and KL terms (ablations set one to 0).
+
+    Returns:
+        ``{"feature": Σ a·‖F_t − F_s‖, "logit": Σ a·KL, "total": feature_weight * feature + logit_weight * logit}``,
+        each divided by N_s·N_t.
+    """
+    pairs = len(student_features) * len(teacher_features)
+    feature_term = student_features[0].sum() * 0.0
+    logit_term = feature_term
+    for t, (target_feature, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
+        target_feature, target_logits = target_feature.detach(), target_logits.detach()
+        size = target_feature.shape[2:]
+        for s, (feature, logits) in enumerate(zip(student_features, student_logits, strict=True)):
+            projected = project_and_resize(feature, projection(s, t), size)
+            with torch.no_grad():
+                weight = affinity(target_feature, projected).clamp_min(0)
+            if feature_weight:
+                feature_term = feature_term + weight * (projected.float() - target_feature.float()).pow(2).mean()
+            if logit_weight:
+                logit_term = logit_term + weight * binary_kl(target_logits, resize(logits, size))
+    feature_term, logit_term = feature_term / pairs, logit_term / pairs
+    return {"feature": feature_term, "logit": logit_term,
+            "total": feature_weight * feature_term + logit_weight * logit_term}
+
+
+def auxiliary_loss(teacher_logits: Sequence[torch.Tensor], region_targets: Sequence[torch.Tensor],
+                   stage_weights: Sequence[float]) -> torch.Tensor:
+    """L_aux (eq. 7): Σ_stage w_stage · BCE(teacher logits, region masks).
+
+    Args:
+        teacher_logits: per stage (B, R, *S), largest first.
+        region_targets: per stage (B, R, *S) binary region masks (nnU-Net's deep-supervision targets).
+        stage_weights: one weight per stage (nnU-Net's deep-supervision weights).
+    """
+    terms = [weight * F.binary_cross_entropy_with_logits(logits.float(), target.float())
+             for logits, target, weight in zip(teacher_logits, region_targets, stage_weights, strict=True) if weight]
+    return torch.stack(terms).sum()
+
+
+def consistency_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """L_consis: mean squared difference of the final teacher and student sigmoid probabilities."""
+    return (torch.sigmoid(teacher_logits.float()) - torch.sigmoid(student_logits.float())).pow(2).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, image: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """L_rec (eq. 6): MSE per modality, averaged over the available (sample, modality) pairs.
+
+    Args:
+        reconstruction, image: (B, M, *S).
+        available: (B, M) boolean.
+    """
+    per_modality = (reconstruction.float() - image.float()).pow(2).flatten(2).mean(-1)  # (B, M)
+    weights = available.to(per_modality.dtype)
+    return (per_modality * weights).sum() / weights.sum().clamp_min(1)

@@ -1,0 +1,215 @@
+"""D2NetTrainer: D²-Net (Yang et al., IEEE TMI 2022) trained with nnU-Net.
+
+``nnUNetv2_train D CONFIG FOLD -tr D2NetTrainer`` trains the network of
+:mod:`nnunet_missingmod.networks.d2net` on nnU-Net's plans, data loading and augmentation, with the
+total loss of eq. 11::
+
+    L = L_seg + λ1 (L_SFMC + w_rec L_rec) + λ2 (L_ADT-KD + w_aux L_aux + w_consis L_consis)
+
+* L_seg: nnU-Net's own region loss (Dice + BCE, deep supervision) on the student's output;
+* L_SFMC = w_spatial L_spatial + w_frequency L_frequency (:mod:`nnunet_missingmod.losses.contrastive`);
+* L_ADT-KD = w_kd_feature L_feature + w_kd_logit L_KL, L_aux, L_consis and L_rec
+  (:mod:`nnunet_missingmod.losses.distillation`).
+
+Settings live in ``trainer_configs/D2NetTrainer.json``: ``d2net.network`` shapes the network (read
+again by ``nnUNetv2_predict``, so change it through a variant rather than at training only) and
+``d2net.loss`` holds λ1, λ2, τ, the slice fractions of the contrastive loss and the per-term weights;
+``modality_dropout`` as in ModalityDropoutTrainer (the paper zeroes random modalities in training).
+Dropout is drawn in ``train_step`` (numpy's stream) so that the availability mask reaches the losses.
+
+Every term is averaged per epoch, written to nnU-Net's training log and stored in its logger (so it
+is in the checkpoint), and plotted to ``progress_d2net.png`` next to nnU-Net's ``progress.png``.
+
+The ablations of the paper's Tables II and IV are variants that only change the config:
+``D2NetTrainer_noSFMC``, ``_spatialOnly``, ``_frequencyOnly``, ``_noKD``, ``_featureKDOnly``,
+``_logitKDOnly`` and ``_noETM``.
+
+Deviation: D²-Net needs one binary map per tumour region, so the dataset must use nnU-Net's
+region-based training (``regions_class_order`` in ``dataset.json``, as the BraTS datasets of this
+package do); the trainer refuses label-based datasets with a clear error.
+"""
+
+from __future__ import annotations
+
+from os.path import join
+
+import matplotlib
+import numpy as np
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast
+from torch._dynamo import OptimizedModule
+
+from nnunet_missingmod.config import load_trainer_config
+from nnunet_missingmod.losses.contrastive import sfmc_loss
+from nnunet_missingmod.losses.distillation import adt_kd_loss, auxiliary_loss, consistency_loss, reconstruction_loss
+from nnunet_missingmod.networks.d2net import D2Net
+from nnunet_missingmod.trainers.base import MissingModTrainerBase
+from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
+
+#: Loss terms logged every epoch (``loss_<name>`` in nnU-Net's logger).
+LOSS_TERMS = ("seg", "sfmc_spatial", "sfmc_frequency", "rec", "kd_feature", "kd_logit", "aux", "consis")
+
+
+class D2NetTrainer(MissingModTrainerBase):
+    """nnU-Net trainer for D²-Net; see the module docstring for the loss and settings."""
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        # a classmethod, so that a variant's config shapes its own network in training and in nnUNetv2_predict
+        settings = load_trainer_config(cls)["d2net"]["network"]
+        return D2Net(num_modalities=num_input_channels, num_regions=num_output_channels,
+                     arch_class_name=configuration_manager.network_arch_class_name,
+                     arch_kwargs=configuration_manager.network_arch_init_kwargs,
+                     arch_kwargs_req_import=configuration_manager.network_arch_init_kwargs_req_import,
+                     deep_supervision=enable_deep_supervision, code_dim=settings["code_dim"],
+                     code_encoder_features=tuple(settings["code_encoder_features"]),
+                     region_blocks=settings["region_blocks"], tumour_projection=settings["tumour_projection"],
+                     teacher_feature_fraction=settings["teacher_feature_fraction"],
+                     teacher_full_resolution=settings["teacher_full_resolution"],
+                     reconstruction_feature_fraction=settings["reconstruction_feature_fraction"])
+
+    def initialize(self) -> None:
+        if not self.label_manager.has_regions:
+            raise ValueError(f"{type(self).__name__} needs region-based training (one sigmoid per tumour region), "
+                             f"but dataset.json of {self.plans_manager.dataset_name} defines plain labels; add "
+                             "'regions_class_order' and region labels as in nnU-Net's Dataset137_BraTS21")
+        if not self.enable_deep_supervision:
+            raise ValueError(f"{type(self).__name__} trains its teacher and distillation through deep supervision; "
+                             "enable_deep_supervision must stay True")
+        super().initialize()
+
+    def _network_module(self) -> D2Net:
+        network = self.network.module if self.is_ddp else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+    def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
+        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
+
+    def _stage_weights(self, num_stages: int, first: int) -> list[float]:
+        """nnU-Net's deep-supervision weights of stages ``first``.., renormalised to sum to 1."""
+        weights = getattr(self.loss, "weight_factors", None)  # nnU-Net's DeepSupervisionWrapper
+        weights = np.asarray(weights if weights is not None else [1.0] + [0.0] * (num_stages - 1), dtype=float)
+        weights = weights[first:]
+        return (weights / weights.sum()).tolist() if weights.sum() > 0 else [1.0] + [0.0] * (len(weights) - 1)
+
+    def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """Every term of eq. 11 and their weighted total (``"total"``) for one batch."""
+        settings = self.trainer_config["d2net"]["loss"]
+        dropped, available = self.drop_modalities(data)
+        network = self._network_module()
+        output, aux = network.forward_with_aux(dropped, available)
+        targets = target if isinstance(target, list) else [target]
+
+        losses = {"seg": self.loss(output, target)}
+        sfmc = sfmc_loss(aux["codes"], available, temperature=settings["temperature"],
+                         spatial_weight=settings["w_spatial"], frequency_weight=settings["w_frequency"],
+                         positive_fraction=settings["positive_fraction"],
+                         negative_fraction=settings["negative_fraction"])
+        losses["sfmc_spatial"], losses["sfmc_frequency"] = sfmc["spatial"], sfmc["frequency"]
+        losses["rec"] = reconstruction_loss(aux["reconstruction"], dropped, available)
+        kd = adt_kd_loss(aux["student_features"], aux["student_logits"], aux["teacher_features"],
+                         aux["teacher_logits"], network.kd_projection, feature_weight=settings["w_kd_feature"],
+                         logit_weight=settings["w_kd_logit"])
+        losses["kd_feature"], losses["kd_logit"] = kd["feature"], kd["logit"]
+        first = aux["teacher_first_stage"]  # the teacher's largest stage is the student's stage `first`
+        losses["aux"] = auxiliary_loss(aux["teacher_logits"], targets[first:], self._stage_weights(len(targets), first))
+        losses["consis"] = consistency_loss(aux["teacher_logits"][0], aux["student_logits"][first])
+
+        modality_terms = sfmc["total"] + settings["w_rec"] * losses["rec"]
+        region_terms = kd["total"] + settings["w_aux"] * losses["aux"] + settings["w_consis"] * losses["consis"]
+        losses["total"] = losses["seg"] + settings["lambda1"] * modality_terms + settings["lambda2"] * region_terms
+        return losses
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            losses = self.compute_losses(data, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses["total"]).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": losses["total"].detach().cpu().numpy(),
+                **{f"loss_{k}": losses[k].detach().cpu().numpy() for k in LOSS_TERMS}}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        history = self.logger.local_logger.my_fantastic_logging
+        terms = {}
+        for name in LOSS_TERMS:
+            key = f"loss_{name}"
+            # a run resumed from an older checkpoint gets NaN for the epochs it has no record of
+            values = history.setdefault(key, [])
+            values.extend([float("nan")] * (self.current_epoch - len(values)))
+            terms[key] = float(np.mean([o[key] for o in train_outputs]))
+            self.logger.log(key, terms[key], self.current_epoch)
+        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+        if self.local_rank == 0:
+            plot_loss_terms(history, join(self.output_folder, "progress_d2net.png"))
+
+
+def plot_loss_terms(history: dict, filename: str) -> None:
+    """One curve per D²-Net loss term over the epochs (log scale), written to ``filename``."""
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for name in LOSS_TERMS:
+        values = np.asarray(history.get(f"loss_{name}", []), dtype=float)
+        if values.size and np.nanmax(np.abs(values), initial=0) > 0:
+            ax.plot(np.arange(values.size), np.clip(values, 1e-6, None), label=name, linewidth=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss term (epoch mean)")
+    ax.set_title("D²-Net loss terms")
+    ax.legend(loc="upper right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=100)
+    plt.close(fig)
+
+
+class D2NetTrainer_noSFMC(D2NetTrainer):  # noqa: N801 (nnU-Net's variant naming)
+    """Ablation: no spatial-frequency modality contrastive loss (Table II)."""
+
+
+class D2NetTrainer_spatialOnly(D2NetTrainer):  # noqa: N801
+    """Ablation: SFMC with the spatial term only (Table II)."""
+
+
+class D2NetTrainer_frequencyOnly(D2NetTrainer):  # noqa: N801
+    """Ablation: SFMC with the frequency term only (Table II)."""
+
+
+class D2NetTrainer_noKD(D2NetTrainer):  # noqa: N801
+    """Ablation: no affinity-guided dense distillation (Table IV)."""
+
+
+class D2NetTrainer_featureKDOnly(D2NetTrainer):  # noqa: N801
+    """Ablation: feature-level distillation only (Table IV)."""
+
+
+class D2NetTrainer_logitKDOnly(D2NetTrainer):  # noqa: N801
+    """Ablation: logit-level (KL) distillation only (Table IV)."""
+
+
+class D2NetTrainer_noETM(D2NetTrainer):  # noqa: N801
+    """Ablation: no tumour modality projection E_TM; every region is conditioned on the mean modality code."""
+
+
+VARIANTS = (D2NetTrainer_noSFMC, D2NetTrainer_spatialOnly, D2NetTrainer_frequencyOnly, D2NetTrainer_noKD,
+            D2NetTrainer_featureKDOnly, D2NetTrainer_logitKDOnly, D2NetTrainer_noETM)
