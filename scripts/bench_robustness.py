@@ -7,7 +7,8 @@ Every trainer (plain nnUNetTrainer included) trains fold 0 of the 3d_cpu configu
 ``epochs x iterations`` iterations (set on the trainer object), in its own process. Each model is then
 scored by ``evaluate-missing`` on the first ``eval-cases`` held-out phantoms without mirroring TTA, and
 ``compare`` renders the results side by side (``<work-dir>/robustness/comparison.md`` and ``.png``).
-Trained models and evaluations are reused when the script is run again (``--retrain`` to start over).
+Trained models, and evaluations newer than their model, are reused when the script is run again
+(``--retrain`` to start over).
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def main() -> None:
             report[trainer] = run_worker(__file__, ["--worker", trainer, "--work-dir", str(work), "--epochs",
                                                     str(args.epochs), "--iterations", str(args.iterations),
                                                     "--device", args.device], env)
+        out = work / "robustness" / trainer
+        checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+        summary = out / "summary.json"
+        if summary.is_file() and summary.stat().st_mtime > checkpoint.stat().st_mtime \
+                and json.loads(summary.read_text())["num_cases"] == len(cases):
+            print(f"=== reusing the evaluation of {trainer} ({summary})", flush=True)
+            runs.append(out)
+            continue
         print(f"=== evaluating {trainer} on {len(cases)} held-out phantoms x 15 combinations", flush=True)
         start = time.perf_counter()
         out = evaluate_missing(folder, 0, split="test", output=work / "robustness" / trainer,
