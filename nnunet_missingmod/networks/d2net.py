@@ -260,8 +260,14 @@ class D2Net(nn.Module):
         fused = self.fusion(torch.cat(encoded["region_features"], 1))  # F' (B, Cz, ...)
         return [*encoded["skips"][:-1], fused]
 
-    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
-        """The student's segmentation logits (a list over stages while deep supervision is enabled)."""
+    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None, return_aux: bool = False):
+        """The student's segmentation logits (a list over stages while deep supervision is enabled).
+
+        With ``return_aux`` (training only) also the dict of :meth:`forward_with_aux`; going through
+        ``forward`` keeps DDP's gradient hooks and ``torch.compile`` in the loop.
+        """
+        if return_aux:
+            return self.forward_with_aux(x, available)
         available = availability_from_input(x) if available is None else available.bool()
         return self.decoder(self.student_skips(self.encode(x, available)))
 

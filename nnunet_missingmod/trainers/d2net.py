@@ -103,7 +103,7 @@ class D2NetTrainer(MissingModTrainerBase):
         settings = self.trainer_config["d2net"]["loss"]
         dropped, available = self.drop_modalities(data)
         network = self._network_module()
-        output, aux = network.forward_with_aux(dropped, available)
+        output, aux = self.network(dropped, available, return_aux=True)  # through DDP / torch.compile wrappers
         targets = target if isinstance(target, list) else [target]
 
         losses = {"seg": self.loss(output, target)}
@@ -164,23 +164,32 @@ class D2NetTrainer(MissingModTrainerBase):
 
 
 def plot_loss_terms(history: dict, filename: str) -> None:
-    """One curve per D²-Net loss term over the epochs (log scale), written to ``filename``."""
+    """Curves of the D²-Net loss terms over the epochs, written to ``filename``.
+
+    L_seg (nnU-Net's Dice + BCE, negative once Dice dominates) on a linear axis; the other terms, all
+    non-negative, on a log axis.
+    """
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for name in LOSS_TERMS:
-        values = np.asarray(history.get(f"loss_{name}", []), dtype=float)
-        if values.size and np.nanmax(np.abs(values), initial=0) > 0:
-            ax.plot(np.arange(values.size), np.clip(values, 1e-6, None), label=name, linewidth=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss term (epoch mean)")
-    ax.set_title("D²-Net loss terms")
-    ax.legend(loc="upper right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(filename, dpi=100)
-    plt.close(fig)
+    sizes = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+             "ytick.labelsize": 9, "legend.fontsize": 9}  # nnU-Net's progress plot enlarges seaborn's fonts
+    with plt.rc_context(sizes):
+        fig, (ax_seg, ax_terms) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name in LOSS_TERMS:
+            values = np.asarray(history.get(f"loss_{name}", []), dtype=float)
+            if not values.size:
+                continue
+            if name == "seg":
+                ax_seg.plot(np.arange(values.size), values, color="tab:blue", linewidth=2)
+            elif np.nanmax(values, initial=0) > 0:
+                ax_terms.plot(np.arange(values.size), np.clip(values, 1e-8, None), label=name, linewidth=2)
+        ax_seg.set(title="L_seg (nnU-Net's loss on the student)", xlabel="epoch", ylabel="epoch mean")
+        ax_terms.set(title="D²-Net terms (unweighted)", xlabel="epoch", yscale="log")
+        ax_terms.legend(loc="best", ncol=2)
+        fig.tight_layout()
+        fig.savefig(filename, dpi=100)
+        plt.close(fig)
 
 
 class D2NetTrainer_noSFMC(D2NetTrainer):  # noqa: N801 (nnU-Net's variant naming)
