@@ -50,7 +50,8 @@ def main() -> None:
 
     cases = sorted((work / "nnUNet_raw" / DATASET_NAME / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
     case_names = {c.name[: -len(".nii.gz")] for c in cases}
-    runs, report = [], {}
+    timings = work / "robustness" / "timings.json"
+    runs, report = [], json.loads(timings.read_text()) if timings.is_file() else {}  # reused runs keep their times
     for trainer in args.trainers:
         folder = model_dir(work, trainer)
         if args.retrain and folder.exists():
@@ -76,7 +77,7 @@ def main() -> None:
         report.setdefault(trainer, {})["evaluate_s"] = time.perf_counter() - start
         runs.append(out)
     markdown, png = compare(runs, work / "robustness", labels=args.trainers)
-    (work / "robustness" / "timings.json").write_text(json.dumps(report, indent=2))
+    timings.write_text(json.dumps(report, indent=2))
     print(markdown.read_text())
     print(f"chart: {png}\ntables per trainer: {work / 'robustness'}/<trainer>/table.md")
 
