@@ -112,3 +112,22 @@ def test_label_based_dataset_is_refused(trained_model, monkeypatch):
     trainer = _trainer(work, monkeypatch, dataset_json=dataset_json)
     with pytest.raises(ValueError, match="region-based"):
         trainer.initialize()
+
+
+def test_trainer_checkpoint_round_trip_restores_every_module(trained_model, monkeypatch, tmp_path):
+    trainer = _trainer(trained_model[0], monkeypatch)
+    trainer.initialize()
+    with torch.no_grad():
+        for parameter in trainer.network.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)  # differ from any fresh initialisation
+    trainer.logger.local_logger.my_fantastic_logging["loss_aux"] = [0.5]
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    restored = _trainer(trained_model[0], monkeypatch)
+    restored.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    saved, loaded = trainer.network.state_dict(), restored.network.state_dict()
+    assert saved.keys() == loaded.keys()
+    prefixes = {key.split(".")[0] for key in saved}
+    assert {"encoder", "decoder", "code_encoder", "tumour_projection", "region_encoders", "fusion", "teacher",
+            "reconstruction", "kd_projections"} <= prefixes
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)
+    assert restored.logger.local_logger.my_fantastic_logging["loss_aux"] == [0.5]
