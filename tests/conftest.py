@@ -78,3 +78,16 @@ def trained_model(tmp_path_factory):
     return work, predictions, train_log
 
 
+
+
+def make_trainer(work: Path, monkeypatch, trainer_class: type, dataset_json: dict | None = None):
+    """An in-process trainer on the ``trained_model`` fixture's 3d_cpu plans (results in a separate folder)."""
+    import torch
+
+    monkeypatch.setenv("nnUNet_results", str(work / "inprocess_results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(work / "nnUNet_preprocessed"))
+    plans = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net's trainer pops it (run_training inserts it)
+    if dataset_json is None:
+        dataset_json = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "dataset.json").read_text())
+    return trainer_class(plans, "3d_cpu", 0, dataset_json, torch.device("cpu"))

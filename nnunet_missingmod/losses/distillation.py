@@ -87,14 +87,14 @@ def adt_kd_loss(student_features: Sequence[torch.Tensor], student_logits: Sequen
     feature_term = student_features[0].sum() * 0.0
     logit_term = feature_term
     for t, (target_feature, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
-        target_feature, target_logits = target_feature.detach(), target_logits.detach()
+        target_feature, target_logits = target_feature.detach().float(), target_logits.detach()
         size = target_feature.shape[2:]
         for s, (feature, logits) in enumerate(zip(student_features, student_logits, strict=True)):
             projected = project_and_resize(feature, projection(s, t), size)
             with torch.no_grad():
                 weight = affinity(target_feature, projected).clamp_min(0)
             if feature_weight:
-                feature_term = feature_term + weight * (projected.float() - target_feature.float()).pow(2).mean()
+                feature_term = feature_term + weight * (projected.float() - target_feature).pow(2).mean()
             if logit_weight:
                 logit_term = logit_term + weight * binary_kl(target_logits, resize(logits, size))
     feature_term, logit_term = feature_term / pairs, logit_term / pairs

@@ -14,10 +14,14 @@ from __future__ import annotations
 import json
 from os.path import join
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
 
 from nnunet_missingmod.config import load_trainer_config
+from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
 
 CONFIG_FILE_NAME = "trainer_config.json"
 
@@ -52,3 +56,60 @@ class MissingModTrainerBase(nnUNetTrainer):
                 json.dump({"trainer": type(self).__name__, **self.trainer_config}, f, indent=4)
             self.print_to_log_file(f"{type(self).__name__} config:\n{json.dumps(self.trainer_config, indent=2)}",
                                    also_print_to_console=False)
+
+
+class MultiTermLossTrainer(MissingModTrainerBase):
+    """Base of trainers whose loss has several terms: ``compute_losses`` returns them, this class does the rest.
+
+    * modality dropout drawn in the training step (``drop_modalities``, config section ``modality_dropout``),
+      so that the availability mask reaches the loss terms;
+    * nnU-Net's optimisation step (autocast on CUDA, gradient scaling, clipping at 12) on ``losses["total"]``;
+    * every term named in ``loss_terms`` averaged per epoch, stored in nnU-Net's logger as ``loss_<name>``
+      (so it is in the checkpoint) and written to the training log.
+
+    Subclasses set ``loss_terms`` and implement ``compute_losses(data, target) -> {name: tensor, "total": tensor}``.
+    """
+
+    loss_terms: tuple[str, ...] = ()
+
+    def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
+        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
+
+    def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            losses = self.compute_losses(data, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses["total"]).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": losses["total"].detach().cpu().numpy(),
+                **{f"loss_{k}": losses[k].detach().cpu().numpy() for k in self.loss_terms}}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        history = self.logger.local_logger.my_fantastic_logging
+        terms = {}
+        for name in self.loss_terms:
+            key = f"loss_{name}"
+            # a run resumed from an older checkpoint gets NaN for the epochs it has no record of
+            values = history.setdefault(key, [])
+            values.extend([float("nan")] * (self.current_epoch - len(values)))
+            terms[key] = float(np.mean([o[key] for o in train_outputs]))
+            self.logger.log(key, terms[key], self.current_epoch)
+        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))

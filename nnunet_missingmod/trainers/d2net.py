@@ -36,24 +36,23 @@ from os.path import join
 import matplotlib
 import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast
 from torch._dynamo import OptimizedModule
 
 from nnunet_missingmod.config import load_trainer_config
 from nnunet_missingmod.losses.contrastive import sfmc_loss
 from nnunet_missingmod.losses.distillation import adt_kd_loss, auxiliary_loss, consistency_loss, reconstruction_loss
 from nnunet_missingmod.networks.d2net import D2Net
-from nnunet_missingmod.trainers.base import MissingModTrainerBase
-from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
+from nnunet_missingmod.trainers.base import MultiTermLossTrainer
 
 #: Loss terms logged every epoch (``loss_<name>`` in nnU-Net's logger).
 LOSS_TERMS = ("seg", "sfmc_spatial", "sfmc_frequency", "rec", "kd_feature", "kd_logit", "aux", "consis")
 
 
-class D2NetTrainer(MissingModTrainerBase):
+class D2NetTrainer(MultiTermLossTrainer):
     """nnU-Net trainer for D²-Net; see the module docstring for the loss and settings."""
+
+    loss_terms = LOSS_TERMS
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -85,10 +84,6 @@ class D2NetTrainer(MissingModTrainerBase):
     def _network_module(self) -> D2Net:
         network = self.network.module if self.is_ddp else self.network
         return network._orig_mod if isinstance(network, OptimizedModule) else network
-
-    def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
-        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
 
     def _stage_weights(self, num_stages: int, first: int) -> list[float]:
         """nnU-Net's deep-supervision weights of stages ``first``.., renormalised to sum to 1."""
@@ -126,41 +121,11 @@ class D2NetTrainer(MissingModTrainerBase):
         losses["total"] = losses["seg"] + settings["lambda1"] * modality_terms + settings["lambda2"] * region_terms
         return losses
 
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            losses = self.compute_losses(data, target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(losses["total"]).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": losses["total"].detach().cpu().numpy(),
-                **{f"loss_{k}": losses[k].detach().cpu().numpy() for k in LOSS_TERMS}}
-
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        history = self.logger.local_logger.my_fantastic_logging
-        terms = {}
-        for name in LOSS_TERMS:
-            key = f"loss_{name}"
-            # a run resumed from an older checkpoint gets NaN for the epochs it has no record of
-            values = history.setdefault(key, [])
-            values.extend([float("nan")] * (self.current_epoch - len(values)))
-            terms[key] = float(np.mean([o[key] for o in train_outputs]))
-            self.logger.log(key, terms[key], self.current_epoch)
-        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
         if self.local_rank == 0:
-            plot_loss_terms(history, join(self.output_folder, "progress_d2net.png"))
+            plot_loss_terms(self.logger.local_logger.my_fantastic_logging,
+                            join(self.output_folder, "progress_d2net.png"))
 
 
 def plot_loss_terms(history: dict, filename: str) -> None:

@@ -14,20 +14,18 @@ Inference builds the network without the reconstruction decoder; ``nnUNetv2_pred
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast
 
 from nnunet_missingmod.config import load_trainer_config
 from nnunet_missingmod.networks.shared_latent import SharedLatentUNet, resolve_architecture_kwargs, similarity_loss
-from nnunet_missingmod.trainers.base import MissingModTrainerBase
-from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
+from nnunet_missingmod.trainers.base import MultiTermLossTrainer
 
 
-class SharedLatentTrainer(MissingModTrainerBase):
+class SharedLatentTrainer(MultiTermLossTrainer):
     """Multi-encoder shared-latent network with reconstruction and similarity terms."""
+
+    loss_terms = ("seg", "sim", "rec")
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -45,10 +43,6 @@ class SharedLatentTrainer(MissingModTrainerBase):
                                 feature_fraction=settings["feature_fraction"],
                                 reconstruction=enable_deep_supervision and settings["reconstruction"])
 
-    def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
-        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
-
     def compute_losses(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
         settings = self.trainer_config["shared_latent"]
         dropped, available = self.drop_modalities(data)
@@ -64,29 +58,3 @@ class SharedLatentTrainer(MissingModTrainerBase):
         weight, alpha = settings["w_rec"], settings["alpha"]
         losses["total"] = losses["seg"] + weight * ((1 - alpha) * losses["rec"] + alpha * losses["sim"])
         return losses
-
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            losses = self.compute_losses(data, target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(losses["total"]).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": losses["total"].detach().cpu().numpy(),
-                **{f"loss_{k}": v.detach().cpu().numpy() for k, v in losses.items() if k != "total"}}
-
-    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
-        super().on_train_epoch_end(train_outputs)
-        terms = {k: float(np.mean([o[k] for o in train_outputs])) for k in train_outputs[0] if k.startswith("loss_")}
-        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))

@@ -10,7 +10,7 @@ from nnunet_missingmod.config import config_dir, load_trainer_config
 from nnunet_missingmod.networks.d2net import D2Net
 from nnunet_missingmod.trainers import D2NetTrainer, D2NetTrainer_noETM
 from nnunet_missingmod.trainers.d2net import LOSS_TERMS, VARIANTS
-from tests.conftest import E2E_DATASET, E2E_NAME, nnunet_script, run_checked
+from tests.conftest import E2E_DATASET, E2E_NAME, make_trainer, nnunet_script, run_checked
 
 #: What each ablation must change, and nothing else (the paper's Tables II and IV).
 ABLATIONS = {
@@ -25,13 +25,7 @@ ABLATIONS = {
 
 
 def _trainer(work, monkeypatch, trainer_class=D2NetTrainer, dataset_json=None):
-    monkeypatch.setenv("nnUNet_results", str(work / "inprocess_results"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(work / "nnUNet_preprocessed"))
-    plans = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    if dataset_json is None:
-        dataset_json = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "dataset.json").read_text())
-    return trainer_class(plans, "3d_cpu", 0, dataset_json, torch.device("cpu"))
+    return make_trainer(work, monkeypatch, trainer_class, dataset_json)
 
 
 def test_train_and_predict_with_nnunet_commands(trained_model, tmp_path):

@@ -7,16 +7,11 @@ import torch
 
 from nnunet_missingmod.networks.shared_latent import SharedLatentUNet
 from nnunet_missingmod.trainers import SharedLatentTrainer
-from tests.conftest import E2E_DATASET, E2E_NAME, nnunet_script, run_checked
+from tests.conftest import E2E_DATASET, E2E_NAME, make_trainer, nnunet_script, run_checked
 
 
 def _trainer(work, monkeypatch):
-    monkeypatch.setenv("nnUNet_results", str(work / "inprocess_results"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(work / "nnUNet_preprocessed"))
-    plans = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    dataset_json = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "dataset.json").read_text())
-    return SharedLatentTrainer(plans, "3d_cpu", 0, dataset_json, torch.device("cpu"))
+    return make_trainer(work, monkeypatch, SharedLatentTrainer)
 
 
 def test_train_and_predict_with_nnunet_commands(trained_model, tmp_path):
