@@ -1,11 +1,54 @@
-"""``nnunet_missingmod <subcommand>``: thin argparse wrappers over the package's functions."""
+"""``nnunet_missingmod <subcommand>``: thin argparse wrappers over the package's functions.
+
+Errors the package reports on purpose (a ``raise`` in this package, or a file-system error such as a
+missing or read-only file) end the command with one line ``nnunet_missingmod <command>: error: ...`` on
+stderr and exit code 2, as argparse does for a bad option. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+
+import nnunet_missingmod
+
+#: Exit code of a command stopped by a reported error (argparse uses the same for bad options).
+ERROR_EXIT_CODE = 2
+_PACKAGE_DIR = Path(nnunet_missingmod.__file__).resolve().parent
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def fold(text: str) -> int | str:
+    """argparse type: a fold number (>= 0) or ``all``."""
+    return "all" if text == "all" else non_negative_int(text)
+
+
+def step_size(text: str) -> float:
+    """argparse type: a sliding-window step in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def _ext_path(args: argparse.Namespace) -> None:
@@ -34,7 +77,8 @@ def _convert_brats(args: argparse.Namespace) -> None:
 
     folder = convert_brats(args.source, args.dataset_id, args.name, layout=args.layout, raw_folder=args.raw,
                            overwrite=args.overwrite, num_processes=args.num_processes)
-    print(f"wrote {folder}")
+    cases = json.loads((folder / "modality_availability.json").read_text())["cases"]
+    print(f"wrote {folder} ({len(cases)} cases; sequences per case in {folder / 'modality_availability.json'})")
 
 
 def _add_cpu_config(args: argparse.Namespace) -> None:
@@ -47,10 +91,6 @@ def _add_cpu_config(args: argparse.Namespace) -> None:
           f"train it with: nnUNetv2_train {args.d} {args.name} FOLD -tr TRAINER -device cpu")
 
 
-def _folds(values: list[str] | None) -> list[int | str] | None:
-    return None if values is None else [v if v == "all" else int(v) for v in values]
-
-
 def _predict(args: argparse.Namespace) -> None:
     import torch
 
@@ -59,7 +99,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model_folder(args.d, args.c, args.tr, args.p)
-    done = predict_folder(args.i, args.o, model, folds=_folds(args.f), checkpoint_name=args.chk, device=device,
+    done = predict_folder(args.i, args.o, model, folds=args.f, checkpoint_name=args.chk, device=device,
                           tile_step_size=args.step_size, use_mirroring=not args.disable_tta,
                           save_probabilities=args.save_probabilities,
                           available=mods.parse_modalities(args.available) if args.available else None,
@@ -78,7 +118,7 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
     if args.combinations != "all":
         combinations = [mods.parse_modalities(spec) for spec in args.combinations.split(",")]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = evaluate_missing(model_folder(args.d, args.c, args.tr, args.p), _folds([args.f])[0], split=args.split,
+    out = evaluate_missing(model_folder(args.d, args.c, args.tr, args.p), args.f, split=args.split,
                            combinations=combinations, output=args.o, save_predictions=args.save_predictions,
                            checkpoint_name=args.chk, device=device, tile_step_size=args.step_size,
                            use_mirroring=not args.disable_tta, batch_size=args.batch_size)
@@ -88,9 +128,16 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from nnunet_missingmod.evaluation.missing_combinations import compare
+    from nnunet_missingmod.evaluation.missing_combinations import CombinationMismatchWarning, compare
 
-    markdown, png = compare(args.runs, args.o, args.labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CombinationMismatchWarning)
+        markdown, png = compare(args.runs, args.o, args.labels)
+    for warning in caught:
+        if issubclass(warning.category, CombinationMismatchWarning):
+            print(f"nnunet_missingmod compare: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(markdown.read_text())
     print(f"chart: {png}")
 
@@ -107,8 +154,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _add_dataset_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    p.add_argument("-np", "--num-processes", type=int, default=None,
-                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+    p.add_argument("-np", "--num-processes", type=positive_int, default=None,
+                   help="worker processes, at least 1 (default: $nnUNet_def_n_proc or 2)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -119,7 +166,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
     p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: 0.5)")
+    p.add_argument("-step_size", type=step_size, default=0.5, help="sliding-window step in (0, 1] (default: 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
 
 
@@ -192,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "0002 t2, 0003 flair)")
     p.add_argument("-o", required=True, help="output folder")
     _add_model_options(p)
-    p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: all found)")
+    p.add_argument("-f", nargs="+", type=fold, default=None, help="folds to ensemble (default: all found)")
     p.add_argument("--save_probabilities", action="store_true", help="also write probabilities (.npz)")
     p.add_argument("--available", default=None, help="modalities to use for every case, e.g. t1ce,flair")
     p.add_argument("--availability", default=None, metavar="JSON", help="a modality_availability.json")
-    p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
-    p.add_argument("-part_id", type=int, default=0, help="which part this process predicts")
+    p.add_argument("-num_parts", type=positive_int, default=1, help="split the cases into this many parts")
+    p.add_argument("-part_id", type=non_negative_int, default=0, help="which part this process predicts (from 0)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate-missing", help="score a model on all 15 combinations of available modalities",
@@ -206,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for WT, TC and ET: per_case.csv, summary.json, table.md (D2-Net Table I layout) "
                                    "and heatmap.png in <fold folder>/missing_modalities_<split> (or -o).")
     _add_model_options(p)
-    p.add_argument("-f", default="0", help="fold (default: 0)")
+    p.add_argument("-f", type=fold, default=0, help="fold (default: 0)")
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="the fold's validation cases, or imagesTs with labelsTs (default: val)")
     p.add_argument("--combinations", default="all",
                    help="'all' (default) or a comma-separated list such as t1ce+flair,flair,t1+t1ce+t2+flair")
     p.add_argument("--save-predictions", action="store_true", help="keep each combination's segmentation")
     p.add_argument("-o", default=None, help="output folder (default: in the fold folder)")
-    p.add_argument("--batch-size", type=int, default=5,
+    p.add_argument("--batch-size", type=positive_int, default=5,
                    help="combinations per forward pass (default: 5; 1 uses nnU-Net's sliding window one at a time)")
     p.set_defaults(func=_evaluate_missing)
 
@@ -238,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=25, help="iterations per epoch (default: 25)")
     p.add_argument("--patch-size", type=int, nargs=3, default=[48, 48, 48], help="CPU patch size (default: 48 48 48)")
     p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"), help="device (default: cpu)")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("-np", "--num-processes", type=positive_int, default=2, help="worker processes (default: 2)")
     p.add_argument("--tta", action="store_true",
                    help="validate and predict with mirroring test-time augmentation (8x slower on CPU)")
     p.add_argument("--step-size", type=float, default=1.0,
@@ -250,13 +297,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_reported_error(error: BaseException) -> bool:
+    """Whether ``error`` is one the package reports on purpose (see the module docstring), not a bug.
+
+    True for a file-system error (``OSError``: missing, existing, read-only, not a folder), an exception
+    class defined in this package (``InputImageError``, ...), and an exception raised by an explicit
+    ``raise`` statement in this package's source. A ``KeyError`` from indexing or a ``ValueError`` from
+    inside numpy or torch is a bug and is not reported this way.
+    """
+    if isinstance(error, OSError):
+        return True
+    if not isinstance(error, Exception) or isinstance(error, (AssertionError, NotImplementedError)):
+        return False
+    if type(error).__module__.startswith("nnunet_missingmod."):
+        return True
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return False
+    source = Path(frame.tb_frame.f_code.co_filename).resolve()
+    return (_PACKAGE_DIR in source.parents
+            and linecache.getline(str(source), frame.tb_lineno).lstrip().startswith("raise "))
+
+
+def error_message(error: BaseException) -> str:
+    """The message of a reported error on one line (a KeyError's text without quotes, an OSError's path)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]
+    elif isinstance(error, OSError) and error.strerror and error.filename and len(error.args) == 2:
+        text = f"{error.strerror}: {error.filename}"
+    else:
+        text = str(error)
+    return " ".join(text.split("\n")).strip() or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"nnunet_missingmod {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except Exception as error:
+        if not is_reported_error(error):
+            raise
+        print(f"nnunet_missingmod {args.command}: error: {error_message(error)}", file=sys.stderr)
+        return ERROR_EXIT_CODE
     return 0
 
 

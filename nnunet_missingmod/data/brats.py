@@ -13,16 +13,18 @@ geometry of the present ones, and ``modality_availability.json`` records which s
 really has. Cases without a segmentation go to ``imagesTs``.
 
 Every case is checked before anything appears: the dataset is built in a temporary folder and
-renamed into place only when all cases converted, so a bad case leaves nothing behind.
+renamed into place only when all cases converted, so a bad case leaves nothing behind. Entries of the
+source folder that are not cases (an empty folder, cases one folder deeper, NIfTI files loose in the
+source, a folder without NIfTI files, a broken symbolic link) stop the conversion with a list of every
+one of them, so a dataset never silently holds fewer cases or sequences than the source. Every image is
+checked to be complete and free of NaN/Inf voxels (:func:`~nnunet_missingmod.data.nifti.check_image_file`).
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import shutil
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,11 +39,18 @@ from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.data.nifti import (
     InputImageError,
     atomic_output_folder,
+    check_image_file,
+    check_overwrite,
     geometry_mismatch,
     read_geometry,
     write_nifti,
 )
-from nnunet_missingmod.data.raw_dataset import dataset_folder, write_availability, write_dataset_json
+from nnunet_missingmod.data.raw_dataset import (
+    dataset_folder,
+    dataset_overwrite_problem,
+    write_availability,
+    write_dataset_json,
+)
 
 
 @dataclass(frozen=True)
@@ -95,27 +104,79 @@ def _detect_layout(case: str, files: Sequence[Path]) -> BratsLayout:
     return LAYOUTS[best]
 
 
+def _broken(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _scan_source(source: Path) -> tuple[list[Path], list[str]]:
+    """Case folders of ``source``, and a description of every entry that cannot be one.
+
+    A case folder holds NIfTI files directly. Offending: an empty folder, a folder holding only folders
+    (cases one level deeper) or only non-NIfTI files, NIfTI files loose in ``source``, broken symbolic
+    links (in ``source`` or a case folder) and NIfTI names that are not files. Hidden entries (``.name``)
+    and other loose files (``name_mapping.csv``, ...) are not cases and are left alone.
+    """
+    case_dirs, problems = [], []
+    for entry in sorted(source.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if _broken(entry):
+            problems.append(f"{entry} (broken symbolic link to {os.readlink(entry)})")
+        elif not entry.is_dir():
+            if _NIFTI.search(entry.name):
+                problems.append(f"{entry} (a NIfTI file loose in the source folder, not in a case folder)")
+        else:
+            contents = [f for f in sorted(entry.iterdir()) if not f.name.startswith(".")]
+            nifti = [f for f in contents if _NIFTI.search(f.name)]
+            broken = [f for f in contents if _broken(f)]
+            not_files = [f for f in nifti if not _broken(f) and not f.is_file()]
+            problems += [f"{f} (broken symbolic link to {os.readlink(f)})" for f in broken]
+            problems += [f"{f} (named like a NIfTI file but not a file)" for f in not_files]
+            if not contents:
+                problems.append(f"{entry} (empty folder)")
+            elif not nifti and all(f.is_dir() for f in contents):
+                problems.append(f"{entry} (holds only folders: cases one level deeper? pass that folder as the "
+                                f"source)")
+            elif not nifti and not broken:
+                names = [f.name for f in contents][:5]
+                problems.append(f"{entry} (no .nii/.nii.gz file, only {names}{' ...' if len(contents) > 5 else ''})")
+            elif nifti:
+                case_dirs.append(entry)
+    return case_dirs, problems
+
+
+def _other_format_sequences(case_dir: Path, layout: BratsLayout) -> list[str]:
+    """Files of a case folder named like one of its sequences but not NIfTI (``<case>_t2.mha``)."""
+    stems = [f"{case_dir.name}{layout.separator}{s}.".lower() for s in (*layout.suffixes, layout.seg_suffix)]
+    return [f.name for f in sorted(case_dir.iterdir())
+            if not _NIFTI.search(f.name) and f.name.lower().startswith(tuple(stems))]
+
+
 def find_cases(source: str | os.PathLike, layout: str = "auto") -> tuple[BratsLayout, list[BratsCase]]:
     """List the cases of a BraTS folder and the sequence files each one has.
 
     Raises:
-        BratsConversionError: no case folders, mixed layouts, unrecognised file names, duplicate
-            sequences, or a case with no sequence at all.
+        BratsConversionError: no case folders, entries that are not case folders (every one is listed), mixed
+            layouts, unrecognised file names, duplicate sequences, or a case with no sequence at all.
     """
     source = Path(source)
     if not source.is_dir():
         raise BratsConversionError(f"{source} is not a folder")
-    case_dirs = sorted(d for d in source.iterdir() if d.is_dir() and any(_NIFTI.search(f.name) for f in d.iterdir()))
+    if layout != "auto" and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected auto, {', '.join(LAYOUTS)}")
+    case_dirs, problems = _scan_source(source)
+    if problems:
+        raise BratsConversionError(f"{source}: {len(problems)} entr{'y is' if len(problems) == 1 else 'ies are'} not "
+                                   f"a BraTS case folder (<case>/<case>_t1.nii.gz); convert-brats converts every "
+                                   f"case or none, so fix or remove them: " + "; ".join(problems))
     if not case_dirs:
         raise BratsConversionError(f"{source} holds no case folders with NIfTI files "
                                    f"(expected <case>/<case>_t1.nii.gz)")
-    if layout != "auto" and layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected auto, {', '.join(LAYOUTS)}")
     chosen = LAYOUTS.get(layout)
     cases = []
     for case_dir in case_dirs:
         case = case_dir.name
-        files = sorted(f for f in case_dir.iterdir() if f.is_file() and _NIFTI.search(f.name))
+        files = sorted(f for f in case_dir.iterdir() if _NIFTI.search(f.name))
         detected = _detect_layout(case, files)
         if chosen is None:
             chosen = detected
@@ -140,6 +201,10 @@ def find_cases(source: str | os.PathLike, layout: str = "auto") -> tuple[BratsLa
                 expected = ", ".join(f"{case}{chosen.separator}{s}.nii.gz" for s in names)
                 raise BratsConversionError(f"case {case}: unrecognised file {file} (BraTS {chosen.name} expects "
                                            f"{expected})")
+        other_formats = _other_format_sequences(case_dir, chosen)
+        if other_formats:
+            raise BratsConversionError(f"case {case}: {other_formats} named like BraTS sequences but not .nii/.nii.gz; "
+                                       f"convert them to NIfTI first (they would otherwise count as missing)")
         if not sequences:
             raise BratsConversionError(f"case {case}: no image sequence at all (only {[f.name for f in files]})")
         cases.append(BratsCase(case, dict(sorted(sequences.items())), segmentation))  # channel order
@@ -176,25 +241,11 @@ def check_case_headers(case: BratsCase) -> None:
 
 
 def check_complete(case: str, file: Path) -> None:
-    """Raise if a NIfTI file holds fewer bytes than its header promises (SimpleITK reads truncated files silently)."""
-    import nibabel as nib
-
+    """Raise if a NIfTI file is truncated or holds NaN/Inf voxels (:func:`.nifti.check_image_file`)."""
     try:
-        header = nib.load(file).header
-        voxels = int(np.prod(header.get_data_shape()))
-        needed = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
-        if file.name.lower().endswith(".gz"):
-            size = 0
-            with gzip.open(file, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    size += len(chunk)
-        else:
-            size = file.stat().st_size
-    except (EOFError, OSError, zlib.error, nib.filebasedimages.ImageFileError) as error:
-        raise BratsConversionError(f"case {case}: cannot read {file} (unreadable or truncated): {error}") from None
-    if size < needed:
-        raise BratsConversionError(f"case {case}: {file} is truncated: {size} bytes of image data, the header "
-                                   f"needs {needed}")
+        check_image_file(file, case)
+    except InputImageError as error:
+        raise BratsConversionError(str(error)) from None
 
 
 def _read_image(case: str, file: Path) -> sitk.Image:
@@ -261,7 +312,7 @@ def convert_brats(source: str | os.PathLike, dataset_id: int, name: str, *, layo
         name: dataset name.
         layout: ``auto``, ``2021`` or ``2023``.
         raw_folder: nnU-Net raw folder (default ``$nnUNet_raw``).
-        overwrite: replace an existing dataset of the same id and name.
+        overwrite: replace an existing dataset of the same id and name, if this package wrote it.
         num_processes: worker processes (default ``$nnUNet_def_n_proc`` or 2).
         progress: show a progress bar.
 
@@ -269,14 +320,20 @@ def convert_brats(source: str | os.PathLike, dataset_id: int, name: str, *, layo
         The dataset folder.
 
     Raises:
-        BratsConversionError: a case cannot be converted (the message names case and file); nothing is written.
+        BratsConversionError: a case cannot be converted, or an entry of ``source`` is not a case (the message
+            names case and file); nothing is written.
+        FileExistsError: the dataset exists and ``overwrite`` is False, or (``OverwriteRefusedError``) it was not
+            written by this package.
     """
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"the number of processes must be at least 1, got {num_processes}")
     final = dataset_folder(raw_folder, dataset_id, name)
+    check_overwrite(final, overwrite, dataset_overwrite_problem)
     chosen, cases = find_cases(source, layout)
     for case in tqdm(cases, desc="checking headers", unit="case", disable=not progress):
         check_case_headers(case)
     num_processes = num_processes or int(os.environ.get("nnUNet_def_n_proc", 2))
-    with atomic_output_folder(final, overwrite=overwrite) as staging:
+    with atomic_output_folder(final, overwrite=overwrite, recognise=dataset_overwrite_problem) as staging:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (staging / sub).mkdir()
         jobs = [(case, chosen, str(staging)) for case in cases]

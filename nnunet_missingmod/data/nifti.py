@@ -1,4 +1,12 @@
-"""Small, deterministic and atomic NIfTI writing helpers shared by the data generators and converters."""
+"""Small, deterministic and atomic NIfTI helpers shared by the data generators, converters and readers.
+
+Writing: :func:`write_nifti` (byte-identical for equal inputs) and :func:`atomic_output_folder` (a folder
+appears complete or not at all, and replaces only a folder the package itself wrote).
+
+Reading: :func:`check_image_file` is the one check every command runs on an input image before using it:
+SimpleITK reads a truncated ``.nii.gz`` as an image padded with zeros, and NaN/Inf voxels pass through
+nnU-Net's normalisation unnoticed, so both are refused with an error naming the case and the file.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,16 @@ import gzip
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+#: Recogniser of a folder that may be replaced: None if the package wrote it, else why not.
+Recogniser = Callable[[Path], "str | None"]
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
@@ -23,24 +35,60 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) 
     Path(path).write_bytes(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
 
 
+class OverwriteRefusedError(FileExistsError):
+    """``--overwrite`` was given for a folder the package cannot recognise as its own; nothing was removed."""
+
+
+def check_overwrite(final: str | os.PathLike, overwrite: bool, recognise: Recogniser | None = None) -> None:
+    """Raise unless ``final`` may be written: it does not exist, or ``overwrite`` is set and ``recognise`` accepts it.
+
+    Args:
+        final: the folder to be written.
+        overwrite: whether an existing folder may be replaced.
+        recognise: returns None for a folder this package wrote (and may replace), else the reason it may not;
+            default :func:`nnunet_missingmod.data.raw_dataset.dataset_overwrite_problem` (a dataset folder).
+
+    Raises:
+        FileExistsError: ``final`` exists and ``overwrite`` is False.
+        OverwriteRefusedError: ``final`` exists but is not a folder the package wrote; the message says why.
+    """
+    final = Path(final)
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it")
+    if recognise is None:
+        from nnunet_missingmod.data.raw_dataset import dataset_overwrite_problem
+
+        recognise = dataset_overwrite_problem
+    problem = "it is not a folder" if not final.is_dir() else recognise(final)
+    if problem:
+        raise OverwriteRefusedError(f"refusing to overwrite {final}: {problem}; --overwrite only replaces a folder "
+                                    f"that nnunet_missingmod wrote itself, so nothing was removed")
+
+
 @contextmanager
-def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False,
+                         recognise: Recogniser | None = None) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``final`` and rename it into place on success.
 
     On an exception the temporary folder is removed and ``final`` is left as it was. An existing
-    ``final`` is only replaced when ``overwrite`` is True (and only after the new one is complete).
+    ``final`` is only replaced when ``overwrite`` is True and ``recognise`` accepts it as a folder the
+    package wrote (checked on entry and again just before the swap), and only after the new one is complete.
 
     Raises:
         FileExistsError: if ``final`` exists and ``overwrite`` is False.
+        OverwriteRefusedError: if ``final`` exists and is not a folder the package wrote (see :func:`check_overwrite`).
     """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it")
+    check_overwrite(final, overwrite, recognise)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
         yield staging
-        if final.exists():
+        check_overwrite(final, overwrite, recognise)  # it may have changed while the new folder was built
+        if final.exists() or final.is_symlink():
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(staging, final)
@@ -52,8 +100,73 @@ def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False) -
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class InputImageError(ValueError):
     """An input image cannot be used; the message names the case and the file."""
+
+
+def _where(case: str | None) -> str:
+    return f"case {case}: " if case else ""
+
+
+def check_image_file(file: str | os.PathLike, case: str | None = None) -> None:
+    """Refuse a NIfTI file that is truncated or holds NaN/Inf voxels (other formats are left to their reader).
+
+    The whole data block is streamed once: its length must match what the header promises (SimpleITK
+    silently pads a short file with zeros), and for float images every voxel must be finite.
+
+    Args:
+        file: ``.nii`` or ``.nii.gz`` file.
+        case: case identifier, for the message.
+
+    Raises:
+        InputImageError: unreadable, truncated, or non-finite voxels; the message names the case and the file.
+    """
+    file = Path(file)
+    name = file.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        image = nib.load(file)
+        dtype = image.header.get_data_dtype()
+        voxels = int(np.prod(image.header.get_data_shape()))
+        # where nibabel reads the voxels; a loaded NIfTI-1 header may report vox_offset 0 for a .nii file
+        offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
+        data_bytes, non_finite = _scan_data(file, name.endswith(".gz"), offset, dtype, voxels)
+    except (EOFError, OSError, zlib.error, nib.filebasedimages.ImageFileError) as error:
+        raise InputImageError(f"{_where(case)}cannot read {file} (unreadable or truncated): {error}") from None
+    needed = voxels * dtype.itemsize
+    if data_bytes < needed:
+        raise InputImageError(f"{_where(case)}{file} is truncated: {offset + data_bytes} bytes of image data, "
+                              f"the header needs {offset + needed}")
+    if non_finite:
+        raise InputImageError(f"{_where(case)}{file} has {non_finite} NaN/Inf voxel(s) of {voxels}; replace them "
+                              f"(e.g. by 0) before using the image")
+
+
+def _scan_data(file: Path, compressed: bool, offset: int, dtype: np.dtype, voxels: int) -> tuple[int, int]:
+    """(bytes of voxel data present, number of non-finite voxels), reading the file in chunks."""
+    needed = voxels * dtype.itemsize
+    check_values = dtype.kind in "fc"
+    opener = gzip.open if compressed else open
+    data_bytes, non_finite, leftover = 0, 0, b""
+    with opener(file, "rb") as stream:
+        if len(stream.read(offset)) < offset:
+            return 0, 0
+        while data_bytes < needed and (chunk := stream.read(min(1 << 22, needed - data_bytes))):
+            data_bytes += len(chunk)
+            if check_values:
+                buffer = leftover + chunk
+                usable = len(buffer) - len(buffer) % dtype.itemsize
+                values = np.frombuffer(buffer, dtype=dtype, count=usable // dtype.itemsize)
+                non_finite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                leftover = buffer[usable:]
+    return data_bytes, non_finite
 
 
 def read_geometry(file: str | os.PathLike) -> tuple:

@@ -43,8 +43,13 @@ from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.data.brats import write_brats_case
-from nnunet_missingmod.data.nifti import atomic_output_folder, write_nifti
-from nnunet_missingmod.data.raw_dataset import dataset_folder, write_availability, write_dataset_json
+from nnunet_missingmod.data.nifti import atomic_output_folder, check_overwrite, write_nifti
+from nnunet_missingmod.data.raw_dataset import (
+    dataset_folder,
+    dataset_overwrite_problem,
+    write_availability,
+    write_dataset_json,
+)
 
 _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -68,6 +73,8 @@ CONTRASTS: np.ndarray = np.array([
 ], dtype=np.float32)
 
 TUMOUR_TYPES: tuple[str, ...] = ("necrotic", "solid", "non_enhancing")
+#: Marker file of a BraTS-layout folder written by :func:`make_phantom_dataset` (case -> sequences written).
+SEQUENCES_PRESENT_FILE = "sequences_present.json"
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,11 @@ class PhantomConfig:
     padding_mm: float = 20.0
 
     def __post_init__(self) -> None:
-        assert 0.5 <= self.spacing <= 6, f"spacing must be between 0.5 and 6 mm, got {self.spacing}"
-        assert abs(sum(self.tumour_type_probabilities) - 1) < 1e-6, "tumour type probabilities must sum to 1"
+        if not 0.5 <= self.spacing <= 6:
+            raise ValueError(f"spacing must be between 0.5 and 6 mm, got {self.spacing}")
+        if abs(sum(self.tumour_type_probabilities) - 1) > 1e-6 or min(self.tumour_type_probabilities) < 0:
+            raise ValueError(f"tumour type probabilities must be non-negative and sum to 1, "
+                             f"got {self.tumour_type_probabilities}")
 
 
 @dataclass
@@ -339,6 +349,46 @@ def _write_case(args: tuple) -> tuple[str, dict, list[str]]:
     return identifier, info, present
 
 
+def brats_layout_overwrite_problem(folder: str | os.PathLike) -> str | None:
+    """None if ``folder`` is a BraTS-layout folder written by :func:`make_phantom_dataset`, else why it is not.
+
+    It must hold :data:`SEQUENCES_PRESENT_FILE` and nothing but the case folders listed there, each holding
+    only ``<case>_*.nii.gz`` / ``<case>-*.nii.gz`` files.
+    """
+    folder = Path(folder)
+    marker = folder / SEQUENCES_PRESENT_FILE
+    if not marker.is_file():
+        return f"it has no {SEQUENCES_PRESENT_FILE}, so it is not a BraTS layout written by nnunet_missingmod"
+    try:
+        cases = json.loads(marker.read_text())
+    except (OSError, ValueError) as error:
+        return f"its {SEQUENCES_PRESENT_FILE} cannot be read ({error})"
+    if not isinstance(cases, dict):
+        return f"its {SEQUENCES_PRESENT_FILE} is not a case -> sequences object"
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == SEQUENCES_PRESENT_FILE:
+            continue
+        if entry.name not in cases or entry.is_symlink() or not entry.is_dir():
+            foreign.append(entry.name)
+            continue
+        foreign += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
+                    if f.is_symlink() or not f.is_file() or not f.name.endswith(".nii.gz")
+                    or not f.name.startswith((f"{entry.name}_", f"{entry.name}-"))]
+    if foreign:
+        shown = foreign[:5] + ([f"... ({len(foreign) - 5} more)"] if len(foreign) > 5 else [])
+        return f"it also holds {shown}, which nnunet_missingmod did not write"
+    return None
+
+
+def _check_separate(dataset: Path, brats_layout: Path) -> None:
+    """The BraTS-layout folder and the dataset folder must not be the same or nested (one would replace the other)."""
+    a, b = dataset.resolve(), brats_layout.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(f"--brats-layout {brats_layout} and the dataset folder {dataset} must be separate "
+                         f"folders, neither inside the other")
+
+
 def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int = 10, seed: int = 0,
                          name: str = "BraTSPhantom", config: PhantomConfig = PhantomConfig(),
                          raw_folder: str | os.PathLike | None = None, overwrite: bool = False,
@@ -355,7 +405,9 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
         name: dataset name.
         config: generator settings.
         raw_folder: nnU-Net raw folder; defaults to ``$nnUNet_raw``.
-        overwrite: replace an existing dataset folder (only once the new one is complete).
+        overwrite: replace an existing dataset folder (and ``brats_layout`` folder), only once the new one is
+            complete and only if this package wrote it (see :func:`brats_layout_overwrite_problem` and
+            :func:`nnunet_missingmod.data.raw_dataset.dataset_overwrite_problem`); anything else is refused.
         brats_layout: if given, also write every case in the BraTS folder layout here, with a random
             subset of sequence files missing per case (at least one sequence is always kept).
         missing_rate: probability that a sequence file is missing in the BraTS layout.
@@ -366,13 +418,27 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
 
     Returns:
         The dataset folder.
+
+    Raises:
+        FileExistsError: an output folder exists and ``overwrite`` is False.
+        OverwriteRefusedError: an output folder exists but is not one this package wrote; nothing is removed.
     """
     if num_cases < 1 or num_test < 0:
         raise ValueError(f"need at least one training case and no negative test count ({num_cases=}, {num_test=})")
+    if not 0 <= missing_rate <= 1:
+        raise ValueError(f"missing rate must be between 0 and 1, got {missing_rate}")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"the number of processes must be at least 1, got {num_processes}")
     final = dataset_folder(raw_folder, dataset_id, name)
+    check_overwrite(final, overwrite, dataset_overwrite_problem)
+    if brats_layout:
+        check_overwrite(brats_layout, overwrite, brats_layout_overwrite_problem)
+        _check_separate(final, Path(brats_layout))
     num_processes = num_processes or int(os.environ.get("nnUNet_def_n_proc", 2))
-    brats_context = atomic_output_folder(brats_layout, overwrite=overwrite) if brats_layout else nullcontext(None)
-    with atomic_output_folder(final, overwrite=overwrite) as staging, brats_context as brats_staging:
+    brats_context = (atomic_output_folder(brats_layout, overwrite=overwrite, recognise=brats_layout_overwrite_problem)
+                     if brats_layout else nullcontext(None))
+    with (atomic_output_folder(final, overwrite=overwrite, recognise=dataset_overwrite_problem) as staging,
+          brats_context as brats_staging):
         for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
             (staging / sub).mkdir()
         jobs = [(seed, i, config, str(staging), i >= num_cases, brats_staging, missing_rate, brats_format)
@@ -392,7 +458,7 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
             json.dump({"seed": seed, "config": asdict(config),
                        "cases": {identifier: info for identifier, info, _ in results}}, f, indent=2)
         if brats_staging is not None:
-            with open(Path(brats_staging) / "sequences_present.json", "w") as f:
+            with open(Path(brats_staging) / SEQUENCES_PRESENT_FILE, "w") as f:
                 json.dump({f"BraTS-PHANTOM-{i:05d}": present for i, (_, _, present) in enumerate(results)}, f, indent=2)
     return final
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from nnunet_missingmod import modalities as mods
 
 AVAILABILITY_FILE = "modality_availability.json"
+#: ``dataset.json['converted_by']`` of every dataset the package writes starts with this.
+WRITER_MARK = "nnunet_missingmod"
+#: Top-level entries of a dataset folder the package writes; anything else there is foreign content.
+DATASET_ENTRIES = frozenset({"dataset.json", AVAILABILITY_FILE, "phantom_cases.json",
+                             "imagesTr", "labelsTr", "imagesTs", "labelsTs"})
 
 
 def dataset_folder(raw_folder: str | os.PathLike | None, dataset_id: int, name: str) -> Path:
@@ -67,3 +72,58 @@ def write_availability(dataset: str | os.PathLike, cases: dict[str, list[str]]) 
     """Write ``modality_availability.json``: which sequences each case really has."""
     with open(Path(dataset) / AVAILABILITY_FILE, "w") as f:
         json.dump({"modalities": list(mods.MODALITIES), "cases": cases}, f, indent=2)
+
+
+def dataset_overwrite_problem(folder: str | os.PathLike) -> str | None:
+    """None if ``folder`` is a dataset folder this package wrote (and may replace), else the reason it is not.
+
+    A folder qualifies when its ``dataset.json`` has ``converted_by`` starting with ``nnunet_missingmod``
+    and it holds nothing but the entries the package writes (:data:`DATASET_ENTRIES`).
+    """
+    folder = Path(folder)
+    meta_file = folder / "dataset.json"
+    try:
+        converted_by = json.loads(meta_file.read_text()).get("converted_by")
+    except FileNotFoundError:
+        return "it has no dataset.json, so it is not a dataset written by nnunet_missingmod"
+    except (OSError, ValueError, AttributeError) as error:
+        return f"its dataset.json cannot be read ({error})"
+    if converted_by is None:
+        return "its dataset.json has no converted_by, so it was not written by nnunet_missingmod"
+    if not str(converted_by).startswith(WRITER_MARK):
+        return f"its dataset.json says converted_by {converted_by!r}, not nnunet_missingmod"
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in DATASET_ENTRIES)
+    if foreign:
+        return f"it also holds {foreign}, which nnunet_missingmod did not write"
+    return None
+
+
+def read_availability(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Read a ``modality_availability.json``: case -> channel indices of the modalities it really has.
+
+    Raises:
+        ValueError: not JSON, no ``cases`` object, or a case whose value is not a list of known modality
+            names; the message names the file and the key.
+        FileNotFoundError: the file does not exist.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"availability file {file} not found")
+    try:
+        content = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"availability file {file} is not valid JSON: {error}") from None
+    cases = content.get("cases") if isinstance(content, dict) else None
+    if not isinstance(cases, dict):
+        raise ValueError(f"availability file {file} has no 'cases' object (expected "
+                         f'{{"cases": {{"<case>": ["t1ce", "flair"], ...}}}})')
+    availability = {}
+    for case, names in cases.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"availability file {file}: cases[{case!r}] must be a list of modality names, "
+                             f"got {names!r}")
+        try:
+            availability[case] = tuple(sorted({mods.modality_index(n) for n in names}))
+        except ValueError as error:
+            raise ValueError(f"availability file {file}: cases[{case!r}]: {error}") from None
+    return availability

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,17 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.data.nifti import check_image_file
 from nnunet_missingmod.evaluation.metrics import region_metrics
-from nnunet_missingmod.inference.predict import CaseInput, MissingModalityPredictor, find_cases
+from nnunet_missingmod.inference.predict import (
+    CaseInput,
+    MissingModalityPredictor,
+    check_case_files,
+    check_checkpoints,
+    check_writable,
+    find_cases,
+    model_file_ending,
+)
 
 METRICS = ("Dice", "HD95")
 #: Marker order of the D²-Net table header.
@@ -40,6 +50,30 @@ def _dataset_folders(model: Path) -> tuple[Path, Path]:
     return Path(raw) / dataset, Path(preprocessed) / dataset if preprocessed else model
 
 
+def validation_cases(splits_file: Path, fold: int) -> list[str]:
+    """The ``val`` cases of one fold of nnU-Net's ``splits_final.json``.
+
+    Raises:
+        FileNotFoundError: no splits file.
+        ValueError: the fold is not in the file, or the file is not a list of {"train", "val"} objects
+            (the message names the file and the key).
+    """
+    if not splits_file.is_file():
+        raise FileNotFoundError(f"{splits_file} not found; set nnUNet_preprocessed to the folder used in training")
+    try:
+        splits = json.loads(splits_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{splits_file} is not valid JSON: {error}") from None
+    if not isinstance(splits, list):
+        raise ValueError(f"{splits_file} must hold a list of folds, got {type(splits).__name__}")
+    if not 0 <= fold < len(splits):
+        raise ValueError(f"fold {fold} is not in {splits_file}, which has folds 0-{len(splits) - 1}")
+    entry = splits[fold]
+    if not isinstance(entry, dict) or not isinstance(entry.get("val"), list):
+        raise ValueError(f"{splits_file}: fold {fold} has no 'val' list of cases")
+    return entry["val"]
+
+
 def evaluation_cases(model: Path, fold: int | str, split: str, file_ending: str) -> tuple[list[CaseInput], Path]:
     """The fold's validation cases (``val``) or ``imagesTs`` (``test``) with their label folder."""
     raw, preprocessed = _dataset_folders(model)
@@ -49,12 +83,9 @@ def evaluation_cases(model: Path, fold: int | str, split: str, file_ending: str)
         cases = find_cases(raw / "imagesTs", file_ending, availability_file=availability)
         labels = raw / "labelsTs"
     elif split == "val":
-        splits_file = preprocessed / "splits_final.json"
-        if not splits_file.is_file():
-            raise FileNotFoundError(f"{splits_file} not found; set nnUNet_preprocessed to the folder used in training")
         if fold == "all":
             raise ValueError("fold 'all' has no validation cases; use --split test")
-        validation = set(json.loads(splits_file.read_text())[int(fold)]["val"])
+        validation = set(validation_cases(preprocessed / "splits_final.json", int(fold)))
         cases = [c for c in find_cases(raw / "imagesTr", file_ending, availability_file=availability)
                  if c.identifier in validation]
         labels = raw / "labelsTr"
@@ -80,20 +111,32 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
 
     Returns:
         The output folder.
+
+    Raises:
+        ValueError: a fold outside the splits, a corrupt splits or availability file, or no case has the
+            modalities of any requested combination.
+        InputImageError: a case's image or label is truncated, has NaN/Inf voxels or mismatching geometry.
+        FileNotFoundError: a missing checkpoint, splits file or reference label.
     """
     model = Path(model)
-    predictor = MissingModalityPredictor(model, folds=[fold], checkpoint_name=checkpoint_name, device=device,
-                                         tile_step_size=tile_step_size, use_mirroring=use_mirroring)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     combinations = [tuple(sorted(c)) for c in (combinations or mods.all_combinations())]
-    cases, label_folder = evaluation_cases(model, fold, split, predictor.file_ending)
+    file_ending = model_file_ending(model)
+    cases, label_folder = evaluation_cases(model, fold, split, file_ending)
+    check_checkpoints(model, [fold], checkpoint_name)
     if case_filter is not None:
         cases = [c for c in cases if c.identifier in case_filter]
+    check_evaluation_inputs(cases, label_folder, file_ending, combinations)
     out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}"
+    check_writable(out)
+    predictor = MissingModalityPredictor(model, folds=[fold], checkpoint_name=checkpoint_name, device=device,
+                                         tile_step_size=tile_step_size, use_mirroring=use_mirroring)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         # read and preprocessed once; combinations needing a modality the case really lacks are skipped
-        image, properties = predictor.read_case(case)
+        image, properties = predictor.read_case(case, check=False)
         data, data_properties = predictor.preprocess(image, properties)
         reference, _ = predictor.reader.read_seg(str(label_folder / f"{case.identifier}{predictor.file_ending}"))
         spacing = properties["spacing"]
@@ -121,6 +164,27 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                     "checkpoint": checkpoint_name, "mirroring": use_mirroring})
     write_outputs(out, rows, summary, title=f"{model.name}, fold {fold}, {split} ({len(cases)} cases)")
     return out
+
+
+def check_evaluation_inputs(cases: Sequence[CaseInput], label_folder: Path, file_ending: str,
+                            combinations: Sequence[Sequence[int]]) -> None:
+    """Before any prediction: every image and reference label complete and finite, and something to score.
+
+    Raises:
+        FileNotFoundError: no case left to evaluate.
+        InputImageError: naming the case and the file.
+        ValueError: no case has all modalities of any requested combination (e.g. an availability file
+            that excludes them all).
+    """
+    if not cases:
+        raise FileNotFoundError("no cases to evaluate (is the case filter right?)")
+    for case in cases:
+        check_case_files(case)
+        check_image_file(label_folder / f"{case.identifier}{file_ending}", case.identifier)
+    if not any(set(c) <= set(case.available) for case in cases for c in combinations):
+        names = ", ".join(mods.combination_name(c) for c in combinations)
+        raise ValueError(f"no case has the modalities of any requested combination ({names}); check "
+                         f"--combinations and the cases' modality_availability.json")
 
 
 def summarise(rows: list[dict], combinations: Sequence[Sequence[int]]) -> dict:
@@ -193,9 +257,30 @@ def write_outputs(out: Path, rows: list[dict], summary: dict, title: str) -> Non
     heatmap(summary, out / "heatmap.png", title)
 
 
+class CombinationMismatchWarning(UserWarning):
+    """The compared runs were evaluated on different sets of modality combinations."""
+
+
+def combination_mismatch(labels: Sequence[str], summaries: Sequence[dict]) -> str | None:
+    """A sentence naming the runs whose combination sets differ and the combinations each lacks, or None."""
+    sets = [set(s["per_combination"]) for s in summaries]
+    union = set().union(*sets)
+    if all(found == union for found in sets):
+        return None
+    order = {mods.combination_name(c): i for i, c in enumerate(mods.all_combinations())}
+    lacking = [f"{label} lacks {', '.join(sorted(union - found, key=lambda n: order.get(n, len(order))))}"
+               for label, found in zip(labels, sets, strict=True) if found != union]
+    return (f"the runs were evaluated on different modality combinations ({'; '.join(lacking)}), so their "
+            f"averages are over different sets and not directly comparable")
+
+
 def compare(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, labels: Sequence[str] | None = None
             ) -> tuple[Path, Path]:
     """Side-by-side Markdown table and grouped bar chart of several ``evaluate-missing`` outputs.
+
+    Runs evaluated on different sets of combinations average over different things: a
+    :class:`CombinationMismatchWarning` names the runs and the combinations each lacks, and the
+    Markdown marks every row with its number of combinations and repeats the warning below the table.
 
     Returns:
         The Markdown file and the PNG.
@@ -212,17 +297,26 @@ def compare(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, la
             raise FileNotFoundError(f"{file} not found; pass folders written by evaluate-missing")
         summaries.append(json.loads(file.read_text()))
     labels = list(labels) if labels else [Path(s["model"]).name.split("__")[0] for s in summaries]
+    if len(labels) != len(summaries):
+        raise ValueError(f"{len(labels)} labels for {len(summaries)} runs")
+    mismatch = combination_mismatch(labels, summaries)
+    if mismatch:
+        warnings.warn(mismatch, CombinationMismatchWarning, stacklevel=2)
     regions = list(mods.REGIONS)
     header = "| run | " + " | ".join(f"{r} Dice" for r in regions) + " | " + " | ".join(f"{r} HD95" for r in regions)
     lines = [header + " |", "|---|" + "---|" * (2 * len(regions))]
+    every = set().union(*(s["per_combination"] for s in summaries))
     for label, s in zip(labels, summaries, strict=True):
         dice = " | ".join(f"{100 * s['average'][f'{r}_Dice']:.2f}" for r in regions)
         hd = " | ".join(f"{s['average'][f'{r}_HD95']:.2f}" for r in regions)
-        lines.append(f"| {label} | {dice} | {hd} |")
+        marker = f" † ({len(s['per_combination'])} of {len(every)} combinations)" if mismatch else ""
+        lines.append(f"| {label}{marker} | {dice} | {hd} |")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "comparison.md"
-    markdown.write_text("Average over the modality combinations (Dice in %, HD95 in mm)\n\n" + "\n".join(lines) + "\n")
+    note = f"\n† **Warning:** {mismatch}\n" if mismatch else ""
+    markdown.write_text("Average over the modality combinations (Dice in %, HD95 in mm)\n\n" + "\n".join(lines)
+                        + "\n" + note)
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(regions), 3.6))
     width = 0.8 / len(summaries)
     for k, (label, s) in enumerate(zip(labels, summaries, strict=True)):

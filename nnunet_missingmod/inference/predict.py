@@ -9,6 +9,11 @@ gives for the same case with zero-filled files.
 
 Which modalities a case has comes, in this order, from ``--available`` (one list for all cases),
 from a ``modality_availability.json`` (per case), or from the channel files present in the input folder.
+
+Everything is checked before the model is loaded or anything is written: the output folder must be
+writable and must not be the input folder or inside it, every image a case uses must be complete and finite
+(:func:`~nnunet_missingmod.data.nifti.check_image_file`) and share one geometry, and the checkpoints
+must exist.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
-from nnunet_missingmod.data.nifti import InputImageError, geometry_mismatch, read_geometry
-from nnunet_missingmod.data.raw_dataset import find_dataset_folder
+from nnunet_missingmod.data.nifti import InputImageError, check_image_file, geometry_mismatch, read_geometry
+from nnunet_missingmod.data.raw_dataset import find_dataset_folder, read_availability
 from nnunet_missingmod.ext import register
 
 
@@ -58,10 +63,14 @@ def find_cases(input_folder: str | os.PathLike, file_ending: str = ".nii.gz",
     """List the cases of a folder of ``<case>_XXXX<file_ending>`` files and decide their available modalities.
 
     Raises:
-        InputImageError: a file name with a channel index outside 0-3, a case without any usable modality,
-            or a modality named in ``available`` whose file is missing.
+        InputImageError: the input is not a folder, a file name with a channel index outside 0-3, a case
+            without any usable modality, or a modality named in ``available`` whose file is missing.
+        ValueError: an availability file that is not valid (the message names the file and the key).
     """
     folder = Path(input_folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file, not a folder"
+        raise InputImageError(f"input {folder} {what}; expected a folder of <case>_XXXX{file_ending} files")
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
     files: dict[str, dict[int, Path]] = {}
     for file in sorted(folder.iterdir()):
@@ -74,9 +83,7 @@ def find_cases(input_folder: str | os.PathLike, file_ending: str = ".nii.gz",
             files.setdefault(match.group(1), {})[channel] = file
     if not files:
         raise InputImageError(f"{folder} holds no files named <case>_XXXX{file_ending}")
-    per_case = None
-    if availability_file is not None:
-        per_case = json.loads(Path(availability_file).read_text())["cases"]
+    per_case = read_availability(availability_file) if availability_file is not None else None
     cases = []
     for identifier, channel_files in files.items():
         if available is not None:
@@ -86,8 +93,7 @@ def find_cases(input_folder: str | os.PathLike, file_ending: str = ".nii.gz",
                 raise InputImageError(f"case {identifier}: --available names {missing_files} but there is no file "
                                       f"for {'it' if len(missing_files) == 1 else 'them'} in {folder}")
         elif per_case is not None and identifier in per_case:
-            wanted = tuple(sorted(c for c in (mods.modality_index(m) for m in per_case[identifier])
-                                  if c in channel_files))
+            wanted = tuple(c for c in per_case[identifier] if c in channel_files)
         else:
             wanted = tuple(sorted(channel_files))
         if not wanted:
@@ -100,11 +106,90 @@ def find_cases(input_folder: str | os.PathLike, file_ending: str = ".nii.gz",
 def check_case_geometry(case: CaseInput) -> None:
     """All channel files of a case must share shape, spacing, origin and direction."""
     files = [case.files[c] for c in sorted(case.files)]
-    reference = read_geometry(files[0])
+    reference = _geometry(case, files[0])
     for file in files[1:]:
-        problem = geometry_mismatch(reference, read_geometry(file))
+        problem = geometry_mismatch(reference, _geometry(case, file))
         if problem:
             raise InputImageError(f"case {case.identifier}: {file.name} and {files[0].name} differ in {problem}")
+
+
+def _geometry(case: CaseInput, file: Path) -> tuple:
+    try:
+        return read_geometry(file)
+    except InputImageError as error:
+        raise InputImageError(f"case {case.identifier}: {error}") from None
+
+
+def check_case_files(case: CaseInput) -> None:
+    """Geometry of all channel files, and every file the case uses complete and free of NaN/Inf voxels.
+
+    Raises:
+        InputImageError: naming the case and the file.
+    """
+    check_case_geometry(case)
+    for channel in case.available:
+        check_image_file(case.files[channel], case.identifier)
+
+
+def check_output_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLike) -> None:
+    """Refuse an output folder equal to the input folder or inside it (symbolic links resolved).
+
+    Segmentations written among the inputs would be read as images by the next run.
+
+    Raises:
+        ValueError: the output folder is the input folder or lies inside it.
+    """
+    source, target = Path(input_folder).resolve(), Path(output_folder).resolve()
+    if target == source or source in target.parents:
+        where = "is" if target == source else "lies inside"
+        raise ValueError(f"output folder {output_folder} {where} the input folder {input_folder}; segmentations "
+                         f"written there would be read as images by the next run, choose another -o")
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done.
+
+    Raises:
+        PermissionError: the folder, or the nearest existing folder above it, is not writable.
+        NotADirectoryError: a file stands where the folder (or a folder above it) should be.
+    """
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {folder}: {existing} is not writable")
+
+
+def check_checkpoints(model_folder: str | os.PathLike, folds: Sequence[int | str] | None,
+                      checkpoint_name: str) -> None:
+    """Every requested fold (or, with ``folds`` None, at least one fold) has ``checkpoint_name``.
+
+    Raises:
+        FileNotFoundError: naming the missing files and the checkpoints that do exist.
+    """
+    model = Path(model_folder)
+    if folds is None:
+        found = [p for p in model.glob("fold_*") if p.name != "fold_all" and (p / checkpoint_name).is_file()]
+        missing = [] if found else [str(model / "fold_*" / checkpoint_name)]
+    else:
+        missing = [str(model / f"fold_{f}" / checkpoint_name) for f in folds
+                   if not (model / f"fold_{f}" / checkpoint_name).is_file()]
+    if missing:
+        existing = sorted(str(p.relative_to(model)) for p in model.glob("fold_*/*.pth"))
+        raise FileNotFoundError(f"checkpoint not found: {', '.join(missing)}; checkpoints in {model}: "
+                                f"{existing or 'none'}")
+
+
+def model_file_ending(model_folder: str | os.PathLike) -> str:
+    """``file_ending`` of a trained model's ``dataset.json`` (read without loading the model)."""
+    file = Path(model_folder) / "dataset.json"
+    try:
+        return json.loads(file.read_text())["file_ending"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file} not found; is {model_folder} a trained nnU-Net model folder?") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{file} is not a valid dataset.json (key 'file_ending': {error})") from None
 
 
 class MissingModalityPredictor:
@@ -126,6 +211,7 @@ class MissingModalityPredictor:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         register()  # our trainers must be found by name when nnU-Net restores the network
+        check_checkpoints(model_folder, folds, checkpoint_name)
         device = torch.device(device)
         self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                          perform_everything_on_device=device.type == "cuda", device=device,
@@ -138,12 +224,18 @@ class MissingModalityPredictor:
     def file_ending(self) -> str:
         return self.predictor.dataset_json["file_ending"]
 
-    def read_case(self, case: CaseInput) -> tuple[np.ndarray, dict]:
-        """Read the present channels (nnU-Net's reader and axis order) and zero-fill the missing ones."""
-        check_case_geometry(case)
+    def read_case(self, case: CaseInput, *, check: bool = True) -> tuple[np.ndarray, dict]:
+        """Read the present channels (nnU-Net's reader and axis order) and zero-fill the missing ones.
+
+        ``check`` runs :func:`check_case_files` first (skip it only for a case already checked).
+        """
+        if check:
+            check_case_files(case)
         arrays, properties = {}, None
         for channel in case.available:
             array, props = self.reader.read_images([str(case.files[channel])])
+            if not np.isfinite(array).all():  # also for formats check_image_file does not scan
+                raise InputImageError(f"case {case.identifier}: {case.files[channel]} has NaN/Inf voxels")
             arrays[channel], properties = array[0], props
         shape = next(iter(arrays.values())).shape
         image = np.zeros((mods.NUM_MODALITIES, *shape), dtype=np.float32)
@@ -248,24 +340,33 @@ def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.Path
                    progress: bool = True) -> list[str]:
     """Predict every case of ``input_folder`` with the modalities it has (see the module docstring).
 
-    All cases are checked (names, availability, geometry) before anything is written.
+    All cases are checked (output folder, names, availability, geometry, complete and finite images,
+    checkpoints) before the model is loaded and anything is written.
 
     Returns:
         The identifiers of the predicted cases (this part's share when ``num_parts`` > 1).
+
+    Raises:
+        ValueError: invalid parts, or the output folder is the input folder or inside it.
+        InputImageError: a case cannot be used (the message names the case and the file).
+        FileNotFoundError: a checkpoint is missing.
     """
-    assert 0 <= part_id < num_parts, f"part_id must be in [0, {num_parts}), got {part_id}"
-    predictor = MissingModalityPredictor(model, folds=folds, checkpoint_name=checkpoint_name, device=device,
-                                         tile_step_size=tile_step_size, use_mirroring=use_mirroring)
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts=}, {part_id=}")
+    check_output_folder(input_folder, output_folder)
+    check_writable(output_folder)
     if availability_file is None and (Path(input_folder).parent / "modality_availability.json").is_file():
         availability_file = Path(input_folder).parent / "modality_availability.json"
-    cases = find_cases(input_folder, predictor.file_ending, available, availability_file)[part_id::num_parts]
+    cases = find_cases(input_folder, model_file_ending(model), available, availability_file)[part_id::num_parts]
     for case in cases:
-        check_case_geometry(case)
+        check_case_files(case)
+    predictor = MissingModalityPredictor(model, folds=folds, checkpoint_name=checkpoint_name, device=device,
+                                         tile_step_size=tile_step_size, use_mirroring=use_mirroring)
     output = Path(output_folder)
     output.mkdir(parents=True, exist_ok=True)
     used = {}
     for case in tqdm(cases, desc="predicting", unit="case", disable=not progress):
-        image, properties = predictor.read_case(case)
+        image, properties = predictor.read_case(case, check=False)
         data, data_properties = predictor.preprocess(image, properties)
         logits = predictor.predict_logits(data, case.available)
         predictor.export(logits, data_properties, str(output / case.identifier), save_probabilities)

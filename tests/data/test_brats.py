@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.data.brats import LAYOUTS, BratsConversionError, convert_brats, write_brats_case
+from nnunet_missingmod.data.nifti import OverwriteRefusedError, write_nifti
 from nnunet_missingmod.data.phantom import generate_case
 from tests.conftest import FAST_CONFIG
 
@@ -116,6 +117,13 @@ def _garbage(path):
     path.write_bytes(gzip.compress(b"this is not a nifti file" * 20))
 
 
+def _with_non_finite(path):
+    image = nib.load(path)
+    array = np.asanyarray(image.dataobj).astype(np.float32)
+    array[5, 6, 7], array[-1, -1, -1] = np.nan, -np.inf
+    write_nifti(path, array, image.affine)
+
+
 @pytest.mark.parametrize("target, damage, message", [
     ("t2", lambda p: _modify(p, _with_spacing), "spacing"),
     ("flair", lambda p: _modify(p, _with_origin), "origin"),
@@ -125,6 +133,8 @@ def _garbage(path):
     ("seg", lambda p: _modify(p, _with_label_5), "label values [5]"),
     ("t2", _truncate, "truncated"),
     ("flair", _garbage, "cannot read"),
+    ("t1ce", _with_non_finite, "has 2 NaN/Inf voxel(s)"),
+    ("seg", _with_non_finite, "has 2 NaN/Inf voxel(s)"),
 ])
 def test_bad_case_gives_clear_error_and_writes_nothing(tmp_path, target, damage, message):
     src, raw = tmp_path / "src", tmp_path / "raw"
@@ -180,6 +190,123 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     _modify(src / "BraTS2021_00003" / "BraTS2021_00003_flair.nii.gz", _with_origin)
     code = main(["convert-brats", str(src), "--dataset-id", "988", "--name", "Cli", "--raw", str(tmp_path / "raw")])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "convert-brats: error: case BraTS2021_00003: BraTS2021_00003_flair.nii.gz has origin" in err
+    assert not (tmp_path / "raw").exists()
+
+
+def _nested_case(src):
+    _write_case(src / "HGG", "BraTS2021_00011")
+    return src / "HGG"
+
+
+def _empty_case(src):
+    (src / "BraTS2021_00012").mkdir()
+    return src / "BraTS2021_00012"
+
+
+def _loose_file(src):
+    shutil.copy(src / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz", src / "BraTS2021_00013_t1.nii.gz")
+    return src / "BraTS2021_00013_t1.nii.gz"
+
+
+def _non_nifti_case(src):
+    (src / "BraTS2021_00014").mkdir()
+    for name in ("BraTS2021_00014_t1.mha", "BraTS2021_00014_t2.nrrd"):
+        (src / "BraTS2021_00014" / name).write_bytes(b"...")
+    return src / "BraTS2021_00014"
+
+
+def _broken_sequence_link(src):
+    link = src / "BraTS2021_00001" / "BraTS2021_00001_t2.nii.gz"
+    link.unlink(missing_ok=True)
+    link.symlink_to(src / "gone" / "t2.nii.gz")
+    return link
+
+
+def _broken_case_link(src):
+    (src / "BraTS2021_00015").symlink_to(src / "moved_away")
+    return src / "BraTS2021_00015"
+
+
+UNRECOGNISED = {"nested case": (_nested_case, "holds only folders"), "empty case": (_empty_case, "empty folder"),
+                "loose file": (_loose_file, "a NIfTI file loose in the source folder"),
+                "no NIfTI": (_non_nifti_case, "no .nii/.nii.gz file"),
+                "broken sequence link": (_broken_sequence_link, "broken symbolic link"),
+                "broken case link": (_broken_case_link, "broken symbolic link")}
+
+
+@pytest.mark.parametrize("kind", list(UNRECOGNISED))
+def test_entries_that_are_not_cases_stop_the_conversion(tmp_path, kind):
+    """Each of these was silently dropped (or, for a broken link, taken as a missing sequence)."""
+    src, raw = tmp_path / "src", tmp_path / "raw"
+    _write_case(src, "BraTS2021_00001")
+    make, reason = UNRECOGNISED[kind]
+    offending = make(src)
+    with pytest.raises(BratsConversionError) as error:
+        convert_brats(src, 989, "Unrecognised", raw_folder=raw, progress=False)
+    assert f"{offending} ({reason}" in str(error.value), str(error.value)
+    assert "1 entry is not a BraTS case folder" in str(error.value)
+    assert not raw.exists()
+
+
+def test_every_offending_entry_is_listed_and_harmless_extras_are_ignored(tmp_path):
+    src, raw = tmp_path / "src", tmp_path / "raw"
+    _write_case(src, "BraTS2021_00001", present=(0, 3))
+    (src / "name_mapping.csv").write_text("BraTS2021_00001,...\n")  # BraTS ships such tables beside the cases
+    (src / ".DS_Store").write_bytes(b"\0")
+    (src / "BraTS2021_00001" / ".DS_Store").write_bytes(b"\0")
+    out = convert_brats(src, 990, "Extras", raw_folder=raw, progress=False)
+    assert json.loads((out / "modality_availability.json").read_text())["cases"] == {"BraTS2021_00001": ["t1", "flair"]}
+    offending = [make(src) for make, _ in UNRECOGNISED.values()]
+    with pytest.raises(BratsConversionError) as error:
+        convert_brats(src, 991, "All", raw_folder=raw, progress=False)
+    text = str(error.value)
+    assert f"{len(offending)} entries are not a BraTS case folder" in text
+    assert all(str(path) in text for path in offending), text
+    assert sorted(p.name for p in raw.iterdir()) == [out.name]
+
+
+def test_sequence_in_another_format_is_not_taken_as_missing(tmp_path):
+    src = tmp_path / "src"
+    _write_case(src, "BraTS2021_00001", present=(0, 1, 3))
+    image = sitk.ReadImage(str(src / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz"))
+    sitk.WriteImage(image, str(src / "BraTS2021_00001" / "BraTS2021_00001_t2.mha"))
+    with pytest.raises(BratsConversionError, match=r"case BraTS2021_00001: \['BraTS2021_00001_t2.mha'\] named like "
+                                                   r"BraTS sequences but not .nii/.nii.gz"):
+        convert_brats(src, 992, "Mha", raw_folder=tmp_path / "raw", progress=False)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_overwrite_refuses_a_dataset_this_package_did_not_write(tmp_path, capsys):
+    from nnunet_missingmod.cli import main
+
+    src, raw = tmp_path / "src", tmp_path / "raw"
+    _write_case(src, "BraTS2021_00001")
+    foreign = raw / "Dataset993_Foreign"
+    (foreign / "imagesTr").mkdir(parents=True)
+    (foreign / "imagesTr" / "case_0000.nii.gz").write_bytes(b"someone's data")
+    (foreign / "dataset.json").write_text(json.dumps({"name": "Foreign", "channel_names": {"0": "CT"}}))
+    code = main(["convert-brats", str(src), "--dataset-id", "993", "--name", "Foreign", "--raw", str(raw),
+                 "--overwrite", "-np", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"nnunet_missingmod convert-brats: error: refusing to overwrite {foreign}: "
+                                        f"its dataset.json has no converted_by"), err
+    assert (foreign / "imagesTr" / "case_0000.nii.gz").read_bytes() == b"someone's data"
+    assert sorted(p.name for p in raw.iterdir()) == [foreign.name]
+    with pytest.raises(OverwriteRefusedError):
+        convert_brats(src, 993, "Foreign", raw_folder=raw, overwrite=True, progress=False)
+
+
+def test_zero_processes_is_an_error(tmp_path, capsys):
+    from nnunet_missingmod.cli import main
+
+    src = tmp_path / "src"
+    _write_case(src, "BraTS2021_00001")
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert-brats", str(src), "--dataset-id", "994", "--name", "Np", "--raw", str(tmp_path / "raw"),
+              "-np", "0"])
+    assert exit_.value.code == 2 and "-np/--num-processes: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        convert_brats(src, 994, "Np", raw_folder=tmp_path / "raw", num_processes=0, progress=False)
     assert not (tmp_path / "raw").exists()

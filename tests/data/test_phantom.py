@@ -9,6 +9,7 @@ import pytest
 from scipy import ndimage
 
 from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.data.nifti import OverwriteRefusedError
 from nnunet_missingmod.data.phantom import PhantomConfig, generate_case, make_phantom_dataset
 from tests.conftest import FAST_CONFIG
 
@@ -156,3 +157,98 @@ def test_cli_writes_dataset_and_preview(tmp_path):
     assert code == 0
     assert (tmp_path / "raw" / "Dataset974_BraTSPhantom" / "imagesTs" / "Phantom_0001_0003.nii.gz").is_file()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def _all_files(folder):
+    """Every file under ``folder`` with its bytes (the state that must survive a refused --overwrite)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_brats_layout_overwrite_never_deletes_the_raw_folder(tmp_path, capsys):
+    """``phantom --brats-layout $nnUNet_raw --overwrite`` once deleted every dataset in nnUNet_raw."""
+    from nnunet_missingmod.cli import main
+
+    raw = tmp_path / "raw"
+    make_phantom_dataset(973, num_cases=1, num_test=0, config=FAST_CONFIG, raw_folder=raw, progress=False)
+    (raw / "Dataset500_Other").mkdir()
+    (raw / "Dataset500_Other" / "dataset.json").write_text("{}")
+    before = _all_files(raw)
+    code = main(["phantom", "--dataset-id", "975", "--num-cases", "1", "--num-test", "0", "--spacing", "4",
+                 "--raw", str(raw), "--brats-layout", str(raw), "--overwrite", "-np", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"nnunet_missingmod phantom: error: refusing to overwrite {raw}: it has no "
+                          f"sequences_present.json") and "nothing was removed" in err and err.count("\n") == 1
+    assert _all_files(raw) == before
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset500_Other", "Dataset973_BraTSPhantom"]
+
+
+def test_brats_layout_overwrite_replaces_only_its_own_layout(tmp_path):
+    kwargs = dict(num_cases=1, num_test=0, config=FAST_CONFIG, raw_folder=tmp_path / "raw", progress=False,
+                  brats_layout=tmp_path / "brats", missing_rate=0.0)
+    make_phantom_dataset(976, seed=0, **kwargs)
+    first = _all_files(tmp_path / "brats")
+    assert sorted(first) == ["BraTS-PHANTOM-00000/BraTS-PHANTOM-00000_" + s + ".nii.gz"
+                             for s in ("flair", "seg", "t1", "t1ce", "t2")] + ["sequences_present.json"]
+    make_phantom_dataset(976, seed=1, overwrite=True, **kwargs)  # its own layout: replaced
+    second = _all_files(tmp_path / "brats")
+    assert sorted(second) == sorted(first) and second != first
+    # foreign content inside an otherwise recognised layout: refused, nothing removed
+    (tmp_path / "brats" / "notes.txt").write_text("mine")
+    before = _all_files(tmp_path / "brats"), _all_files(tmp_path / "raw")
+    with pytest.raises(OverwriteRefusedError, match=r"brats: it also holds \['notes.txt'\]"):
+        make_phantom_dataset(976, seed=2, overwrite=True, **kwargs)
+    assert (_all_files(tmp_path / "brats"), _all_files(tmp_path / "raw")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "raw"]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset976_BraTSPhantom"]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: (d / "dataset.json").write_text(json.dumps({"name": "x"})), "its dataset.json has no converted_by"),
+    (lambda d: (d / "dataset.json").write_text(json.dumps({"converted_by": "someone else"})),
+     "its dataset.json says converted_by 'someone else', not nnunet_missingmod"),
+    (lambda d: (d / "dataset.json").write_text("{not json"), "its dataset.json cannot be read"),
+    (lambda d: (d / "dataset.json").unlink(), "it has no dataset.json"),
+    (lambda d: (d / "my_notes.txt").write_text("keep"), r"it also holds \['my_notes.txt'\]"),
+])
+def test_dataset_overwrite_only_replaces_a_dataset_this_package_wrote(tmp_path, damage, reason):
+    kwargs = dict(num_cases=1, num_test=0, config=FAST_CONFIG, raw_folder=tmp_path, progress=False)
+    folder = make_phantom_dataset(977, seed=0, **kwargs)
+    damage(folder)
+    before = _all_files(folder)
+    with pytest.raises(OverwriteRefusedError, match=f"refusing to overwrite {folder}: {reason}"):
+        make_phantom_dataset(977, seed=1, overwrite=True, **kwargs)
+    assert _all_files(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_brats_layout_must_be_separate_from_the_dataset(tmp_path):
+    raw = tmp_path / "work" / "raw"
+    dataset = raw / "Dataset978_BraTSPhantom"
+    for brats in (dataset, dataset / "brats", raw / ".." / "..", tmp_path / "work"):
+        with pytest.raises(ValueError, match="must be separate folders"):
+            make_phantom_dataset(978, num_cases=1, num_test=0, config=FAST_CONFIG, raw_folder=raw,
+                                 brats_layout=brats, overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("-np", "0", "argument -np/--num-processes: must be at least 1, got 0"),
+    ("-np", "-3", "argument -np/--num-processes: must be at least 1, got -3"),
+    ("--spacing", "0.1", "spacing must be between 0.5 and 6 mm, got 0.1"),
+    ("--missing-rate", "1.5", "missing rate must be between 0 and 1, got 1.5"),
+])
+def test_invalid_options_are_one_line_errors(tmp_path, capsys, option, value, message):
+    from nnunet_missingmod.cli import main
+
+    argv = ["phantom", "--dataset-id", "979", "--num-cases", "1", "--num-test", "0", "--raw", str(tmp_path / "raw"),
+            "--brats-layout", str(tmp_path / "brats"), option, value]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "brats").exists()
+    with pytest.raises(ValueError, match="at least 1"):
+        make_phantom_dataset(979, num_cases=1, raw_folder=tmp_path / "raw", num_processes=0, progress=False)

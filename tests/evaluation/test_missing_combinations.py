@@ -11,7 +11,7 @@ from medpy.metric import binary as medpy_binary
 
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.cli import main
-from nnunet_missingmod.evaluation.missing_combinations import compare, evaluate_missing
+from nnunet_missingmod.evaluation.missing_combinations import CombinationMismatchWarning, compare, evaluate_missing
 from nnunet_missingmod.inference.predict import predict_folder
 from tests.conftest import E2E_NAME
 
@@ -96,9 +96,11 @@ def test_validation_split_cli_and_compare(evaluated, tmp_path, monkeypatch, caps
     assert sorted({r["case"] for r in rows}) == sorted(splits[0]["val"])
     assert sorted({r["combination"] for r in rows}) == ["flair", "t1+t1ce+t2+flair"]
     assert "Dice (%) per modality combination" in capsys.readouterr().out
-    markdown, png = compare([test_out, tmp_path / "val"], tmp_path / "cmp", labels=["test", "val"])
+    with pytest.warns(CombinationMismatchWarning, match="val lacks t1, t1ce, t2, t1[+]t1ce"):  # 2 of the 15 here
+        markdown, png = compare([test_out, tmp_path / "val"], tmp_path / "cmp", labels=["test", "val"])
     lines = markdown.read_text().splitlines()
-    assert lines[2].startswith("| run | WT Dice") and lines[4].startswith("| test |") and lines[5].startswith("| val |")
+    assert lines[2].startswith("| run | WT Dice") and lines[4].startswith("| test † (15 of 15 combinations) |")
+    assert lines[5].startswith("| val † (2 of 15 combinations) |") and lines[-1].startswith("† **Warning:**")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
