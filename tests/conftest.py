@@ -91,3 +91,84 @@ def make_trainer(work: Path, monkeypatch, trainer_class: type, dataset_json: dic
     if dataset_json is None:
         dataset_json = json.loads((work / "nnUNet_preprocessed" / E2E_NAME / "dataset.json").read_text())
     return trainer_class(plans, "3d_cpu", 0, dataset_json, torch.device("cpu"))
+
+
+#: ``network_class_name`` of nnU-Net's two U-Net families (the ResEnc presets write the second).
+PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+
+
+def tiny_plans(network_class_name: str = PLAIN_UNET, *, patch_size=(16, 16, 16),
+               features_per_stage=(4, 8, 16), batch_size: int = 2) -> dict:
+    """A hand-written nnU-Net plans dict (configuration ``3d_tiny``) with a tiny network: no planning needed.
+
+    ``network_class_name`` picks the plain U-Net or the residual-encoder U-Net of nnU-Net's ResEnc presets
+    (``n_blocks_per_stage`` instead of ``n_conv_per_stage``).
+    """
+    from nnunet_missingmod import modalities as mods
+
+    stages = len(features_per_stage)
+    dims = len(patch_size)
+    arch_kwargs = {
+        "n_stages": stages, "features_per_stage": list(features_per_stage),
+        "conv_op": "torch.nn.modules.conv.Conv3d" if dims == 3 else "torch.nn.modules.conv.Conv2d",
+        "kernel_sizes": [[3] * dims] * stages, "strides": [[1] * dims] + [[2] * dims] * (stages - 1),
+        "n_conv_per_stage_decoder": [1] * (stages - 1), "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d" if dims == 3 else
+                   "torch.nn.modules.instancenorm.InstanceNorm2d",
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    }
+    if network_class_name.endswith("ResidualEncoderUNet"):
+        arch_kwargs["n_blocks_per_stage"] = [1] + [2] * (stages - 1)
+    else:
+        arch_kwargs["n_conv_per_stage"] = [1] * stages
+    configuration = {
+        "data_identifier": "nnUNetPlans_3d_tiny", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size, "patch_size": list(patch_size), "median_image_size_in_voxels": [32] * dims,
+        "spacing": [1.0] * dims, "normalization_schemes": ["ZScoreNormalization"] * mods.NUM_MODALITIES,
+        "use_mask_for_norm": [True] * mods.NUM_MODALITIES,
+        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "architecture": {"network_class_name": network_class_name, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": False,
+    }
+    return {
+        "dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [1.0] * dims, "original_median_shape_after_transp": [32] * dims,
+        "image_reader_writer": "SimpleITKIO", "transpose_forward": list(range(dims)),
+        "transpose_backward": list(range(dims)), "configurations": {"3d_tiny": configuration},
+        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {},
+    }
+
+
+def tiny_dataset_json() -> dict:
+    """``dataset.json`` of a BraTS-like dataset (4 channels, region-based labels) for :func:`tiny_plans`."""
+    from nnunet_missingmod import modalities as mods
+
+    return {"channel_names": dict(mods.CHANNEL_NAMES), "labels": dict(mods.DATASET_LABELS),
+            "regions_class_order": list(mods.REGIONS_CLASS_ORDER), "numTraining": 2, "file_ending": ".nii.gz"}
+
+
+def make_tiny_trainer(trainer_class: type, tmp_path: Path, monkeypatch, network_class_name: str = PLAIN_UNET,
+                      **plans_kwargs):
+    """A CPU trainer on :func:`tiny_plans`, ready for ``initialize()`` (no data: transforms, networks and steps).
+
+    The preprocessed folder holds one empty ``.b2nd`` file, only so that ``initialize`` can infer nnU-Net's
+    dataset class; nothing reads it unless the data loaders are started.
+    """
+    import torch
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    data_folder = tmp_path / "preprocessed" / "Dataset999_Tiny" / "nnUNetPlans_3d_tiny"
+    data_folder.mkdir(parents=True, exist_ok=True)
+    (data_folder / "placeholder.b2nd").touch()
+    plans = tiny_plans(network_class_name, **plans_kwargs)
+    plans["continue_training"] = False  # nnU-Net's trainer pops it (run_training inserts it)
+    return trainer_class(plans, "3d_tiny", 0, tiny_dataset_json(), torch.device("cpu"))

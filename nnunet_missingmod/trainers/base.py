@@ -7,6 +7,17 @@ device)``, so hyper-parameters come from ``trainer_configs/<TrainerName>.json`` 
 mirroring axes in the checkpoint, so nnU-Net's final validation and ``nnUNetv2_predict`` run without
 mirroring test-time augmentation (8x fewer forward passes in 3D; used by the CPU demo). The other
 sections belong to the subclasses.
+
+Missing modalities stay missing in training, for every trainer of the package: the training transforms
+record which channels a sample has before nnU-Net's augmentation and zero the others again at the end
+(:mod:`nnunet_missingmod.transforms.missing_modalities`), so noise or brightness changes never turn a
+sequence that the case lacks into a "present" one.
+
+DDP: nnU-Net wraps the network in ``DistributedDataParallel(find_unused_parameters=False)``, which fails
+(at the next step) when a parameter gets no gradient, as in ablations that switch a term off or batches in
+which a term has nothing to compare. :class:`MultiTermLossTrainer` therefore adds ``0 * sum(p)`` over all
+parameters to the total under DDP, so every parameter takes part in every backward pass (see
+:meth:`MultiTermLossTrainer.loss_for_backward` for why this rather than ``find_unused_parameters=True``).
 """
 
 from __future__ import annotations
@@ -16,11 +27,14 @@ from os.path import join
 
 import numpy as np
 import torch
+from batchgeneratorsv2.helpers.scalar_type import RandomScalar
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_missingmod.config import load_trainer_config
+from nnunet_missingmod.transforms.missing_modalities import RecordAvailabilityTransform, ZeroMissingModalitiesTransform
 from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
 
 CONFIG_FILE_NAME = "trainer_config.json"
@@ -49,6 +63,30 @@ class MissingModTrainerBase(nnUNetTrainer):
             self.inference_allowed_mirroring_axes = None  # saved in the checkpoint; the predictor then never mirrors
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
+    @property
+    def num_modalities(self) -> int:
+        """Number of modality channels (``dataset.json``'s ``channel_names``; a cascade adds its own after them)."""
+        return len(self.dataset_json["channel_names"])
+
+    # nnU-Net declares this hook static; it is only ever called on the trainer instance, and the number of
+    # modalities (and the subclasses' dropout settings) are per instance, so it is an instance method here.
+    def get_training_transforms(self, patch_size: np.ndarray | tuple[int, ...], rotation_for_DA: RandomScalar,
+                                deep_supervision_scales: list | tuple | None, mirror_axes: tuple[int, ...],
+                                do_dummy_2d_data_aug: bool, use_mask_for_norm: list[bool] | None = None,
+                                is_cascaded: bool = False, foreground_labels: list[int] | tuple[int, ...] | None = None,
+                                regions: list | None = None, ignore_label: int | None = None) -> BasicTransform:
+        """nnU-Net's training transforms between recording availability (first) and re-zeroing missing channels.
+
+        Subclasses may append transforms that only zero channels (modality dropout) after the re-zeroing.
+        """
+        transforms = nnUNetTrainer.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        transforms.transforms.insert(0, RecordAvailabilityTransform(num_modalities=self.num_modalities))
+        transforms.transforms.append(ZeroMissingModalitiesTransform(num_modalities=self.num_modalities))
+        return transforms
+
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.local_rank == 0:
@@ -73,12 +111,36 @@ class MultiTermLossTrainer(MissingModTrainerBase):
     loss_terms: tuple[str, ...] = ()
 
     def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) kept mask."""
+        """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) available mask.
+
+        ``available = kept AND acquired``: a channel that is exactly zero in the batch (a sequence the case
+        does not have; the training transforms re-zero those after augmentation) is never available, so it
+        is never an anchor, a target or a fused modality. Every sample keeps at least one acquired modality.
+        """
         return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
 
     def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
                        ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def loss_for_backward(self, total: torch.Tensor) -> torch.Tensor:
+        """The total loss, plus ``0 * sum(p)`` over every trainable parameter when training with DDP.
+
+        nnU-Net wraps the network in ``DistributedDataParallel`` with ``find_unused_parameters=False``: every
+        parameter must receive a gradient in every backward pass, or the next step fails ("Expected to have
+        finished reduction in the prior iteration"). Ablations that switch a term off, and batches in which a
+        term has nothing to compare, leave some parameters without one. The zero-weighted sum gives each of
+        them an exact zero gradient (what DDP itself all-reduces for unused parameters), whatever a loss
+        function skips. ``find_unused_parameters=True`` was not chosen: it would need nnU-Net's wrapping
+        replaced, costs a graph traversal every step, and breaks modules that a loss calls outside the
+        DDP-wrapped forward (D²-Net's KD projections): DDP marks them unused after the forward and then sees
+        their gradients arrive in the backward. Without DDP nothing is added, so an unused parameter keeps
+        ``grad=None`` and tests can see it.
+        """
+        if not self.is_ddp:
+            return total
+        anchor = sum(p.sum() for p in self.network.parameters() if p.requires_grad)
+        return total + 0.0 * anchor
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -88,14 +150,15 @@ class MultiTermLossTrainer(MissingModTrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             losses = self.compute_losses(data, target)
+        total = self.loss_for_backward(losses["total"])
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(losses["total"]).backward()
+            self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            losses["total"].backward()
+            total.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         return {"loss": losses["total"].detach().cpu().numpy(),

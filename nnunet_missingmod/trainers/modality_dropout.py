@@ -7,8 +7,10 @@ from any non-empty subset. Settings: ``trainer_configs/ModalityDropoutTrainer.js
 :mod:`nnunet_missingmod.transforms.modality_dropout`).
 
 Only the training transforms change: the dropout is appended after all of nnU-Net's augmentations
-(so no noise or brightness change reaches a dropped channel). Validation during training and
-inference see the complete input; evaluate missing modalities with ``nnunet_missingmod evaluate-missing``.
+and after the base class has zeroed the sequences a case lacks (so no noise or brightness change reaches
+a dropped or missing channel); it keeps at least one modality that the sample really has. Validation
+during training and inference see the complete input; evaluate missing modalities with
+``nnunet_missingmod evaluate-missing``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
 
     def modality_dropout_transform(self) -> ModalityDropoutTransform:
         settings = self.trainer_config["modality_dropout"]
-        num_modalities = len(self.dataset_json["channel_names"])
+        num_modalities = self.num_modalities
         probabilities = settings.get("drop_probabilities")
         if settings["scheme"] == "independent" and len(probabilities) != num_modalities:
             raise ValueError(f"modality_dropout.drop_probabilities has {len(probabilities)} values but the dataset "
@@ -36,13 +38,12 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
                                         drop_probabilities=probabilities if independent else None,
                                         p_keep_all=settings["p_keep_all"])
 
-    # nnU-Net declares this hook static; it is only ever called on the trainer instance, and the
-    # dropout settings are per instance, so it is an instance method here.
     def get_training_transforms(self, patch_size: np.ndarray | tuple[int, ...], rotation_for_DA: RandomScalar,
                                 deep_supervision_scales: list | tuple | None, mirror_axes: tuple[int, ...],
                                 do_dummy_2d_data_aug: bool, use_mask_for_norm: list[bool] | None = None,
                                 is_cascaded: bool = False, foreground_labels: list[int] | tuple[int, ...] | None = None,
                                 regions: list | None = None, ignore_label: int | None = None) -> BasicTransform:
+        """The base pipeline (availability recorded, missing channels re-zeroed) followed by modality dropout."""
         transforms = super().get_training_transforms(
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,

@@ -1,14 +1,30 @@
 """SharedLatentTrainer: per-modality encoders fused in a shared latent space (see networks/shared_latent.py).
 
-``nnUNetv2_train D CONFIG FOLD -tr SharedLatentTrainer``. Loss:
-``L_seg + w_rec * ((1 - alpha) * L_rec + alpha * L_sim)`` with nnU-Net's segmentation loss (deep
-supervision), L_rec the MSE of the reconstruction of every modality whose target is known (also the
-dropped ones), and L_sim the similarity term over the available modalities at every encoder level.
-Settings: ``trainer_configs/SharedLatentTrainer.json`` (``shared_latent``: ``w_rec``, ``alpha``,
-``feature_fraction``, ``reconstruction``; ``modality_dropout`` as in ModalityDropoutTrainer).
+After van Tulder & de Bruijne, "Learning cross-modality representations from multi-modal images", IEEE TMI
+2018. ``nnUNetv2_train D CONFIG FOLD -tr SharedLatentTrainer`` (plain or residual-encoder plans, e.g.
+``-p nnUNetResEncUNetMPlans``). Loss::
+
+    L = L_seg + w_rec * ((1 - alpha) * L_rec + alpha * L_sim)        (eq. 3 added to nnU-Net's loss)
+
+* L_seg: nnU-Net's segmentation loss (deep supervision);
+* L_rec (eq. 1): L1 error of the reconstruction of every modality whose target is known (acquired by the
+  case), also the ones dropped from the input, as in the paper's modality dropout (Fig. 3). The
+  reconstruction decoder sees only the fused bottleneck (no skip connections), as the paper's decoder;
+* L_sim (eq. 2): distance of each available modality's features to their mean, at every encoder level.
+
+Settings: ``trainer_configs/SharedLatentTrainer.json``, section ``shared_latent``: ``w_rec``, ``alpha``,
+``feature_fraction`` (network width, read again by ``nnUNetv2_predict``), ``reconstruction`` (train with the
+reconstruction decoder), ``reconstruction_loss`` (``l1``, the paper's, or ``mse``) and
+``reconstruction_skips`` (``false``, the paper's; ``true`` gives the decoder the U-Net skips, which let it
+bypass the shared representation). ``modality_dropout`` as in ModalityDropoutTrainer.
+
+Deviations from the paper (segmentation added, all encoder levels fused, instance instead of batch
+normalisation, one reconstruction decoder with M outputs, nnU-Net's SGD schedule instead of the paper's
+SGD at lr 0.3) are listed in :mod:`nnunet_missingmod.networks.shared_latent`.
 
 Modality dropout is drawn in ``train_step`` (numpy's stream, same schemes as the transform), not in
 the augmentation pipeline, so that the un-dropped channels remain available as reconstruction targets.
+A sequence the case lacks is neither an input nor a target (the training transforms keep it at zero).
 Inference builds the network without the reconstruction decoder; ``nnUNetv2_predict`` works unchanged.
 """
 
@@ -18,8 +34,14 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_missingmod.config import load_trainer_config
-from nnunet_missingmod.networks.shared_latent import SharedLatentUNet, resolve_architecture_kwargs, similarity_loss
+from nnunet_missingmod.networks.shared_latent import (
+    SharedLatentUNet,
+    reconstruction_loss,
+    resolve_architecture_kwargs,
+    similarity_loss,
+)
 from nnunet_missingmod.trainers.base import MultiTermLossTrainer
+from nnunet_missingmod.transforms.missing_modalities import acquired_modalities
 
 
 class SharedLatentTrainer(MultiTermLossTrainer):
@@ -27,32 +49,31 @@ class SharedLatentTrainer(MultiTermLossTrainer):
 
     loss_terms = ("seg", "sim", "rec")
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
-        name = configuration_manager.network_arch_class_name
-        assert name.endswith("PlainConvUNet"), f"SharedLatentTrainer builds on PlainConvUNet plans, got {name}"
-        # feature_fraction shapes the network: inference reads the shipped config (or the same override file)
-        settings = load_trainer_config(SharedLatentTrainer)["shared_latent"]
+        # a classmethod, so that a variant's config shapes its own network in training and in nnUNetv2_predict
+        settings = load_trainer_config(cls)["shared_latent"]
         kwargs = resolve_architecture_kwargs(configuration_manager.network_arch_init_kwargs,
                                              configuration_manager.network_arch_init_kwargs_req_import)
         # deep supervision is on in training only: the reconstruction decoder never reaches inference
         return SharedLatentUNet(num_modalities=num_input_channels, num_classes=num_output_channels,
                                 arch_kwargs=kwargs, deep_supervision=enable_deep_supervision,
                                 feature_fraction=settings["feature_fraction"],
-                                reconstruction=enable_deep_supervision and settings["reconstruction"])
+                                reconstruction=enable_deep_supervision and settings["reconstruction"],
+                                reconstruction_skips=settings["reconstruction_skips"],
+                                arch_class_name=configuration_manager.network_arch_class_name)
 
     def compute_losses(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
         settings = self.trainer_config["shared_latent"]
         dropped, available = self.drop_modalities(data)
-        output, aux = self.network.forward_with_aux(dropped, available)
+        output, aux = self.network(dropped, available, return_aux=True)  # through DDP / torch.compile wrappers
         losses = {"seg": self.loss(output, target)}
         losses["sim"] = torch.stack([similarity_loss(f, aux["available"]) for f in aux["features"]]).mean()
         if "reconstruction" in aux:
-            known = data.flatten(2).ne(0).any(-1)  # reconstruction targets exist for every present channel
-            squared = (aux["reconstruction"] - data).pow(2).flatten(2).mean(-1)  # (B, M)
-            losses["rec"] = (squared * known).sum() / known.sum().clamp_min(1)
+            known = acquired_modalities(data, batched=True)  # targets: every modality the case has, dropped or not
+            losses["rec"] = reconstruction_loss(aux["reconstruction"], data, known, settings["reconstruction_loss"])
         else:
             losses["rec"] = torch.zeros((), device=data.device)
         weight, alpha = settings["w_rec"], settings["alpha"]

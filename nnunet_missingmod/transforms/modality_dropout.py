@@ -11,6 +11,12 @@ Schemes:
 
 With probability ``p_keep_all`` a sample keeps every modality before the scheme is consulted.
 
+A modality that the sample does not have at all (an all-zero channel: a sequence missing from the
+dataset) is never counted as kept: the kept set is the drawn subset AND the acquired modalities, and a
+sample whose draw keeps none of its acquired modalities keeps all of them (the transform reads the mask
+that :class:`~nnunet_missingmod.transforms.missing_modalities.RecordAvailabilityTransform` stored;
+:func:`drop_modalities_in_batch` infers it from the exactly-zero channels).
+
 Randomness comes from numpy's global stream (or an explicit generator), never from torch: nnU-Net's
 augmentation workers reseed numpy per worker but share torch's random stream, which would make
 many samples of a batch drop the same channels.
@@ -23,6 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
+
+from nnunet_missingmod.transforms.missing_modalities import AVAILABILITY_KEY, acquired_modalities
 
 SCHEMES = ("uniform_subset", "independent")
 
@@ -64,7 +72,8 @@ class ModalityDropoutTransform(ImageOnlyTransform):
 
     Append it at the end of nnU-Net's training transforms so that no later intensity transform adds
     noise back into a dropped channel. Channels after ``num_modalities`` (e.g. the one-hot segmentation
-    of a cascade) are never touched, and labels are not an input of this transform.
+    of a cascade) are never touched, and labels are not an input of this transform. When the sample's
+    dict holds the availability mask (``modality_availability``), at least one acquired modality is kept.
 
     Args:
         num_modalities: number of modality channels at the start of the image.
@@ -103,6 +112,12 @@ class ModalityDropoutTransform(ImageOnlyTransform):
         keep = sample_kept_modalities(self.num_modalities, scheme=self.scheme,
                                       drop_probabilities=self.drop_probabilities, p_keep_all=self.p_keep_all,
                                       rng=self.rng)
+        acquired = data_dict.get(AVAILABILITY_KEY)
+        if acquired is not None:
+            acquired = np.asarray(acquired, dtype=bool)
+            keep = keep & acquired
+            if not keep.any():
+                keep = acquired  # never drop every modality the sample has
         return {"keep": keep}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
@@ -112,15 +127,18 @@ class ModalityDropoutTransform(ImageOnlyTransform):
         return img
 
 
-def drop_modalities_in_batch(data: torch.Tensor, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero a random subset of modalities per sample of a batch (for trainers that drop in ``train_step``).
 
-    Channels that are exactly zero in a sample (really missing) never count as available, and a sample
-    always keeps at least one of its present channels.
+    ``available = kept AND acquired``: a modality the sample does not have never counts as available, and
+    a sample always keeps at least one of its acquired channels.
 
     Args:
         data: (B, M, ...) batch of images.
         settings: a ``modality_dropout`` config section (``scheme``, ``drop_probabilities``, ``p_keep_all``).
+        acquired: (B, M) boolean mask of the modalities each sample has; default: the channels that are not
+            exactly zero (what the training transforms guarantee, see :mod:`.missing_modalities`).
 
     Returns:
         The dropped batch (a new tensor) and the (B, M) boolean mask of available modalities.
@@ -132,8 +150,10 @@ def drop_modalities_in_batch(data: torch.Tensor, settings: dict) -> tuple[torch.
                                             p_keep_all=settings["p_keep_all"])
                      for _ in range(data.shape[0])])
     keep = torch.from_numpy(keep).to(data.device)
-    present = data.flatten(2).ne(0).any(-1)  # channels that exist at all in this sample
-    available = keep & present
-    available |= ~available.any(1, keepdim=True) & present  # never drop every present modality
+    if acquired is None:
+        acquired = acquired_modalities(data, batched=True)  # (B, M)
+    acquired = acquired.to(data.device, torch.bool)
+    available = keep & acquired
+    available |= ~available.any(1, keepdim=True) & acquired  # never drop every acquired modality
     mask = available.to(data.dtype).view(*available.shape, *([1] * (data.ndim - 2)))
     return data * mask, available
