@@ -5,13 +5,21 @@ Modalities", IEEE TMI 2022, eq. 1-5. The codes are one N-dimensional vector per 
 ``codes`` (B, M, G, N). For an anchor (modality m, slice g):
 
 * positive: the same modality at slice g + Δ (g - Δ where g + Δ is outside the patch);
-* negatives: every other modality at the slices within ±k of g (the anchor's own slice excluded:
-  the paper's 8 slices each side and 3 other modalities give its 48 negatives);
+* negatives: every other modality at the slices within ±k of g, the anchor's own slice included
+  (eq. 1 and 4 contrast the anchor with the other modalities at its own slice u; Sec. IV-D adds
+  the 8 neighbouring slices on each side, so 3 × (2·8 + 1) = 51 negatives for the paper's volumes);
 * loss: ``-log(exp(s(a, p) / τ) / (exp(s(a, p) / τ) + Σ_n exp(s(a, n) / τ)))`` with cosine similarity s
   (eq. 1), averaged over the anchors.
 
 The frequency term (eq. 2-4) is the same loss on the amplitude of the discrete Fourier transform of
 each code along its N entries; L_SFMC (eq. 5) is the weighted sum of the two.
+
+The codes should come from one encoder shared by all modalities (as in the authors' release), so
+that the only way to tell the modalities apart is to read the images: with a separate encoder per
+modality a constant code per modality, independent of the image, is already an optimum of both
+terms. For codes that carry no information (every code equal) each anchor scores ``log(1 + n)``
+with n its number of negatives; :func:`uninformative_code_loss` gives that reference value for a
+batch, and a trained encoder should fall clearly below it.
 
 Deviations and choices:
 
@@ -57,7 +65,7 @@ def modality_contrastive_loss(codes: torch.Tensor, available: torch.Tensor, *, p
         codes: (B, M, G, N) one code per modality and slice.
         available: (B, M) boolean; missing modalities are neither anchors, positives nor negatives.
         positive_distance: Δ in slices.
-        negative_window: k in slices (negatives at offsets 1..k on both sides, other modalities only).
+        negative_window: k in slices (negatives at offsets 0..k on both sides, other modalities only).
         temperature: τ.
     """
     _, modalities, slices, _ = codes.shape
@@ -68,7 +76,7 @@ def modality_contrastive_loss(codes: torch.Tensor, available: torch.Tensor, *, p
 
     offset = torch.arange(slices, device=codes.device)
     distance = (offset[None, :] - offset[:, None]).abs()  # (G, G)
-    near = (distance >= 1) & (distance <= negative_window)
+    near = distance <= negative_window  # the anchor's own slice included (eq. 1)
     modality = torch.arange(modalities, device=codes.device)
     other = modality[:, None] != modality[None, :]  # (M, M)
     negative = other[:, None, :, None] & near[None, :, None, :]  # (M, G, M, G)
@@ -90,7 +98,24 @@ def amplitude_spectrum(codes: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(spectrum.real ** 2 + spectrum.imag ** 2 + eps) - eps ** 0.5
 
 
-def sfmc_loss(codes: torch.Tensor, available: torch.Tensor, *, temperature: float = 1.0,
+def uninformative_code_loss(available: torch.Tensor, num_slices: int, *, positive_distance: int,
+                            negative_window: int) -> torch.Tensor:
+    """Eq. 1 for codes that ignore the image (all codes equal): the mean over anchors of ``log(1 + n)``.
+
+    This is what a modality encoder shared by all modalities scores when it does not read its input
+    (its code is then the same for every modality); it does not depend on τ.
+
+    Args:
+        available: (B, M) boolean availability, as passed to :func:`modality_contrastive_loss`.
+        num_slices: G.
+        positive_distance, negative_window: Δ and k.
+    """
+    constant = torch.ones(*available.shape, num_slices, 2, device=available.device)
+    return modality_contrastive_loss(constant, available, positive_distance=positive_distance,
+                                     negative_window=negative_window, temperature=1.0)
+
+
+def sfmc_loss(codes: torch.Tensor, available: torch.Tensor, *, temperature: float = 0.07,
               spatial_weight: float = 1.0, frequency_weight: float = 1.0,
               positive_fraction: float = PAPER_POSITIVE_FRACTION,
               negative_fraction: float = PAPER_NEGATIVE_FRACTION) -> dict[str, torch.Tensor]:

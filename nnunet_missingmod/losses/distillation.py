@@ -12,16 +12,24 @@ Modalities", IEEE TMI 2022:
 * L_consis: squared distance between the final teacher and student probabilities;
 * L_rec (eq. 6): mean squared error of the reconstructed modalities.
 
-Deviations and choices:
+Normalisation and choices (what λ2 = 1 means here):
 
-* "normalised Hadamard product": features are L2-normalised over channels at each voxel, so
-  ``a_{s,t}`` is the mean cosine similarity of the two maps; it is detached (a weight, not a target,
-  or the network could lower the loss by making the features dissimilar) and clamped at 0;
+* "normalised Hadamard product": features are L2-normalised over channels at each voxel, and the
+  affinity is ``a_{s,t} = (1 + mean cosine) / 2`` in [0, 1], as in the authors' release: a pair whose
+  features start out unrelated or opposed keeps a positive weight and can still learn (a cosine
+  clamped at 0 would switch such a pair off for good). The affinity is a weight, not a target: it is
+  detached, or the network could lower the loss by making the two maps dissimilar;
 * ``‖F_t − F_s‖`` is the mean squared difference per element, and the KL the mean over voxels and
-  regions, so that the loss does not grow with the patch size; the pair sum is divided by
-  N_s·N_t (the paper's sum over pairs, scaled) so that λ2 does not depend on the network depth;
-* the teacher's features and probabilities are detached in L_ADT-KD (distillation flows from the
-  teacher to the student; the teacher learns from L_aux); L_consis is symmetric;
+  regions, so the loss does not grow with the patch size; the pair sum is divided by N_s·N_t (the
+  paper sums over pairs) so that λ2 does not depend on the network depth. With these means, λ2 = 1
+  here weighs the terms differently from the paper's λ2 = 1 on sums;
+* the student's features are mapped to the teacher's channels by a learned 1x1x1 projection per
+  pair, trained through the feature term. When the feature term is off (logit-only ablation) the
+  affinities still need the projections, and nothing else would train them (their affinities would
+  be frozen random numbers): there they are fitted by their own term ``‖P(sg F_s) − sg F_t‖²`` (sg:
+  no gradient to the networks, so it only moves P);
+* ``detach_teacher`` (default False, as in the paper: "the teacher can also learn holistic ... from
+  the student", mutual learning) stops the distillation gradient at the teacher when set;
 * the 1x1x1 projection and the trilinear resize commute (both linear, interpolation weights sum to
   1), so the projection runs on whichever side is smaller;
 * L_aux is summed over all teacher stages with nnU-Net's deep-supervision weights;
@@ -53,9 +61,9 @@ def project_and_resize(student_feature: torch.Tensor, projection: nn.Module, siz
 
 
 def affinity(teacher_feature: torch.Tensor, student_feature: torch.Tensor) -> torch.Tensor:
-    """a_{s,t}: mean over voxels (and the batch) of the cosine similarity of the channel vectors."""
+    """a_{s,t} = (1 + c) / 2, c the mean over voxels (and the batch) of the channel vectors' cosine similarity."""
     product = F.normalize(teacher_feature.float(), dim=1) * F.normalize(student_feature.float(), dim=1)
-    return product.sum(1).mean()
+    return (1 + product.sum(1).mean()) / 2
 
 
 def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -70,35 +78,42 @@ def binary_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> tor
 def adt_kd_loss(student_features: Sequence[torch.Tensor], student_logits: Sequence[torch.Tensor],
                 teacher_features: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
                 projection: Callable[[int, int], nn.Module], *, feature_weight: float = 1.0,
-                logit_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """L_ADT-KD over all N_s × N_t stage pairs (eq. 8-9, scaled by 1 / (N_s N_t)).
+                logit_weight: float = 1.0, detach_teacher: bool = False) -> dict[str, torch.Tensor]:
+    """L_ADT-KD over all N_s × N_t stage pairs (eq. 8-9, scaled by 1 / (N_s N_t)) and the projections' fit.
 
     Args:
         student_features, student_logits: per student stage, (B, C_s, *S_s) and (B, R, *S_s).
         teacher_features, teacher_logits: per teacher stage, (B, C_t, *S_t) and (B, R, *S_t).
         projection: ``projection(s, t)`` maps C_s to C_t channels (``nn.Identity`` where they agree).
         feature_weight, logit_weight: weights of the feature and KL terms (ablations set one to 0).
+        detach_teacher: no distillation gradient into the teacher (the paper lets the teacher learn too).
 
     Returns:
-        ``{"feature": Σ a·‖F_t − F_s‖, "logit": Σ a·KL, "total": feature_weight * feature + logit_weight * logit}``,
-        each divided by N_s·N_t.
+        ``{"feature": Σ a·‖F_t − F_s‖, "logit": Σ a·KL, "total": feature_weight * feature + logit_weight * logit,
+        "projection": Σ ‖P(sg F_s) − sg F_t‖²}``, each divided by N_s·N_t. ``projection`` is computed only when
+        the feature term is off and the logit term on (else 0); it trains only the projections.
     """
     pairs = len(student_features) * len(teacher_features)
-    feature_term = student_features[0].sum() * 0.0
-    logit_term = feature_term
+    zero = student_features[0].sum() * 0.0
+    feature_term, logit_term, projection_term = zero, zero, zero
     for t, (target_feature, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
-        target_feature, target_logits = target_feature.detach().float(), target_logits.detach()
+        target_feature = target_feature.float()
+        if detach_teacher:
+            target_feature, target_logits = target_feature.detach(), target_logits.detach()
         size = target_feature.shape[2:]
         for s, (feature, logits) in enumerate(zip(student_features, student_logits, strict=True)):
-            projected = project_and_resize(feature, projection(s, t), size)
-            with torch.no_grad():
-                weight = affinity(target_feature, projected).clamp_min(0)
+            mapping = projection(s, t)
+            projected = project_and_resize(feature, mapping, size)
+            weight = affinity(target_feature.detach(), projected.detach())
             if feature_weight:
                 feature_term = feature_term + weight * (projected.float() - target_feature).pow(2).mean()
             if logit_weight:
                 logit_term = logit_term + weight * binary_kl(target_logits, resize(logits, size))
-    feature_term, logit_term = feature_term / pairs, logit_term / pairs
-    return {"feature": feature_term, "logit": logit_term,
+            if logit_weight and not feature_weight and any(True for _ in mapping.parameters()):
+                fitted = project_and_resize(feature.detach(), mapping, size)
+                projection_term = projection_term + (fitted.float() - target_feature.detach()).pow(2).mean()
+    feature_term, logit_term, projection_term = feature_term / pairs, logit_term / pairs, projection_term / pairs
+    return {"feature": feature_term, "logit": logit_term, "projection": projection_term,
             "total": feature_weight * feature_term + logit_weight * logit_term}
 
 

@@ -7,15 +7,21 @@ Parts (names as in the paper; the losses live in :mod:`nnunet_missingmod.losses`
 
 * **E_T** (tumour encoder): the plans' U-Net encoder (``PlainConvUNet`` or ``ResidualEncoderUNet``)
   over all modalities, missing ones zeroed; its bottleneck is the tumour feature ``z``.
-* **E_M** (modality encoders): one light convolutional encoder per modality on its own channel
-  (grouped convolutions, stride only in-plane), ending in global average pooling over the in-plane
-  axes, so each modality gets one N-dimensional code per slice: ``codes`` (B, M, G, N).
+* **E_M** (modality encoder): one light convolutional encoder applied to every modality on its own
+  (the modalities stacked in the batch, weights shared as in the authors' release; stride only
+  in-plane), ending in global average pooling over the in-plane axes, so each modality gets one
+  N-dimensional code per slice: ``codes`` (B, M, G, N). ``shared_code_encoder: false`` gives each
+  modality its own weights instead (then a constant code per modality, which ignores the image,
+  minimises L_SFMC: see :mod:`nnunet_missingmod.losses.contrastive`).
 * **E_TM** (tumour modality projection): three 1x1x1 convolutions over the concatenated codes of all
   modalities, giving one code per tumour region: ``tumour_codes`` (B, C, G, N).
 * **E_R** (region encoders): residual 3x3x3 blocks with AdaIN conditioned on ``tumour_codes[:, c]``
   turn ``z`` into one region-specific feature F_c per region.
 * **D^T** (disentangled binary teacher): one decoder, shared by the regions, applied to each F_c with
-  E_T's skips; one sigmoid map per region, with a head at every stage (auxiliary classifiers).
+  E_T's skips; one sigmoid map per region, with a head at every stage (auxiliary classifiers). The
+  teacher's feature bank for distillation fuses the C region features of each stage with a learned
+  1x1x1 convolution (the authors fuse them with a learned convolution too), so the region-specific
+  signal reaches the student instead of being averaged away.
 * **Fusion**: two convolutions and a squeeze-and-excitation block over the concatenated F_c -> F'.
 * **D^S** (holistic student): the plans' U-Net decoder on F' and E_T's skips, with nnU-Net's deep
   supervision heads at every stage; this is the network's prediction.
@@ -65,7 +71,7 @@ from nnunet_missingmod.networks.blocks import AdaINResidualBlock, SliceAdaIN, Sq
 from nnunet_missingmod.networks.shared_latent import availability_from_input, fuse_mean
 
 TRAINING_ONLY_PREFIXES = ("teacher_skip_projections.", "teacher_bottleneck_projection.", "teacher.",
-                          "reconstruction.", "kd_projections.")
+                          "teacher_fusions.", "reconstruction.", "kd_projections.")
 
 
 def _scaled(channels: list[int], fraction: float) -> list[int]:
@@ -73,32 +79,43 @@ def _scaled(channels: list[int], fraction: float) -> list[int]:
 
 
 class ModalityCodeEncoder(nn.Module):
-    """E_M: per-modality light encoders (grouped convolutions) with in-plane global average pooling.
+    """E_M: a light convolutional encoder with in-plane global average pooling, one code per slice.
+
+    With ``shared`` (the default, as in the authors' release) one encoder reads every modality (the
+    modalities are stacked in the batch), so the codes can only tell the modalities apart by reading
+    the images. Otherwise each modality has its own weights (grouped convolutions); then a constant
+    code per modality, which ignores the image, already minimises the contrastive loss (kept as an
+    option for comparison).
 
     Args:
         num_modalities: M.
-        features: channels per modality after each stride-(1, 2, 2) stage.
+        features: channels after each stride-(1, 2, 2) stage (per modality when not shared).
         code_dim: N.
+        shared: one set of weights for every modality.
     """
 
-    def __init__(self, num_modalities: int, features: list[int], code_dim: int) -> None:
+    def __init__(self, num_modalities: int, features: list[int], code_dim: int, shared: bool = True) -> None:
         super().__init__()
+        groups = 1 if shared else num_modalities
         layers: list[nn.Module] = []
         channels = 1
         for width in features:
-            layers += [nn.Conv3d(num_modalities * channels, num_modalities * width, 3, stride=(1, 2, 2), padding=1,
-                                 groups=num_modalities),
-                       nn.InstanceNorm3d(num_modalities * width, affine=True), nn.LeakyReLU(0.01, inplace=True)]
+            layers += [nn.Conv3d(groups * channels, groups * width, 3, stride=(1, 2, 2), padding=1, groups=groups),
+                       nn.InstanceNorm3d(groups * width, affine=True), nn.LeakyReLU(0.01, inplace=True)]
             channels = width
-        layers.append(nn.Conv3d(num_modalities * channels, num_modalities * code_dim, 1, groups=num_modalities))
+        layers.append(nn.Conv3d(groups * channels, groups * code_dim, 1, groups=groups))
         self.layers = nn.Sequential(*layers)
-        self.num_modalities, self.code_dim = num_modalities, code_dim
+        self.num_modalities, self.code_dim, self.shared = num_modalities, code_dim, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, M, G, H, W) -> codes (B, M, G, N)."""
-        pooled = self.layers(x).mean((-2, -1))  # (B, M * N, G)
-        batch, _, slices = pooled.shape
-        return pooled.view(batch, self.num_modalities, self.code_dim, slices).transpose(2, 3)
+        batch, modalities = x.shape[:2]
+        if self.shared:
+            pooled = self.layers(x.reshape(batch * modalities, 1, *x.shape[2:])).mean((-2, -1))  # (B * M, N, G)
+        else:
+            pooled = self.layers(x).mean((-2, -1))  # (B, M * N, G)
+        slices = pooled.shape[-1]
+        return pooled.reshape(batch, modalities, self.code_dim, slices).transpose(2, 3)
 
 
 class TumourModalityProjection(nn.Module):
@@ -184,7 +201,8 @@ class D2Net(nn.Module):
         deep_supervision: training network (deep supervision, teacher, reconstruction, distillation
             projections) when True; inference network otherwise.
         code_dim: N, length of the modality and tumour codes.
-        code_encoder_features: channels per modality of E_M's stages.
+        code_encoder_features: channels of E_M's stages.
+        shared_code_encoder: one E_M for every modality (paper, authors' code) instead of one per modality.
         region_blocks: residual AdaIN blocks per region in E_R.
         tumour_projection: use E_TM (False: ablation "w/o E_TM").
         teacher_feature_fraction: width of D^T relative to the plans' decoder.
@@ -194,7 +212,8 @@ class D2Net(nn.Module):
 
     def __init__(self, *, num_modalities: int, num_regions: int, arch_class_name: str, arch_kwargs: dict,
                  arch_kwargs_req_import: list[str] | tuple[str, ...], deep_supervision: bool, code_dim: int = 8,
-                 code_encoder_features: tuple[int, ...] = (8, 16), region_blocks: int = 2,
+                 code_encoder_features: tuple[int, ...] = (8, 16), shared_code_encoder: bool = True,
+                 region_blocks: int = 2,
                  tumour_projection: bool = True, teacher_feature_fraction: float = 0.5,
                  teacher_full_resolution: bool = False, reconstruction_feature_fraction: float = 0.25) -> None:
         super().__init__()
@@ -206,7 +225,8 @@ class D2Net(nn.Module):
         bottleneck = channels[-1]
         self.num_modalities, self.num_regions, self.code_dim = num_modalities, num_regions, code_dim
 
-        self.code_encoder = ModalityCodeEncoder(num_modalities, list(code_encoder_features), code_dim)
+        self.code_encoder = ModalityCodeEncoder(num_modalities, list(code_encoder_features), code_dim,
+                                                shared=shared_code_encoder)
         self.tumour_projection = TumourModalityProjection(num_modalities, num_regions, code_dim) \
             if tumour_projection else None
         self.region_encoders = nn.ModuleList([RegionEncoder(bottleneck, code_dim, region_blocks)
@@ -235,6 +255,8 @@ class D2Net(nn.Module):
             decoder_convs = arch_kwargs["n_conv_per_stage_decoder"]
             decoder_convs = [decoder_convs] * (len(channels) - 1) if isinstance(decoder_convs, int) else decoder_convs
             self.teacher = UNetDecoder(teacher_layout, 1, list(decoder_convs)[:len(teacher_channels) - 1], True)
+            # the teacher's feature bank: the C region features of each stage fused by a learned 1x1x1 convolution
+            self.teacher_fusions = nn.ModuleList([nn.Conv3d(num_regions * t, t, 1) for t in teacher_channels[:-1]])
             self.reconstruction = ReconstructionDecoder(channels, self.encoder.strides, code_dim,
                                                         reconstruction_feature_fraction)
             self.kd_projections = nn.ModuleDict({
@@ -273,7 +295,7 @@ class D2Net(nn.Module):
 
     # --- training ------------------------------------------------------------------------------------------------
     def run_teacher(self, encoded: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """D^T on every F_c (batched over regions): per stage the region-mean features and (B, C, ...) logits.
+        """D^T on every F_c (batched over regions): per stage the fused region features and (B, C, ...) logits.
 
         The stages are the student's from ``teacher_first_stage`` on (largest first).
         """
@@ -284,7 +306,8 @@ class D2Net(nn.Module):
         bottleneck = torch.stack([self.teacher_bottleneck_projection(f) for f in encoded["region_features"]], 1)
         skips.append(bottleneck.flatten(0, 1))  # (B * C, Ct, ...)
         features, logits = decode_with_features(self.teacher, skips)
-        features = [f.view(batch, regions, *f.shape[1:]).mean(1) for f in features]  # (B, Ct, ...)
+        features = [fusion(f.reshape(batch, regions * f.shape[1], *f.shape[2:]))  # (B, C * Ct, ...) -> (B, Ct, ...)
+                    for fusion, f in zip(self.teacher_fusions, features, strict=True)]
         logits = [p.view(batch, regions, *p.shape[2:]) for p in logits]  # (B, C, ...)
         return features, logits
 

@@ -11,11 +11,15 @@ from nnunet_missingmod.losses.contrastive import (
     modality_contrastive_loss,
     sfmc_loss,
     slice_offsets,
+    uninformative_code_loss,
 )
 
 
-def naive_contrastive(codes, available, distance, window, temperature):
-    """Loop over (b, m, g): -log(e^{s+/τ} / (e^{s+/τ} + Σ_n e^{s_n/τ})), cosine similarity, mean over anchors."""
+def naive_contrastive(codes, available, distance, window, temperature, same_slice=True):
+    """Loop over (b, m, g): -log(e^{s+/τ} / (e^{s+/τ} + Σ_n e^{s_n/τ})), cosine similarity, mean over anchors.
+
+    Negatives: the other available modalities at slices g - window .. g + window (g itself included, eq. 1).
+    """
     batch, modalities, slices, _ = codes.shape
     vectors = codes.tolist()
 
@@ -38,7 +42,7 @@ def naive_contrastive(codes, available, distance, window, temperature):
                     if other == m or not available[b][other]:
                         continue
                     for j in range(max(0, g - window), min(slices, g + window + 1)):
-                        if j != g:
+                        if same_slice or j != g:
                             negatives += math.exp(cosine(vectors[b][m][g], vectors[b][other][j]) / temperature)
                 losses.append(-math.log(positive / (positive + negatives)))
     return sum(losses) / len(losses) if losses else 0.0
@@ -61,9 +65,34 @@ def test_spatial_term_matches_naive_loop_with_dropped_modalities(temperature):
     ours = modality_contrastive_loss(codes, available, positive_distance=4, negative_window=2, temperature=temperature)
     expected = naive_contrastive(codes, available.tolist(), 4, 2, temperature)
     assert ours.item() == pytest.approx(expected, rel=1e-6)
-    # the check can fail: counting the dropped modalities as negatives changes the value
+    # the check can fail: counting the dropped modalities as negatives changes the value, and so does
+    # leaving out the other modalities at the anchor's own slice
     everything = naive_contrastive(codes, [[True] * 4] * 3, 4, 2, temperature)
     assert abs(everything - expected) > 1e-3
+    without_own_slice = naive_contrastive(codes, available.tolist(), 4, 2, temperature, same_slice=False)
+    assert abs(without_own_slice - expected) > 1e-3
+
+
+def test_uninformative_codes_score_log_one_plus_negatives():
+    available = torch.tensor([[True, True, True, True], [True, False, True, False], [False, False, True, False]])
+    slices, distance, window = 12, 4, 2
+    expected = []  # count each anchor's negatives by hand: other available modalities in the window, clipped
+    for row in available.tolist():
+        for present in row:
+            if not present:
+                continue
+            others = sum(row) - 1
+            for g in range(slices):
+                in_window = min(slices, g + window + 1) - max(0, g - window)
+                expected.append(math.log(1 + others * in_window))
+    reference = uninformative_code_loss(available, slices, positive_distance=distance, negative_window=window)
+    assert reference.item() == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    # any τ gives the same value for equal codes
+    equal = torch.full((3, 4, slices, 8), 0.3)
+    for temperature in (0.07, 1.0):
+        loss = modality_contrastive_loss(equal, available, positive_distance=distance, negative_window=window,
+                                         temperature=temperature)
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 def test_dropped_modality_codes_do_not_matter():

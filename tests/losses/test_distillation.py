@@ -22,8 +22,11 @@ def sigmoid(x):
 
 
 def naive_adt_kd(student_features, student_logits, teacher_features, teacher_logits, projections):
-    """Σ_s Σ_t a_{s,t} (‖F_t − F_s‖ + KL) / (N_s N_t), voxel by voxel (projection first, then resize)."""
-    feature_sum, logit_sum = 0.0, 0.0
+    """Σ_s Σ_t a_{s,t} (‖F_t − F_s‖ + KL) / (N_s N_t), voxel by voxel (projection first, then resize).
+
+    a_{s,t} = (1 + mean cosine) / 2. Also returns Σ ‖P(F_s) − F_t‖² / (N_s N_t), the projections' fit.
+    """
+    feature_sum, logit_sum, fit_sum = 0.0, 0.0, 0.0
     for t, (target, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
         size = target.shape[2:]
         target = target.detach().numpy()
@@ -41,13 +44,14 @@ def naive_adt_kd(student_features, student_logits, teacher_features, teacher_log
                     u = target[(b, slice(None), *voxel)]
                     v = projected[(b, slice(None), *voxel)]
                     cosines.append(float(u @ v) / (max(np.linalg.norm(u), 1e-12) * max(np.linalg.norm(v), 1e-12)))
-            weight = max(0.0, float(np.mean(cosines)))
+            weight = (1.0 + float(np.mean(cosines))) / 2.0
             squared = float(np.mean((target - projected) ** 2))
+            fit_sum += squared
             kl = p_teacher * np.log(p_teacher / p_student) + (1 - p_teacher) * np.log((1 - p_teacher) / (1 - p_student))
             feature_sum += weight * squared
             logit_sum += weight * float(np.mean(kl))
     pairs = len(student_features) * len(teacher_features)
-    return feature_sum / pairs, logit_sum / pairs
+    return feature_sum / pairs, logit_sum / pairs, fit_sum / pairs
 
 
 def _pyramid(channels, sizes, regions, seed):
@@ -65,28 +69,63 @@ def test_adt_kd_matches_naive_loop_over_all_stage_pairs():
                    for s, sf in enumerate(student_features) for t, tf in enumerate(teacher_features)}
     ours = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
                        lambda s, t: projections[(s, t)], feature_weight=0.7, logit_weight=1.3)
-    feature, logit = naive_adt_kd(student_features, student_logits, teacher_features, teacher_logits, projections)
+    feature, logit, fit = naive_adt_kd(student_features, student_logits, teacher_features, teacher_logits, projections)
     assert ours["feature"].item() == pytest.approx(feature, rel=1e-4)
     assert ours["logit"].item() == pytest.approx(logit, rel=1e-4)
     assert ours["total"].item() == pytest.approx(0.7 * feature + 1.3 * logit, rel=1e-4)
+    assert ours["projection"].item() == 0.0  # the feature term trains the projections
+    logit_only = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
+                             lambda s, t: projections[(s, t)], feature_weight=0.0)
+    assert logit_only["projection"].item() == pytest.approx(fit, rel=1e-4)
+    assert logit_only["logit"].item() == pytest.approx(logit, rel=1e-4)
 
 
-def test_adt_kd_does_not_train_the_teacher_and_ablations_zero_their_term():
+def test_every_pair_keeps_a_positive_weight_and_every_projection_learns():
+    """Opposed features (cosine -1) still get a weight, and each projection gets a gradient in every KD ablation."""
+    from nnunet_missingmod.losses.distillation import affinity
+
+    feature = torch.rand(2, 4, 3, 3, 3) + 0.1
+    assert affinity(feature, -feature).item() == pytest.approx(0.0, abs=1e-6)
+    assert affinity(feature, feature).item() == pytest.approx(1.0, abs=1e-6)
+    assert affinity(feature, torch.rand(2, 4, 3, 3, 3) - 0.5).item() > 0.05
+
+    student_features, student_logits = _pyramid([6, 10], [8, 4], 3, seed=5)
+    teacher_features, teacher_logits = _pyramid([3, 6], [4, 2], 3, seed=6)
+    for feature_weight, logit_weight in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0)):
+        projections = {(s, t): nn.Conv3d(sf.shape[1], tf.shape[1], 1)
+                       for s, sf in enumerate(student_features) for t, tf in enumerate(teacher_features)}
+        for conv in projections.values():  # start every pair opposed: a clamped cosine would switch them all off
+            nn.init.constant_(conv.weight, -0.2)
+            nn.init.zeros_(conv.bias)
+        losses = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
+                             lambda s, t, p=projections: p[(s, t)], feature_weight=feature_weight,
+                             logit_weight=logit_weight)
+        (losses["total"] + losses["projection"]).backward()
+        for pair, conv in projections.items():
+            assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0, (feature_weight, pair)
+
+
+def test_teacher_learns_from_the_student_unless_detached():
     student_features, student_logits = _pyramid([4, 8], [8, 4], 3, seed=3)
     teacher_features, teacher_logits = _pyramid([4, 8], [8, 4], 3, seed=4)
-    for tensor in (*student_features, *student_logits, *teacher_features, *teacher_logits):
-        tensor.requires_grad_()
     identity = nn.Identity()
     convs = {(0, 1): nn.Conv3d(4, 8, 1), (1, 0): nn.Conv3d(8, 4, 1)}
-    losses = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
-                         lambda s, t: convs.get((s, t), identity))
-    losses["total"].backward()
-    assert all(t.grad is None for t in (*teacher_features, *teacher_logits))
-    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (*student_features, *student_logits))
+    for detach in (False, True):
+        tensors = [t.clone().requires_grad_() for t in (*student_features, *student_logits, *teacher_features,
+                                                          *teacher_logits)]
+        students, teachers = tensors[:4], tensors[4:]
+        losses = adt_kd_loss(students[:2], students[2:], teachers[:2], teachers[2:],
+                             lambda s, t: convs.get((s, t), identity), detach_teacher=detach)
+        losses["total"].backward()
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in students)
+        if detach:
+            assert all(t.grad is None for t in teachers)
+        else:  # mutual learning (paper): the teacher's features and logits are pulled towards the student's
+            assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in teachers)
     only_features = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
                                 lambda s, t: convs.get((s, t), identity), logit_weight=0.0)
-    assert only_features["logit"].item() == 0.0 and only_features["total"].item() == pytest.approx(
-        losses["feature"].item())
+    assert only_features["logit"].item() == 0.0
+    assert only_features["total"].item() == pytest.approx(only_features["feature"].item())
 
 
 def test_binary_kl_is_zero_for_equal_maps_and_matches_formula():

@@ -99,3 +99,49 @@ def test_checkpoint_round_trip_restores_every_module(tmp_path):
     for key in ("codes", "reconstruction"):
         assert torch.equal(first[key], second[key])
     assert all(torch.equal(a, b) for a, b in zip(first["teacher_logits"], second["teacher_logits"], strict=True))
+
+
+def test_modality_codes_read_the_image_with_one_encoder_for_every_modality():
+    network = build()
+    torch.manual_seed(3)
+    image, other = torch.randn(16, 24, 20), torch.randn(16, 24, 20)
+    x = torch.stack([image, other, image, torch.randn(16, 24, 20)])[None]  # modality 2 repeats modality 0's image
+    with torch.no_grad():
+        codes = network.code_encoder(x)  # (1, M, G, N)
+        changed = network.code_encoder(torch.cat([other[None, None], x[:, 1:]], 1))
+    # shared weights: the same image gives the same code whichever modality slot it is in ...
+    assert torch.allclose(codes[0, 0], codes[0, 2], atol=1e-6)
+    # ... so codes can only differ by what the image shows: another image of modality 0 gives other codes
+    assert (changed[0, 0] - codes[0, 0]).abs().max() > 1e-3
+    assert torch.equal(changed[0, 1:], codes[0, 1:])
+    # the per-modality option (grouped weights) still exists for comparison
+    separate = build(shared_code_encoder=False)
+    with torch.no_grad():
+        per_modality = separate.code_encoder(x)
+    assert per_modality.shape == codes.shape and not torch.allclose(per_modality[0, 0], per_modality[0, 2])
+
+
+def test_distillation_pairs_all_start_with_weight_and_teacher_bank_is_learned():
+    from nnunet_missingmod.losses.distillation import adt_kd_loss, affinity, project_and_resize
+
+    network = build(teacher_full_resolution=True)
+    x = torch.randn(2, 4, 16, 16, 16)
+    _, aux = network.forward_with_aux(x)
+    for t, target in enumerate(aux["teacher_features"]):
+        for s, feature in enumerate(aux["student_features"]):
+            projected = project_and_resize(feature, network.kd_projection(s, t), target.shape[2:])
+            assert affinity(target.detach(), projected.detach()).item() > 0.05, (s, t)
+    # the teacher's feature bank fuses the region features with a learned convolution (no plain mean)
+    assert len(network.teacher_fusions) == len(aux["teacher_features"])
+    for feature_weight, logit_weight in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0)):  # full, feature-only, logit-only
+        network.zero_grad(set_to_none=True)
+        _, aux = network.forward_with_aux(x)
+        losses = adt_kd_loss(aux["student_features"], aux["student_logits"], aux["teacher_features"],
+                             aux["teacher_logits"], network.kd_projection, feature_weight=feature_weight,
+                             logit_weight=logit_weight)
+        (losses["total"] + losses["projection"]).backward()
+        for name, module in network.kd_projections.items():
+            for parameter in module.parameters():
+                assert parameter.grad is not None and parameter.grad.abs().sum() > 0, (feature_weight, name)
+        if feature_weight:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.teacher_fusions.parameters())

@@ -12,8 +12,9 @@ from nnunet_missingmod.trainers import D2NetTrainer, D2NetTrainer_noETM
 from nnunet_missingmod.trainers.d2net import LOSS_TERMS, VARIANTS
 from tests.conftest import E2E_DATASET, E2E_NAME, make_trainer, nnunet_script, run_checked
 
-#: What each ablation must change, and nothing else (the paper's Tables II and IV).
+#: What each variant must change, and nothing else (the paper's Table II ablations and its optimiser).
 ABLATIONS = {
+    "D2NetTrainer_adam": {"optimizer": "adam"},
     "D2NetTrainer_noSFMC": {"loss": {"w_spatial": 0.0, "w_frequency": 0.0}},
     "D2NetTrainer_spatialOnly": {"loss": {"w_frequency": 0.0}},
     "D2NetTrainer_frequencyOnly": {"loss": {"w_spatial": 0.0}},
@@ -49,7 +50,7 @@ def test_train_and_predict_with_nnunet_commands(trained_model, tmp_path):
 
 def test_total_loss_is_equation_11(trained_model, monkeypatch, tmp_path):
     weights = {"lambda1": 0.3, "lambda2": 2.0, "w_spatial": 0.5, "w_frequency": 1.5, "w_rec": 0.7,
-               "w_kd_feature": 1.1, "w_kd_logit": 0.9, "w_aux": 0.4, "w_consis": 3.0}
+               "w_kd_feature": 1.1, "w_kd_logit": 0.9, "w_aux": 0.4, "w_consis": 3.0, "warmup_epochs": 4}
     override = tmp_path / "override.json"
     override.write_text(json.dumps({"d2net": {"loss": weights}}))
     monkeypatch.setenv("nnUNet_missingmod_config", str(override))
@@ -60,15 +61,56 @@ def test_total_loss_is_equation_11(trained_model, monkeypatch, tmp_path):
     data = torch.randn(2, 4, 32, 32, 32)
     stages = len(trainer.configuration_manager.pool_op_kernel_sizes) - 1  # nnU-Net's deep-supervision targets
     target = [torch.randint(0, 2, (2, 3, 32 // 2 ** i, 32 // 2 ** i, 32 // 2 ** i)).float() for i in range(stages)]
+    trainer.current_epoch = 1  # second epoch of a 4-epoch warm-up: the auxiliary terms count half
     losses = trainer.compute_losses(data, target)
-    assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in LOSS_TERMS)
+    assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in LOSS_TERMS if k != "kd_projection")
+    assert losses["kd_projection"].item() == 0.0  # the feature term trains the projections
     w = weights
     expected = losses["seg"] \
-        + w["lambda1"] * (w["w_spatial"] * losses["sfmc_spatial"] + w["w_frequency"] * losses["sfmc_frequency"]
-                          + w["w_rec"] * losses["rec"]) \
-        + w["lambda2"] * (w["w_kd_feature"] * losses["kd_feature"] + w["w_kd_logit"] * losses["kd_logit"]
-                          + w["w_aux"] * losses["aux"] + w["w_consis"] * losses["consis"])
+        + 0.5 * w["lambda1"] * (w["w_spatial"] * losses["sfmc_spatial"] + w["w_frequency"] * losses["sfmc_frequency"]
+                                + w["w_rec"] * losses["rec"]) \
+        + 0.5 * w["lambda2"] * (w["w_kd_feature"] * losses["kd_feature"] + w["w_kd_logit"] * losses["kd_logit"]
+                                + w["w_aux"] * losses["aux"] + w["w_consis"] * losses["consis"])
     assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    trainer.current_epoch = 10  # after the warm-up: eq. 11 as written
+    assert trainer.auxiliary_ramp() == 1.0
+
+
+def test_logit_only_ablation_trains_its_projections(trained_model, monkeypatch):
+    from nnunet_missingmod.trainers import D2NetTrainer_logitKDOnly
+
+    trainer = _trainer(trained_model[0], monkeypatch, D2NetTrainer_logitKDOnly)
+    trainer.initialize()
+    np.random.seed(1)
+    data = torch.randn(2, 4, 32, 32, 32)
+    stages = len(trainer.configuration_manager.pool_op_kernel_sizes) - 1
+    target = [torch.randint(0, 2, (2, 3, 32 // 2 ** i, 32 // 2 ** i, 32 // 2 ** i)).float() for i in range(stages)]
+    losses = trainer.compute_losses(data, target)
+    assert losses["kd_feature"].item() == 0.0 and losses["kd_projection"].item() > 0
+    losses["total"].backward()
+    projections = [p for p in trainer.network.kd_projections.parameters()]
+    assert projections and all(p.grad is not None and p.grad.abs().sum() > 0 for p in projections)
+
+
+def test_optimizer_and_teacher_resolution_follow_the_config(trained_model, monkeypatch):
+    from nnunet_missingmod.trainers import D2NetTrainer_adam
+    from nnunet_missingmod.trainers.d2net import resolve_teacher_full_resolution
+
+    assert resolve_teacher_full_resolution("auto", "cuda") is True
+    assert resolve_teacher_full_resolution("auto", "cpu") is False
+    assert resolve_teacher_full_resolution(True, "cpu") is True
+    with pytest.raises(ValueError, match="teacher_full_resolution"):
+        resolve_teacher_full_resolution("yes", "cpu")
+    trainer = _trainer(trained_model[0], monkeypatch, D2NetTrainer_adam)
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(3e-4) and group["weight_decay"] == pytest.approx(5e-5)
+    assert trainer.num_epochs == 400
+    assert trainer.network.teacher_first_stage == 1  # "auto" on a CPU trainer
+    default = _trainer(trained_model[0], monkeypatch)
+    default.initialize()
+    assert isinstance(default.optimizer, torch.optim.SGD)
 
 
 def test_variants_change_only_their_config():
@@ -76,8 +118,13 @@ def test_variants_change_only_their_config():
     assert {cls.__name__ for cls in VARIANTS} == set(ABLATIONS)
     for variant in VARIANTS:
         shipped = json.loads((config_dir() / f"{variant.__name__}.json").read_text())
-        assert shipped == {"d2net": ABLATIONS[variant.__name__]}, variant.__name__
         resolved = load_trainer_config(variant)
+        if variant.__name__ == "D2NetTrainer_adam":  # the paper's recipe also sets nnU-Net's lr, decay and epochs
+            assert shipped == {"d2net": {"optimizer": "adam"},
+                               "nnunet": {"initial_lr": 3e-4, "weight_decay": 5e-5, "num_epochs": 400}}
+            assert resolved["d2net"] == {**base["d2net"], "optimizer": "adam"}
+            continue
+        assert shipped == {"d2net": ABLATIONS[variant.__name__]}, variant.__name__
         for section, changes in ABLATIONS[variant.__name__].items():
             assert set(changes) <= set(base["d2net"][section])  # no misspelt key slips through
             expected = {**base["d2net"][section], **changes}

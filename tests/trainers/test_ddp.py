@@ -75,3 +75,13 @@ def test_without_the_safety_net_ddp_fails(tmp_path):
     # the harness can fail: the same run without the zero-weighted sum is what nnU-Net's DDP rejects
     with pytest.raises(ProcessRaisedException, match="finished reduction"):
         run_ddp_steps(SharedLatentTrainerWithoutAnchor, region_batch, tmp_path, loss_fn=segmentation_only)
+
+
+@pytest.mark.parametrize("trainer_name", ["D2NetTrainer_noKD", "D2NetTrainer_logitKDOnly"])
+def test_d2net_ablations_step_identically_on_both_ranks(tmp_path, trainer_name):
+    """The ablations that leave parameters without gradient (_noKD) or train projections by their own term."""
+    import nnunet_missingmod.trainers as trainers
+
+    states = run_ddp_steps(getattr(trainers, trainer_name), region_batch, tmp_path)
+    assert_same_parameters(states)
+    assert any(k.startswith("code_encoder.") for k in states[0])  # the D²-Net network was trained
