@@ -13,7 +13,10 @@ geometry of the present ones, and ``modality_availability.json`` records which s
 really has. Cases without a segmentation go to ``imagesTs``.
 
 Every case is checked before anything appears: the dataset is built in a temporary folder and
-renamed into place only when all cases converted, so a bad case leaves nothing behind. Entries of the
+renamed into place only when all cases converted, so a bad case leaves nothing behind. Interrupted
+runs leave nothing running or half-written either: the worker processes die with the converter (also on
+SIGKILL), SIGTERM removes the temporary folder on the way out, and a run after a SIGKILL removes the one
+the killed run left (see :mod:`nnunet_missingmod.data.nifti`). Entries of the
 source folder that are not cases (an empty folder, cases one folder deeper, NIfTI files loose in the
 source, a folder without NIfTI files, a broken symbolic link) stop the conversion with a list of every
 one of them, so a dataset never silently holds fewer cases or sequences than the source. Every image is
@@ -26,9 +29,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,9 @@ from nnunet_missingmod.data.nifti import (
     check_image_file,
     check_overwrite,
     geometry_mismatch,
+    raise_on_sigterm,
     read_geometry,
+    worker_pool,
     write_nifti,
 )
 from nnunet_missingmod.data.raw_dataset import (
@@ -333,11 +336,12 @@ def convert_brats(source: str | os.PathLike, dataset_id: int, name: str, *, layo
     for case in tqdm(cases, desc="checking headers", unit="case", disable=not progress):
         check_case_headers(case)
     num_processes = num_processes or int(os.environ.get("nnUNet_def_n_proc", 2))
-    with atomic_output_folder(final, overwrite=overwrite, recognise=dataset_overwrite_problem) as staging:
+    with (raise_on_sigterm(),
+          atomic_output_folder(final, overwrite=overwrite, recognise=dataset_overwrite_problem) as staging):
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (staging / sub).mkdir()
         jobs = [(case, chosen, str(staging)) for case in cases]
-        with ProcessPoolExecutor(max_workers=max(1, num_processes), mp_context=get_context("spawn")) as pool:
+        with worker_pool(max(1, num_processes)) as pool:
             results = list(tqdm(pool.map(_convert_case, jobs), total=len(jobs), desc="converting", unit="case",
                                 disable=not progress))
         if not any((staging / "imagesTs").iterdir()):

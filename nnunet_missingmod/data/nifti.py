@@ -3,6 +3,12 @@
 Writing: :func:`write_nifti` (byte-identical for equal inputs) and :func:`atomic_output_folder` (a folder
 appears complete or not at all, and replaces only a folder the package itself wrote).
 
+Interruptions: the hidden staging folder is named ``.<name>.partial-<host>-<pid>-<random>``, so a later run
+removes what a killed run of the same host left (:func:`remove_stale_staging`, called by
+:func:`atomic_output_folder`); :func:`worker_pool` gives process pools whose workers die with their parent
+(Linux ``prctl(PR_SET_PDEATHSIG)``) and are stopped at once on an error, and :func:`raise_on_sigterm` turns
+SIGTERM into an exception, so the staging folder is removed on the way out.
+
 Reading: :func:`check_image_file` is the one check every command runs on an input image before using it:
 SimpleITK reads a truncated ``.nii.gz`` as an image padded with zeros, and NaN/Inf voxels pass through
 nnU-Net's normalisation unnoticed, so both are refused with an error naming the case and the file.
@@ -10,13 +16,21 @@ nnU-Net's normalisation unnoticed, so both are refused with an error naming the 
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -75,21 +89,24 @@ def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False,
     On an exception the temporary folder is removed and ``final`` is left as it was. An existing
     ``final`` is only replaced when ``overwrite`` is True and ``recognise`` accepts it as a folder the
     package wrote (checked on entry and again just before the swap), and only after the new one is complete.
+    Temporary folders that an earlier, killed run left beside ``final`` are removed first
+    (:func:`remove_stale_staging`).
 
     Raises:
         FileExistsError: if ``final`` exists and ``overwrite`` is False.
         OverwriteRefusedError: if ``final`` exists and is not a folder the package wrote (see :func:`check_overwrite`).
     """
     final = Path(final)
+    remove_stale_staging(final)
     check_overwrite(final, overwrite, recognise)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "partial"), dir=final.parent))
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
         yield staging
         check_overwrite(final, overwrite, recognise)  # it may have changed while the new folder was built
         if final.exists() or final.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            trash = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "old"), dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(staging, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -98,6 +115,142 @@ def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _host() -> str:
+    """This machine's name with every character but letters, digits, ``.`` and ``_`` replaced (no ``-``)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _staging_prefix(final: Path, kind: str) -> str:
+    """``.<name>.<kind>-<host>-<pid>-``: whose process a temporary folder beside ``final`` belongs to."""
+    return f".{final.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a process another user owns counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def remove_stale_staging(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders beside ``final`` that a run of this machine left when it was killed.
+
+    Only folders named by :func:`atomic_output_folder` (``.<name>.partial-<host>-<pid>-*`` and
+    ``.<name>.old-<host>-<pid>-*``) whose host is this one and whose process is gone are touched; those of a
+    running process, another machine (shared file systems) or an unknown naming are left alone. A run killed
+    in the middle of the final swap leaves the previous ``final`` in an ``.old-`` folder: it is moved back if
+    ``final`` is missing.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    for entry in sorted(final.parent.iterdir()):
+        for kind in ("partial", "old"):
+            prefix = f".{final.name}.{kind}-{_host()}-"
+            pid, _, suffix = entry.name[len(prefix):].partition("-")
+            if not (entry.name.startswith(prefix) and pid.isdigit() and suffix and "-" not in suffix):
+                continue
+            if not entry.is_dir() or entry.is_symlink() or process_alive(int(pid)):
+                continue
+            previous = entry / final.name
+            if kind == "old" and not (final.exists() or final.is_symlink()) and previous.exists():
+                os.replace(previous, final)
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+class Interrupted(RuntimeError):
+    """The command was stopped by a signal (SIGTERM); its temporary output is removed on the way out."""
+
+
+@contextmanager
+def raise_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` while the block runs, so ``finally``/``except`` clean-ups run.
+
+    Without it SIGTERM ends the process at once, leaving worker processes and temporary folders behind.
+    Only the main thread can install signal handlers; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; the unfinished output was removed and "
+                          f"nothing was written")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+#: ``prctl`` option that makes the kernel send a signal to a process when its parent ends (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: on Linux, have the kernel SIGKILL this worker when its parent process ends.
+
+    ``prctl(PR_SET_PDEATHSIG)`` fires when the parent dies however it dies (SIGKILL included), so no worker
+    outlives it; multiprocessing's resource tracker then sees its last user gone and exits too. If the parent
+    died before the call took effect, the worker exits at once. Elsewhere this does nothing.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+@contextmanager
+def worker_pool(num_processes: int) -> Iterator[ProcessPoolExecutor]:
+    """A spawn-context process pool whose workers die with this process and stop at once on any exception.
+
+    ``ProcessPoolExecutor``'s own ``with`` waits for every queued job even after an error or an interrupt; here
+    queued jobs are cancelled and the workers terminated, so an error, Ctrl-C or SIGTERM (with
+    :func:`raise_on_sigterm`) ends the command promptly and leaves no process behind.
+    """
+    pool = ProcessPoolExecutor(max_workers=num_processes, mp_context=get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        yield pool
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel a pool's queued jobs and end its workers now (terminate, then kill what is left after 5 s)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def _umask() -> int:

@@ -18,12 +18,25 @@ DDP: nnU-Net wraps the network in ``DistributedDataParallel(find_unused_paramete
 which a term has nothing to compare. :class:`MultiTermLossTrainer` therefore adds ``0 * sum(p)`` over all
 parameters to the total under DDP, so every parameter takes part in every backward pass (see
 :meth:`MultiTermLossTrainer.loss_for_backward` for why this rather than ``find_unused_parameters=True``).
+
+Numerical faults: every training step's losses are checked (on the values nnU-Net copies to the CPU anyway,
+so no extra synchronisation). A NaN or Inf loss stops training with :class:`NonFiniteLossError`, naming the
+epoch, the iteration and the non-finite term(s); the run ends before ``on_epoch_end``, so no checkpoint is
+written after the fault and the last one on disk holds finite weights from an earlier epoch. As a second
+guard, :meth:`MissingModTrainerBase.save_checkpoint` refuses to write weights that are not finite
+(:class:`NonFiniteWeightsError`). Under DDP the rank that sees the fault raises and ``torch.multiprocessing``
+ends the others.
+
+Resuming (``nnUNetv2_train ... --c``): all the state these trainers add lives in nnU-Net's checkpoint (network
+weights, including auxiliary heads; optimiser; the per-term loss logs in nnU-Net's logger), and the iteration
+counter restarts with each epoch. A resumed run whose trainer config differs from the one recorded in the fold
+folder says so in the training log.
 """
 
 from __future__ import annotations
 
 import json
-from os.path import join
+from os.path import isfile, join
 
 import numpy as np
 import torch
@@ -40,6 +53,24 @@ from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_bat
 CONFIG_FILE_NAME = "trainer_config.json"
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or Inf; the message names the epoch, the iteration and the term(s)."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """A checkpoint was about to be written with NaN or Inf weights; the message names the file and the tensors."""
+
+
+def non_finite_terms(outputs: dict) -> dict[str, float]:
+    """The entries of a ``train_step`` result that are not finite, as ``{name: value}`` (a mean for arrays)."""
+    bad = {}
+    for name, value in outputs.items():
+        array = np.asarray(value, dtype=np.float64)
+        if not np.all(np.isfinite(array)):
+            bad[name] = float(array.mean()) if array.size else float("nan")
+    return bad
+
+
 class MissingModTrainerBase(nnUNetTrainer):
     """nnUNetTrainer that reads its settings from the package's trainer configs.
 
@@ -50,6 +81,7 @@ class MissingModTrainerBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.iteration_in_epoch = 0  # training steps taken in the current epoch (for fault messages)
         self.trainer_config = load_trainer_config(type(self))
         for name, value in self.trainer_config.get("nnunet", {}).items():
             if not hasattr(self, name):
@@ -87,13 +119,74 @@ class MissingModTrainerBase(nnUNetTrainer):
         transforms.transforms.append(ZeroMissingModalitiesTransform(num_modalities=self.num_modalities))
         return transforms
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.iteration_in_epoch = 0
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's training step, stopped with :class:`NonFiniteLossError` when its loss is NaN or Inf."""
+        return self.check_finite_losses(super().train_step(batch))
+
+    def check_finite_losses(self, outputs: dict) -> dict:
+        """Count the step and return ``outputs``; raise :class:`NonFiniteLossError` if any loss in it is NaN/Inf.
+
+        ``outputs`` is what ``train_step`` returns: ``loss`` (the total that was back-propagated) and, for
+        :class:`MultiTermLossTrainer`, ``loss_<term>`` for each logged term.
+        """
+        self.iteration_in_epoch += 1
+        bad = non_finite_terms(outputs)
+        if not bad:
+            return outputs
+        terms = ", ".join(f"{'total' if name == 'loss' else name.removeprefix('loss_')}={value}"
+                          for name, value in bad.items())
+        message = (f"{type(self).__name__}: non-finite training loss in epoch {self.current_epoch}, iteration "
+                   f"{self.iteration_in_epoch} of {self.num_iterations_per_epoch}: {terms}. Training stopped; no "
+                   f"checkpoint was written after this step, so the checkpoints in {self.output_folder} hold the "
+                   f"finite weights of earlier epochs. Lower the learning rate (trainer config section 'nnunet', "
+                   f"'initial_lr') or the weight of the failing term, check the data, then resume with "
+                   f"nnUNetv2_train ... --c")
+        self.print_to_log_file(message)
+        raise NonFiniteLossError(message)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, refused (:class:`NonFiniteWeightsError`) if any weight is NaN or Inf."""
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            network = self.network.module if self.is_ddp else self.network
+            bad = [name for name, tensor in network.state_dict().items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+            if bad:
+                message = (f"{type(self).__name__}: refusing to write {filename}: {len(bad)} weight tensor(s) hold "
+                           f"NaN/Inf values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}) in epoch "
+                           f"{self.current_epoch}; the checkpoints already on disk are kept")
+                self.print_to_log_file(message)
+                raise NonFiniteWeightsError(message)
+        super().save_checkpoint(filename)
+
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.local_rank == 0:
+            self._note_config_change_on_resume()
             with open(join(self.output_folder, CONFIG_FILE_NAME), "w") as f:
                 json.dump({"trainer": type(self).__name__, **self.trainer_config}, f, indent=4)
             self.print_to_log_file(f"{type(self).__name__} config:\n{json.dumps(self.trainer_config, indent=2)}",
                                    also_print_to_console=False)
+
+    def _note_config_change_on_resume(self) -> None:
+        """On a resumed run (epoch > 0), log which config sections differ from those the run started with."""
+        recorded = join(self.output_folder, CONFIG_FILE_NAME)
+        if self.current_epoch == 0 or not isfile(recorded):
+            return
+        try:
+            with open(recorded) as f:
+                before = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return
+        before.pop("trainer", None)
+        changed = sorted(k for k in {*before, *self.trainer_config} if before.get(k) != self.trainer_config.get(k))
+        if changed:
+            self.print_to_log_file(f"WARNING: resuming at epoch {self.current_epoch} with a trainer config that "
+                                   f"differs from the recorded one in section(s) {changed}; the run continues with "
+                                   f"the current config")
 
 
 class MultiTermLossTrainer(MissingModTrainerBase):
@@ -161,8 +254,8 @@ class MultiTermLossTrainer(MissingModTrainerBase):
             total.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        return {"loss": losses["total"].detach().cpu().numpy(),
-                **{f"loss_{k}": losses[k].detach().cpu().numpy() for k in self.loss_terms}}
+        return self.check_finite_losses({"loss": losses["total"].detach().cpu().numpy(),
+                                         **{f"loss_{k}": losses[k].detach().cpu().numpy() for k in self.loss_terms}})
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
