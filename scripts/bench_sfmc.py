@@ -135,10 +135,11 @@ def main() -> None:
         for temperature in args.temperatures:
             result = train(shared, temperature, train_volumes, test_volumes, patch, args.steps, args.seed)
             results.append(result)
+            (out / "results.json").write_text(json.dumps({"args": vars(args), "patch": patch, "results": results},
+                                                         indent=1))  # after every run: an interrupted bench keeps them
             print(f"E_M {'shared' if shared else 'per-modality'} τ={temperature}: spatial/ref "
                   f"{result['spatial/ref']:.3f} frequency/ref {result['frequency/ref']:.3f} accuracy "
                   f"{result['accuracy']:.3f} spread {result['spread']:.3f} ({result['seconds']:.0f} s)", flush=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "patch": patch, "results": results}, indent=1))
     lines = ["| E_M | τ | spatial / uninformative | frequency / uninformative | modality accuracy | spread |",
              "|---|---|---|---|---|---|"]
     for r in results:

@@ -4,10 +4,11 @@ Yang et al., "D²-Net: Dual Disentanglement Network for Brain Tumor Segmentation
 Modalities", IEEE TMI 2022:
 
 * L_ADT-KD (eq. 8-9): for every pair of a student decoder stage s and a teacher decoder stage t,
-  the student's features are resized to the teacher's grid and projected to its channels, the
-  affinity ``a_{s,t}`` is the global average of the normalised Hadamard product of the two feature
-  maps, and the pair contributes ``a_{s,t} (‖F_t − F_s‖ + KL(p_t ‖ p_s))``, the KL per region on
-  sigmoid probabilities of the stages' auxiliary heads;
+  the student's features are resized to the teacher's grid, the teacher's features (its C region
+  features, concatenated) are mapped to the student's channels, the affinity ``a_{s,t}`` is the global
+  average of the normalised Hadamard product of the two maps, and the pair contributes
+  ``a_{s,t} (‖Q(F_t) − F_s‖ + KL(p_t ‖ p_s))``, the KL per region on sigmoid probabilities of the
+  stages' auxiliary heads;
 * L_aux (eq. 7): binary cross-entropy of each teacher map against its region mask;
 * L_consis: squared distance between the final teacher and student probabilities;
 * L_rec (eq. 6): mean squared error of the reconstructed modalities.
@@ -23,15 +24,16 @@ Normalisation and choices (what λ2 = 1 means here):
   regions, so the loss does not grow with the patch size; the pair sum is divided by N_s·N_t (the
   paper sums over pairs) so that λ2 does not depend on the network depth. With these means, λ2 = 1
   here weighs the terms differently from the paper's λ2 = 1 on sums;
-* the student's features are mapped to the teacher's channels by a learned 1x1x1 projection per
-  pair, trained through the feature term. When the feature term is off (logit-only ablation) the
-  affinities still need the projections, and nothing else would train them (their affinities would
-  be frozen random numbers): there they are fitted by their own term ``‖P(sg F_s) − sg F_t‖²`` (sg:
-  no gradient to the networks, so it only moves P);
+* the learned 1x1x1 map Q per pair sits on the teacher's side and fuses its region features into the
+  student's channels (the paper's two decoders have equal widths; ours differ, and the regions are
+  kept apart). The student's side is the student's own features, shaped by L_seg, so the feature term
+  cannot be driven to 0 by shrinking learned maps on both sides. Q is trained through the feature
+  term; when that term is off (logit-only ablation) the affinities still need Q, and nothing else
+  would train it (its affinities would be frozen random numbers): there it is fitted by its own term
+  ``‖Q(sg F_t) − sg F_s‖²`` (sg: no gradient to the networks, so it only moves Q);
 * ``detach_teacher`` (default False, as in the paper: "the teacher can also learn holistic ... from
   the student", mutual learning) stops the distillation gradient at the teacher when set;
-* the 1x1x1 projection and the trilinear resize commute (both linear, interpolation weights sum to
-  1), so the projection runs on whichever side is smaller;
+* the affinity is one number per stage pair and batch (the mean over samples and voxels);
 * L_aux is summed over all teacher stages with nnU-Net's deep-supervision weights;
 * L_rec covers the modalities available in the sample (the reconstruction of a dropped modality from
   its code would have no input to come from).
@@ -53,13 +55,6 @@ def resize(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(volume, size=tuple(size), mode="trilinear", align_corners=False)
 
 
-def project_and_resize(student_feature: torch.Tensor, projection: nn.Module, size: Sequence[int]) -> torch.Tensor:
-    """``resize(projection(F_s))``, computed in the cheaper order (the two operations commute)."""
-    if student_feature.shape[2:].numel() > torch.Size(size).numel():
-        return projection(resize(student_feature, size))
-    return resize(projection(student_feature), size)
-
-
 def affinity(teacher_feature: torch.Tensor, student_feature: torch.Tensor) -> torch.Tensor:
     """a_{s,t} = (1 + c) / 2, c the mean over voxels (and the batch) of the channel vectors' cosine similarity."""
     product = F.normalize(teacher_feature.float(), dim=1) * F.normalize(student_feature.float(), dim=1)
@@ -79,39 +74,41 @@ def adt_kd_loss(student_features: Sequence[torch.Tensor], student_logits: Sequen
                 teacher_features: Sequence[torch.Tensor], teacher_logits: Sequence[torch.Tensor],
                 projection: Callable[[int, int], nn.Module], *, feature_weight: float = 1.0,
                 logit_weight: float = 1.0, detach_teacher: bool = False) -> dict[str, torch.Tensor]:
-    """L_ADT-KD over all N_s × N_t stage pairs (eq. 8-9, scaled by 1 / (N_s N_t)) and the projections' fit.
+    """L_ADT-KD over all N_s × N_t stage pairs (eq. 8-9, scaled by 1 / (N_s N_t)) and the maps' fit.
 
     Args:
         student_features, student_logits: per student stage, (B, C_s, *S_s) and (B, R, *S_s).
-        teacher_features, teacher_logits: per teacher stage, (B, C_t, *S_t) and (B, R, *S_t).
-        projection: ``projection(s, t)`` maps C_s to C_t channels (``nn.Identity`` where they agree).
+        teacher_features, teacher_logits: per teacher stage, (B, C_t, *S_t) (the region features concatenated)
+            and (B, R, *S_t).
+        projection: ``projection(s, t)`` maps the teacher's C_t channels to the student's C_s (Q above).
         feature_weight, logit_weight: weights of the feature and KL terms (ablations set one to 0).
-        detach_teacher: no distillation gradient into the teacher (the paper lets the teacher learn too).
+        detach_teacher: no distillation gradient into the teacher (the paper lets the teacher learn too);
+            Q is still trained.
 
     Returns:
-        ``{"feature": Σ a·‖F_t − F_s‖, "logit": Σ a·KL, "total": feature_weight * feature + logit_weight * logit,
-        "projection": Σ ‖P(sg F_s) − sg F_t‖²}``, each divided by N_s·N_t. ``projection`` is computed only when
-        the feature term is off and the logit term on (else 0); it trains only the projections.
+        ``{"feature": Σ a·‖Q(F_t) − F_s‖, "logit": Σ a·KL, "total": feature_weight * feature + logit_weight * logit,
+        "projection": Σ ‖Q(sg F_t) − sg F_s‖²}``, each divided by N_s·N_t. ``projection`` is computed only when
+        the feature term is off and the logit term on (else 0); it trains only the maps Q.
     """
     pairs = len(student_features) * len(teacher_features)
     zero = student_features[0].sum() * 0.0
     feature_term, logit_term, projection_term = zero, zero, zero
-    for t, (target_feature, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
-        target_feature = target_feature.float()
+    for t, (teacher_feature, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
         if detach_teacher:
-            target_feature, target_logits = target_feature.detach(), target_logits.detach()
-        size = target_feature.shape[2:]
+            teacher_feature, target_logits = teacher_feature.detach(), target_logits.detach()
+        size = teacher_feature.shape[2:]
         for s, (feature, logits) in enumerate(zip(student_features, student_logits, strict=True)):
             mapping = projection(s, t)
-            projected = project_and_resize(feature, mapping, size)
-            weight = affinity(target_feature.detach(), projected.detach())
+            student = resize(feature, size).float()  # (B, C_s, *S_t)
+            mapped = mapping(teacher_feature).float()  # (B, C_s, *S_t)
+            weight = affinity(mapped.detach(), student.detach())
             if feature_weight:
-                feature_term = feature_term + weight * (projected.float() - target_feature).pow(2).mean()
+                feature_term = feature_term + weight * (mapped - student).pow(2).mean()
             if logit_weight:
                 logit_term = logit_term + weight * binary_kl(target_logits, resize(logits, size))
-            if logit_weight and not feature_weight and any(True for _ in mapping.parameters()):
-                fitted = project_and_resize(feature.detach(), mapping, size)
-                projection_term = projection_term + (fitted.float() - target_feature.detach()).pow(2).mean()
+            if logit_weight and not feature_weight:
+                fitted = mapping(teacher_feature.detach()).float()
+                projection_term = projection_term + (fitted - student.detach()).pow(2).mean()
     feature_term, logit_term, projection_term = feature_term / pairs, logit_term / pairs, projection_term / pairs
     return {"feature": feature_term, "logit": logit_term, "projection": projection_term,
             "total": feature_weight * feature_term + logit_weight * logit_term}

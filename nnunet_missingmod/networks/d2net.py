@@ -18,10 +18,11 @@ Parts (names as in the paper; the losses live in :mod:`nnunet_missingmod.losses`
 * **E_R** (region encoders): residual 3x3x3 blocks with AdaIN conditioned on ``tumour_codes[:, c]``
   turn ``z`` into one region-specific feature F_c per region.
 * **D^T** (disentangled binary teacher): one decoder, shared by the regions, applied to each F_c with
-  E_T's skips; one sigmoid map per region, with a head at every stage (auxiliary classifiers). The
-  teacher's feature bank for distillation fuses the C region features of each stage with a learned
-  1x1x1 convolution (the authors fuse them with a learned convolution too), so the region-specific
-  signal reaches the student instead of being averaged away.
+  E_T's skips; one sigmoid map per region, with a head at every stage (auxiliary classifiers). For
+  distillation, each teacher stage's C region features are kept apart (concatenated, not averaged),
+  and a learned 1x1x1 convolution per stage pair fuses them into the student stage's channels (the
+  authors fuse the region features with a learned convolution too). The student side is the student's
+  own features, so the distillation target cannot be shrunk away by the learned maps.
 * **Fusion**: two convolutions and a squeeze-and-excitation block over the concatenated F_c -> F'.
 * **D^S** (holistic student): the plans' U-Net decoder on F' and E_T's skips, with nnU-Net's deep
   supervision heads at every stage; this is the network's prediction.
@@ -53,6 +54,12 @@ Deviations from the paper, and why:
   cuts keep the training step within the benchmark's 2.5x of a plain U-Net;
 * with ``tumour_projection`` off (ablation "w/o E_TM") every region is conditioned on the mean of the
   available modality codes;
+* E_M is one encoder shared by all modalities (the authors' code; the paper writes one encoder per
+  modality): with separate weights a constant code per modality, which never looks at the image, is
+  already an optimum of L_SFMC. It has two in-plane-strided convolution stages with instance
+  normalisation and a 1x1x1 output convolution (the paper: four layers with batch normalisation);
+* the teacher's region features are fused per distillation pair by a learned convolution into the
+  student stage's channels (the paper's teacher and student have equal widths and need no map);
 * 3D configurations only (the codes are per slice of a volume).
 """
 
@@ -71,7 +78,7 @@ from nnunet_missingmod.networks.blocks import AdaINResidualBlock, SliceAdaIN, Sq
 from nnunet_missingmod.networks.shared_latent import availability_from_input, fuse_mean
 
 TRAINING_ONLY_PREFIXES = ("teacher_skip_projections.", "teacher_bottleneck_projection.", "teacher.",
-                          "teacher_fusions.", "reconstruction.", "kd_projections.")
+                          "reconstruction.", "kd_projections.")
 
 
 def _scaled(channels: list[int], fraction: float) -> list[int]:
@@ -119,13 +126,13 @@ class ModalityCodeEncoder(nn.Module):
 
 
 class TumourModalityProjection(nn.Module):
-    """E_TM: three 1x1x1 convolutions from the M modality codes to C tumour-region codes, per slice."""
+    """E_TM: a linear transformation (three 1x1x1 convolutions, no activation between them, as the paper's
+    "linear transformation" and the authors' code) from the M modality codes to C tumour-region codes, per slice."""
 
     def __init__(self, num_modalities: int, num_regions: int, code_dim: int) -> None:
         super().__init__()
         width = num_modalities * code_dim
-        self.layers = nn.Sequential(nn.Conv1d(width, width, 1), nn.LeakyReLU(0.01, inplace=True),
-                                    nn.Conv1d(width, width, 1), nn.LeakyReLU(0.01, inplace=True),
+        self.layers = nn.Sequential(nn.Conv1d(width, width, 1), nn.Conv1d(width, width, 1),
                                     nn.Conv1d(width, num_regions * code_dim, 1))
         self.num_regions, self.code_dim = num_regions, code_dim
 
@@ -195,14 +202,15 @@ class D2Net(nn.Module):
     """D²-Net on the plans' U-Net (see the module docstring for the parts and deviations).
 
     Args:
-        num_modalities: input channels M (one code encoder each).
+        num_modalities: input channels M.
         num_regions: output channels C; one sigmoid per region (nnU-Net region-based training).
         arch_class_name, arch_kwargs, arch_kwargs_req_import: the configuration's network from the plans.
         deep_supervision: training network (deep supervision, teacher, reconstruction, distillation
             projections) when True; inference network otherwise.
         code_dim: N, length of the modality and tumour codes.
         code_encoder_features: channels of E_M's stages.
-        shared_code_encoder: one E_M for every modality (paper, authors' code) instead of one per modality.
+        shared_code_encoder: one E_M for every modality (the authors' code) instead of one per modality (the
+            paper's notation E_M = {E_M^1, ..., E_M^M}).
         region_blocks: residual AdaIN blocks per region in E_R.
         tumour_projection: use E_TM (False: ablation "w/o E_TM").
         teacher_feature_fraction: width of D^T relative to the plans' decoder.
@@ -255,13 +263,11 @@ class D2Net(nn.Module):
             decoder_convs = arch_kwargs["n_conv_per_stage_decoder"]
             decoder_convs = [decoder_convs] * (len(channels) - 1) if isinstance(decoder_convs, int) else decoder_convs
             self.teacher = UNetDecoder(teacher_layout, 1, list(decoder_convs)[:len(teacher_channels) - 1], True)
-            # the teacher's feature bank: the C region features of each stage fused by a learned 1x1x1 convolution
-            self.teacher_fusions = nn.ModuleList([nn.Conv3d(num_regions * t, t, 1) for t in teacher_channels[:-1]])
             self.reconstruction = ReconstructionDecoder(channels, self.encoder.strides, code_dim,
                                                         reconstruction_feature_fraction)
+            # per stage pair: the C region features of teacher stage t fused to student stage s's channels
             self.kd_projections = nn.ModuleDict({
-                f"{s}_{t}": nn.Conv3d(channels[s], teacher_channels[t], 1) if channels[s] != teacher_channels[t]
-                else nn.Identity()
+                f"{s}_{t}": nn.Conv3d(num_regions * teacher_channels[t], channels[s], 1)
                 for s in range(len(channels) - 1) for t in range(len(teacher_channels) - 1)})
         self.apply(InitWeights_He(1e-2))
 
@@ -295,7 +301,7 @@ class D2Net(nn.Module):
 
     # --- training ------------------------------------------------------------------------------------------------
     def run_teacher(self, encoded: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """D^T on every F_c (batched over regions): per stage the fused region features and (B, C, ...) logits.
+        """D^T on every F_c (batched over regions): per stage the C region features, concatenated, and the logits.
 
         The stages are the student's from ``teacher_first_stage`` on (largest first).
         """
@@ -306,8 +312,7 @@ class D2Net(nn.Module):
         bottleneck = torch.stack([self.teacher_bottleneck_projection(f) for f in encoded["region_features"]], 1)
         skips.append(bottleneck.flatten(0, 1))  # (B * C, Ct, ...)
         features, logits = decode_with_features(self.teacher, skips)
-        features = [fusion(f.reshape(batch, regions * f.shape[1], *f.shape[2:]))  # (B, C * Ct, ...) -> (B, Ct, ...)
-                    for fusion, f in zip(self.teacher_fusions, features, strict=True)]
+        features = [f.reshape(batch, regions * f.shape[1], *f.shape[2:]) for f in features]  # (B, C * Ct, ...)
         logits = [p.view(batch, regions, *p.shape[2:]) for p in logits]  # (B, C, ...)
         return features, logits
 
@@ -328,6 +333,7 @@ class D2Net(nn.Module):
         return output, aux
 
     def kd_projection(self, student_stage: int, teacher_stage: int) -> nn.Module:
+        """The learned map from teacher stage t's concatenated region features to student stage s's channels."""
         return self.kd_projections[f"{student_stage}_{teacher_stage}"]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -43,7 +43,13 @@ Deviations from the paper, and why:
   for L_rec and L_sim, so that alpha of eq. 3 weighs comparable quantities;
 * a modality counts as available when its channel is not exactly zero (nnU-Net's convention for a
   missing modality); training passes the dropout's availability mask explicitly. A sample without any
-  non-zero channel (a background-only patch) fuses all modalities, which are all zero anyway.
+  available modality (a background-only patch) fuses to exactly 0 in training; at inference every
+  channel of such a patch is zero and the mean over all four encoders is taken (their outputs for a
+  zero input are close to, not exactly, 0: a negligible difference on background);
+* one normalisation module per level, shared by the modalities: with instance normalisation without
+  running statistics (nnU-Net's plans) this equals the paper's per-modality statistics; plans with batch
+  normalisation would share the statistics across modalities, zeroed ones included;
+* the optimiser is nnU-Net's SGD with its poly schedule (the paper: SGD at a learning rate of 0.3).
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ is in the checkpoint), and plotted to ``progress_d2net.png`` next to nnU-Net's `
 ``sfmc_uninformative``, the value each L_SFMC term takes for codes that ignore the image (not part of the
 loss): the contrastive terms only teach the codes something once they fall below it.
 
-The ablations of the paper's Table II are variants that only change the config:
-``D2NetTrainer_noSFMC``, ``_spatialOnly``, ``_frequencyOnly``, ``_noKD``, ``_featureKDOnly``,
-``_logitKDOnly`` and ``_noETM``.
+The ablations of the paper's Table II (rows 1-7; row 8 is D2NetTrainer) and Table IV are variants that
+only change the config: ``D2NetTrainer_baseline``, ``_spatialOnly``, ``_frequencyOnly``, ``_noKD``,
+``_featureKDOnly``, ``_logitKDOnly``, ``_noSFMC`` (Table II) and ``_noETM`` (Table IV).
 
 Deviation: D²-Net needs one binary map per tumour region, so the dataset must use nnU-Net's
 region-based training (``regions_class_order`` in ``dataset.json``, as the BraTS datasets of this
@@ -222,38 +222,42 @@ def plot_loss_terms(history: dict, filename: str) -> None:
         plt.close(fig)
 
 
-class D2NetTrainer_noSFMC(D2NetTrainer):  # noqa: N801 (nnU-Net's variant naming)
-    """Ablation: no spatial-frequency modality contrastive loss (Table II)."""
+class D2NetTrainer_baseline(D2NetTrainer):  # noqa: N801 (nnU-Net's variant naming)
+    """Table II, row 1: neither SFMC nor ADT-KD (the network, L_rec, L_aux and L_consis remain)."""
 
 
 class D2NetTrainer_spatialOnly(D2NetTrainer):  # noqa: N801
-    """Ablation: SFMC with the spatial term only (Table II)."""
+    """Table II, row 2: the spatial contrastive term only (no frequency term, no distillation)."""
 
 
 class D2NetTrainer_frequencyOnly(D2NetTrainer):  # noqa: N801
-    """Ablation: SFMC with the frequency term only (Table II)."""
+    """Table II, row 3: the frequency contrastive term only (no spatial term, no distillation)."""
 
 
 class D2NetTrainer_noKD(D2NetTrainer):  # noqa: N801
-    """Ablation: no affinity-guided dense distillation (Table II)."""
+    """Table II, row 4: SFMC (spatial + frequency) without distillation."""
 
 
 class D2NetTrainer_featureKDOnly(D2NetTrainer):  # noqa: N801
-    """Ablation: feature-level distillation only (Table II)."""
+    """Table II, row 5: feature-level distillation only (no logit term, no SFMC)."""
 
 
 class D2NetTrainer_logitKDOnly(D2NetTrainer):  # noqa: N801
-    """Ablation: logit-level (KL) distillation only (Table II)."""
+    """Table II, row 6: logit-level (KL) distillation only (no feature term, no SFMC)."""
+
+
+class D2NetTrainer_noSFMC(D2NetTrainer):  # noqa: N801
+    """Table II, row 7: both distillation terms without SFMC."""
 
 
 class D2NetTrainer_noETM(D2NetTrainer):  # noqa: N801
-    """Ablation: no tumour modality projection E_TM; every region is conditioned on the mean modality code."""
+    """Table IV: no tumour modality projection E_TM; every region is conditioned on the mean modality code."""
 
 
 class D2NetTrainer_adam(D2NetTrainer):  # noqa: N801
     """The paper's optimiser: Adam, lr 3e-4, weight decay 5e-5, 400 epochs (Sec. IV-B)."""
 
 
-VARIANTS = (D2NetTrainer_adam, D2NetTrainer_noSFMC, D2NetTrainer_spatialOnly, D2NetTrainer_frequencyOnly,
-            D2NetTrainer_noKD,
+VARIANTS = (D2NetTrainer_adam, D2NetTrainer_baseline, D2NetTrainer_noSFMC, D2NetTrainer_spatialOnly,
+            D2NetTrainer_frequencyOnly, D2NetTrainer_noKD,
             D2NetTrainer_featureKDOnly, D2NetTrainer_logitKDOnly, D2NetTrainer_noETM)

@@ -49,6 +49,14 @@ class SharedLatentTrainer(MultiTermLossTrainer):
 
     loss_terms = ("seg", "sim", "rec")
 
+    def initialize(self) -> None:
+        # the reconstruction decoder exists only in the deep-supervision (training) network: without it L_rec
+        # would silently be 0 while (1 - alpha) still weighs it
+        if self.trainer_config["shared_latent"]["reconstruction"] and not self.enable_deep_supervision:
+            raise ValueError(f"{type(self).__name__} builds its reconstruction decoder with deep supervision; keep "
+                             "nnunet.enable_deep_supervision true, or set shared_latent.reconstruction to false")
+        super().initialize()
+
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,

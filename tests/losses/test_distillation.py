@@ -10,6 +10,7 @@ from torch import nn
 
 from nnunet_missingmod.losses.distillation import (
     adt_kd_loss,
+    affinity,
     auxiliary_loss,
     binary_kl,
     consistency_loss,
@@ -22,30 +23,30 @@ def sigmoid(x):
 
 
 def naive_adt_kd(student_features, student_logits, teacher_features, teacher_logits, projections):
-    """Σ_s Σ_t a_{s,t} (‖F_t − F_s‖ + KL) / (N_s N_t), voxel by voxel (projection first, then resize).
+    """Σ_s Σ_t a_{s,t} (‖Q(F_t) − F_s‖ + KL) / (N_s N_t), voxel by voxel on the teacher's grid.
 
-    a_{s,t} = (1 + mean cosine) / 2. Also returns Σ ‖P(F_s) − F_t‖² / (N_s N_t), the projections' fit.
+    Q = projections[(s, t)] maps the teacher's channels to the student's; the student is resized to the
+    teacher's grid; a_{s,t} = (1 + mean cosine) / 2. Also returns Σ ‖Q(F_t) − F_s‖² / (N_s N_t), the maps' fit.
     """
     feature_sum, logit_sum, fit_sum = 0.0, 0.0, 0.0
-    for t, (target, target_logits) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
-        size = target.shape[2:]
-        target = target.detach().numpy()
-        p_teacher = sigmoid(target_logits.detach().numpy())
+    for t, (teacher, teacher_logits_t) in enumerate(zip(teacher_features, teacher_logits, strict=True)):
+        size = teacher.shape[2:]
+        p_teacher = sigmoid(teacher_logits_t.detach().numpy())
         for s, (feature, logits) in enumerate(zip(student_features, student_logits, strict=True)):
             with torch.no_grad():
-                projected = F.interpolate(projections[(s, t)](feature), size=size, mode="trilinear",
-                                          align_corners=False).numpy()
+                mapped = projections[(s, t)](teacher).numpy()
+                student = F.interpolate(feature, size=size, mode="trilinear", align_corners=False).numpy()
                 p_student = sigmoid(F.interpolate(logits, size=size, mode="trilinear",
                                                   align_corners=False).numpy())
-            batch, _, *spatial = target.shape
+            batch, _, *spatial = mapped.shape
             cosines = []
             for b in range(batch):
                 for voxel in np.ndindex(*spatial):
-                    u = target[(b, slice(None), *voxel)]
-                    v = projected[(b, slice(None), *voxel)]
+                    u = mapped[(b, slice(None), *voxel)]
+                    v = student[(b, slice(None), *voxel)]
                     cosines.append(float(u @ v) / (max(np.linalg.norm(u), 1e-12) * max(np.linalg.norm(v), 1e-12)))
             weight = (1.0 + float(np.mean(cosines))) / 2.0
-            squared = float(np.mean((target - projected) ** 2))
+            squared = float(np.mean((mapped - student) ** 2))
             fit_sum += squared
             kl = p_teacher * np.log(p_teacher / p_student) + (1 - p_teacher) * np.log((1 - p_teacher) / (1 - p_student))
             feature_sum += weight * squared
@@ -65,7 +66,7 @@ def test_adt_kd_matches_naive_loop_over_all_stage_pairs():
     torch.manual_seed(0)
     student_features, student_logits = _pyramid([6, 10, 12], [8, 4, 2], 3, seed=1)
     teacher_features, teacher_logits = _pyramid([3, 6], [4, 2], 3, seed=2)
-    projections = {(s, t): nn.Conv3d(sf.shape[1], tf.shape[1], 1)
+    projections = {(s, t): nn.Conv3d(tf.shape[1], sf.shape[1], 1)
                    for s, sf in enumerate(student_features) for t, tf in enumerate(teacher_features)}
     ours = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
                        lambda s, t: projections[(s, t)], feature_weight=0.7, logit_weight=1.3)
@@ -92,7 +93,7 @@ def test_every_pair_keeps_a_positive_weight_and_every_projection_learns():
     student_features, student_logits = _pyramid([6, 10], [8, 4], 3, seed=5)
     teacher_features, teacher_logits = _pyramid([3, 6], [4, 2], 3, seed=6)
     for feature_weight, logit_weight in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0)):
-        projections = {(s, t): nn.Conv3d(sf.shape[1], tf.shape[1], 1)
+        projections = {(s, t): nn.Conv3d(tf.shape[1], sf.shape[1], 1)
                        for s, sf in enumerate(student_features) for t, tf in enumerate(teacher_features)}
         for conv in projections.values():  # start every pair opposed: a clamped cosine would switch them all off
             nn.init.constant_(conv.weight, -0.2)
@@ -109,7 +110,7 @@ def test_teacher_learns_from_the_student_unless_detached():
     student_features, student_logits = _pyramid([4, 8], [8, 4], 3, seed=3)
     teacher_features, teacher_logits = _pyramid([4, 8], [8, 4], 3, seed=4)
     identity = nn.Identity()
-    convs = {(0, 1): nn.Conv3d(4, 8, 1), (1, 0): nn.Conv3d(8, 4, 1)}
+    convs = {(0, 1): nn.Conv3d(8, 4, 1), (1, 0): nn.Conv3d(4, 8, 1)}
     for detach in (False, True):
         tensors = [t.clone().requires_grad_() for t in (*student_features, *student_logits, *teacher_features,
                                                           *teacher_logits)]
@@ -160,3 +161,21 @@ def test_consistency_and_reconstruction_losses():
     per_pair = [float(np.mean((rebuilt[b, m].numpy() - image[b, m].numpy()) ** 2))
                 for b in range(2) for m in range(4) if available[b, m]]
     assert reconstruction_loss(rebuilt, image, available).item() == pytest.approx(np.mean(per_pair), rel=1e-5)
+
+
+def test_learned_maps_cannot_shrink_the_feature_target_away():
+    """Only the teacher side has a learned map: fitting it to unrelated features leaves the student's variance."""
+    student_features, student_logits = _pyramid([6], [4], 3, seed=7)
+    teacher_features, teacher_logits = _pyramid([5], [4], 3, seed=8)  # unrelated to the student
+    mapping = nn.Conv3d(5, 6, 1)
+    optimiser = torch.optim.SGD(mapping.parameters(), lr=0.01, momentum=0.99)
+    for _ in range(300):
+        losses = adt_kd_loss(student_features, student_logits, teacher_features, teacher_logits,
+                             lambda s, t: mapping, logit_weight=0.0)
+        optimiser.zero_grad()
+        losses["total"].backward()
+        optimiser.step()
+    # the best a linear map of unrelated features can do is the student's variance per channel (~0.36 for |N(0,1)|)
+    variance = student_features[0].var(dim=(0, 2, 3, 4)).mean().item()
+    weight = affinity(mapping(teacher_features[0]).detach(), student_features[0]).item()
+    assert losses["feature"].item() > 0.5 * weight * variance > 0.05

@@ -12,15 +12,16 @@ from nnunet_missingmod.trainers import D2NetTrainer, D2NetTrainer_noETM
 from nnunet_missingmod.trainers.d2net import LOSS_TERMS, VARIANTS
 from tests.conftest import E2E_DATASET, E2E_NAME, make_trainer, nnunet_script, run_checked
 
-#: What each variant must change, and nothing else (the paper's Table II ablations and its optimiser).
+#: What each variant must change, and nothing else (the paper's Table II and IV ablations and its optimiser).
 ABLATIONS = {
     "D2NetTrainer_adam": {"optimizer": "adam"},
-    "D2NetTrainer_noSFMC": {"loss": {"w_spatial": 0.0, "w_frequency": 0.0}},
-    "D2NetTrainer_spatialOnly": {"loss": {"w_frequency": 0.0}},
-    "D2NetTrainer_frequencyOnly": {"loss": {"w_spatial": 0.0}},
+    "D2NetTrainer_baseline": {"loss": {"w_spatial": 0.0, "w_frequency": 0.0, "w_kd_feature": 0.0, "w_kd_logit": 0.0}},
+    "D2NetTrainer_spatialOnly": {"loss": {"w_frequency": 0.0, "w_kd_feature": 0.0, "w_kd_logit": 0.0}},
+    "D2NetTrainer_frequencyOnly": {"loss": {"w_spatial": 0.0, "w_kd_feature": 0.0, "w_kd_logit": 0.0}},
     "D2NetTrainer_noKD": {"loss": {"w_kd_feature": 0.0, "w_kd_logit": 0.0}},
-    "D2NetTrainer_featureKDOnly": {"loss": {"w_kd_logit": 0.0}},
-    "D2NetTrainer_logitKDOnly": {"loss": {"w_kd_feature": 0.0}},
+    "D2NetTrainer_featureKDOnly": {"loss": {"w_spatial": 0.0, "w_frequency": 0.0, "w_kd_logit": 0.0}},
+    "D2NetTrainer_logitKDOnly": {"loss": {"w_spatial": 0.0, "w_frequency": 0.0, "w_kd_feature": 0.0}},
+    "D2NetTrainer_noSFMC": {"loss": {"w_spatial": 0.0, "w_frequency": 0.0}},
     "D2NetTrainer_noETM": {"network": {"tumour_projection": False}},
 }
 

@@ -136,3 +136,10 @@ def test_train_step_on_plain_and_residual_encoder_plans(network_class_name, tmp_
     inference.load_state_dict(trainer.network.state_dict())
     with torch.no_grad():
         assert inference.eval()(_tiny_batch()["data"]).shape == (2, 3, 16, 16, 16)
+
+
+def test_reconstruction_without_deep_supervision_is_refused(tmp_path, monkeypatch):
+    trainer = make_tiny_trainer(SharedLatentTrainer, tmp_path, monkeypatch)
+    trainer.enable_deep_supervision = False  # as nnunet.enable_deep_supervision: false in a config would set it
+    with pytest.raises(ValueError, match="deep supervision"):
+        trainer.initialize()
