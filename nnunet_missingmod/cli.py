@@ -127,12 +127,28 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
     print(f"per-case CSV, summary.json, table.md and heatmap.png in {out}")
 
 
+def _compare_entries(args: argparse.Namespace) -> tuple[list, list]:
+    """The entries (single folders, then the ``--group`` lists) and their labels (None: from the summary)."""
+    groups = args.group or []
+    if not args.runs and not groups:
+        raise ValueError("nothing to compare; pass evaluate-missing folders and/or --group LABEL DIR [DIR ...]")
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise ValueError(f"{len(args.labels)} labels for {len(args.runs)} runs (--labels names the positional "
+                         f"folders only; a --group carries its own label)")
+    for group in groups:
+        if len(group) < 2:
+            raise ValueError(f"--group {group[0]} has no folder; use --group LABEL DIR [DIR ...]")
+    labels = list(args.labels) if args.labels is not None else [None] * len(args.runs)
+    return [*args.runs, *(group[1:] for group in groups)], [*labels, *(group[0] for group in groups)]
+
+
 def _compare(args: argparse.Namespace) -> None:
     from nnunet_missingmod.evaluation.missing_combinations import CombinationMismatchWarning, compare
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CombinationMismatchWarning)
-        markdown, png = compare(args.runs, args.o, args.labels)
+        entries, labels = _compare_entries(args)
+        markdown, png = compare(entries, args.o, labels)
     for warning in caught:
         if issubclass(warning.category, CombinationMismatchWarning):
             print(f"nnunet_missingmod compare: warning: {warning.message}", file=sys.stderr)
@@ -226,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, nargs="+", default=[48, 48, 48], help="patch size (default: 48 48 48)")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128],
                    help="features per stage; their number is the number of stages (default: 16 32 64 128)")
-    p.add_argument("--batch-size", type=int, default=2, help="batch size (default: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="batch size, at least 1 (default: 2)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.set_defaults(func=_add_cpu_config)
 
@@ -266,10 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="several evaluate-missing results side by side (Markdown + bar chart)",
                        description="Average Dice and HD95 over the modality combinations of several evaluate-missing "
-                                   "outputs, as comparison.md and a grouped bar chart comparison.png.")
-    p.add_argument("runs", nargs="+", help="folders written by evaluate-missing")
+                                   "outputs, as comparison.md and a grouped bar chart comparison.png. Repeated runs "
+                                   "of one experiment (e.g. training seeds) go into one --group, shown as mean ± sd "
+                                   "over its runs (error bars in the chart; 95% intervals in comparison.json). "
+                                   "Example: compare --group dropout s0/eval s1/eval s2/eval "
+                                   "--group plain p0/eval p1/eval -o cmp")
+    p.add_argument("runs", nargs="*", help="folders written by evaluate-missing (one run each)")
     p.add_argument("-o", default=".", help="output folder (default: current folder)")
-    p.add_argument("--labels", nargs="+", default=None, help="names of the runs (default: trainer names)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="names of the positional runs (default: trainer names)")
+    p.add_argument("--group", nargs="+", action="append", metavar=("LABEL", "DIR"), default=None,
+                   help="a labelled group of evaluate-missing folders (repeated runs), shown as mean ± sd; "
+                        "repeat the option for several groups; listed after the positional runs")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("demo", help="phantoms -> plan/preprocess -> CPU config -> train -> predict -> Dice",

@@ -1,49 +1,164 @@
-"""Shared helpers of the benchmark scripts: a phantom work folder and budgeted training of any trainer."""
+"""Shared helpers of the benchmark scripts: phantom work folders per regime and budgeted, resumable training.
+
+A *regime* fixes the phantom spacing, the CPU configuration (patch, features, batch) and the training
+budget of a benchmark, so that every trainer of one table is trained and scored under the same conditions.
+``short`` is the original one (dataset 990, 2 mm, patch 48³, 500 iterations; the tables in docs/RESULTS.md);
+``converged`` is meant to let plain nnUNetTrainer converge on two CPU cores (see :data:`REGIMES`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_missingmod.demo import nnunet_environment, prepare_phantom_dataset
+from nnunet_missingmod.demo import nnunet_environment, run_step
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_BraTSPhantom"
 CONFIGURATION = "3d_cpu"
 
 
-def prepare(work: Path, *, num_cases: int = 40, num_test: int = 10) -> dict[str, str]:
-    """Phantoms + plans + 3d_cpu in ``work``; sets the nnU-Net variables in this process; returns the env."""
+@dataclass(frozen=True)
+class Regime:
+    """Data, configuration and budget of one benchmark regime.
+
+    Attributes:
+        name: regime name (``--regime``).
+        dataset_id: phantom dataset id (its own dataset per spacing, so regimes never share preprocessed data).
+        spacing: isotropic phantom spacing in mm.
+        patch_size: patch of the CPU configuration.
+        features: features per stage of the CPU configuration (its number is the number of stages).
+        batch_size: batch size of the CPU configuration.
+        epochs: training epochs.
+        iterations: training iterations per epoch (validation: a fifth of it).
+        save_every: epochs between the ``checkpoint_latest.pth`` that an interrupted run continues from.
+        note: how the values were chosen.
+    """
+
+    name: str
+    dataset_id: int
+    spacing: float
+    patch_size: tuple[int, int, int]
+    features: tuple[int, ...]
+    batch_size: int
+    epochs: int
+    iterations: int
+    save_every: int
+    note: str = ""
+    num_cases: int = 40
+    num_test: int = 10
+    configuration: str = CONFIGURATION
+
+    @property
+    def dataset_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_BraTSPhantom"
+
+
+REGIMES: dict[str, Regime] = {
+    "short": Regime("short", DATASET_ID, 2.0, (48, 48, 48), (16, 32, 64, 128), 2, epochs=20, iterations=25,
+                    save_every=5, note="500 iterations: the equal-budget comparison of docs/RESULTS.md; "
+                                       "no model has converged"),
+    # 3 mm phantoms with a 32³ patch see the same 96 mm field of view as 2 mm with 48³ at 30% of the voxels;
+    # 40 x 90 = 3600 iterations (7x the short regime) at an estimated 0.12 s per iteration plus 2-4 s of
+    # nnU-Net's per-epoch work (validation, progress.png, checkpoints; hence few long epochs) is about
+    # 10 minutes on two cores. UNVERIFIED: these are estimates from the short regime's timings, not
+    # measurements; check the plateau column of the report (and the learning curves) after the first run
+    # and change the budget here if it says "no".
+    "converged": Regime("converged", 991, 3.0, (32, 32, 32), (16, 32, 64, 128), 2, epochs=40, iterations=90,
+                        save_every=5, note="Chosen (not yet measured) so that plain nnUNetTrainer plateaus in about "
+                                           "10 minutes on 2 CPU cores"),
+}
+
+
+def _console_script(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def prepare(work: Path, *, num_cases: int | None = None, num_test: int | None = None,
+            regime: Regime = REGIMES["short"]) -> dict[str, str]:
+    """Phantoms + plans + the regime's CPU configuration in ``work`` (finished steps are reused).
+
+    Sets the nnU-Net variables in this process and returns the environment for child processes.
+    """
+    from nnunet_missingmod.data.phantom import PhantomConfig, make_phantom_dataset
+    from nnunet_missingmod.data.plans import add_cpu_configuration
+
     work.mkdir(parents=True, exist_ok=True)
     env = nnunet_environment(work)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
                                             "nnUNet_extTrainer", "nnUNet_def_n_proc", "nnUNet_n_proc_DA",
                                             "nnUNet_compile")})
-    prepare_phantom_dataset(work, env, dataset_id=DATASET_ID, num_cases=num_cases, num_test=num_test)
+    num_cases = regime.num_cases if num_cases is None else num_cases
+    num_test = regime.num_test if num_test is None else num_test
+    if not (work / "nnUNet_raw" / regime.dataset_name / "dataset.json").is_file():
+        print(f"=== generating {num_cases + num_test} phantoms at {regime.spacing} mm", flush=True)
+        make_phantom_dataset(regime.dataset_id, num_cases=num_cases, num_test=num_test, seed=0,
+                             config=PhantomConfig(spacing=regime.spacing), raw_folder=work / "nnUNet_raw",
+                             num_processes=int(env["nnUNet_def_n_proc"]))
+    plans = work / "nnUNet_preprocessed" / regime.dataset_name / "nnUNetPlans.json"
+    if not plans.is_file() or not (plans.parent / "nnUNetPlans_3d_fullres").is_dir():
+        run_step("nnU-Net planning and preprocessing",
+                 [_console_script("nnUNetv2_plan_and_preprocess"), "-d", str(regime.dataset_id), "-c", "3d_fullres",
+                  "-np", env["nnUNet_def_n_proc"], "--verify_dataset_integrity"], env)
+    add_cpu_configuration(regime.dataset_id, name=regime.configuration, patch_size=regime.patch_size,
+                          features_per_stage=regime.features, batch_size=regime.batch_size,
+                          preprocessed_folder=work / "nnUNet_preprocessed")
     return env
 
 
 def model_dir(work: Path, trainer: str) -> Path:
-    return work / "nnUNet_results" / DATASET_NAME / f"{trainer}__nnUNetPlans__{CONFIGURATION}"
+    """Model folder of ``trainer`` in the short regime's (original) layout, ``work/nnUNet_results``."""
+    return results_model_dir(work / "nnUNet_results", trainer, REGIMES["short"])
 
 
-def train_with_budget(trainer: str, epochs: int, iterations: int, device: str = "cpu") -> None:
+def results_model_dir(results: Path, trainer: str, regime: Regime) -> Path:
+    """nnU-Net's model folder of ``trainer`` under an ``nnUNet_results`` folder."""
+    return results / regime.dataset_name / f"{trainer}__nnUNetPlans__{regime.configuration}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's streams of this process (initial weights, the main process's draws).
+
+    nnU-Net's augmentation workers draw from their own streams, so two runs with one seed are not
+    bit-identical; distinct seeds give distinct, recorded initialisations.
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_with_budget(trainer: str, epochs: int, iterations: int, device: str = "cpu", *,
+                      regime: Regime = REGIMES["short"], seed: int | None = None, continue_training: bool = False,
+                      save_every: int | None = None) -> None:
     """Train fold 0 of any trainer (plain nnUNetTrainer too) for ``epochs`` x ``iterations``, in this process.
 
     The budget is set on the trainer object before training, so every trainer gets exactly the same one.
     Mirroring TTA stays as the trainer configures it; evaluations below switch it off for all trainers alike.
+    ``continue_training`` resumes from the model folder's latest checkpoint, as ``nnUNetv2_train --c`` does;
+    ``checkpoint_latest.pth`` is written every ``save_every`` epochs (default: only the final checkpoint).
+    The model folder is under ``nnUNet_results`` as this process sees it.
     """
     import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    instance = get_trainer_from_args(str(DATASET_ID), CONFIGURATION, 0, trainer, device=torch.device(device))
+    if seed is not None:
+        seed_everything(seed)
+    instance = get_trainer_from_args(str(regime.dataset_id), regime.configuration, 0, trainer,
+                                     device=torch.device(device))
     instance.num_epochs = epochs
     instance.num_iterations_per_epoch = iterations
     instance.num_val_iterations_per_epoch = max(1, iterations // 5)
-    instance.save_every = epochs
+    instance.save_every = save_every or epochs
+    maybe_load_checkpoint(instance, continue_training, False)
     instance.run_training()
 
 

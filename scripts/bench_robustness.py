@@ -1,14 +1,43 @@
 """Train several trainers with the same budget on the phantoms, evaluate all 15 modality combinations, compare.
 
-    python scripts/bench_robustness.py [--work-dir bench_work] [--trainers nnUNetTrainer ModalityDropoutTrainer
-        SharedLatentTrainer D2NetTrainer] [--epochs 20] [--iterations 25] [--eval-cases 10] [--step-size 1.0]
+    python scripts/bench_robustness.py [--work-dir bench_work] [--regime {short,converged}]
+        [--trainers nnUNetTrainer ModalityDropoutTrainer SharedLatentTrainer D2NetTrainer] [--seeds 1]
+        [--dedicated] [--dedicated-seeds 1] [--epochs E] [--iterations I] [--epochs-for GROUP=EPOCHS ...]
+        [--eval-cases 10] [--step-size 1.0] [--device cpu] [--retrain [GROUP ...]] [--dry-run]
 
-Every trainer (plain nnUNetTrainer included) trains fold 0 of the 3d_cpu configuration for exactly
-``epochs x iterations`` iterations (set on the trainer object), in its own process. Each model is then
-scored by ``evaluate-missing`` on the first ``eval-cases`` held-out phantoms without mirroring TTA, and
-``compare`` renders the results side by side (``<work-dir>/robustness/comparison.md`` and ``.png``).
-Trained models, and evaluations newer than their model, are reused when the script is run again
-(``--retrain`` to start over).
+Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterations`` override them):
+
+* ``short`` (default): 2 mm phantoms (dataset 990), patch 48³, features 16-128, batch 2, 20 epochs x 25
+  iterations: the equal-budget comparison of docs/RESULTS.md. Output in ``<work-dir>/robustness``.
+* ``converged``: 3 mm phantoms (dataset 991), patch 32³, features 16-128, batch 2, 40 epochs x 90
+  iterations, chosen so that plain nnUNetTrainer plateaus in about 10 minutes on 2 CPU cores (estimated,
+  not yet measured: read the plateau column). Output in ``<work-dir>/robustness_converged``.
+
+Every trainer (plain nnUNetTrainer included) trains fold 0 of the regime's configuration for exactly
+``epochs x iterations`` iterations (set on the trainer object), in its own process, seeded with its seed
+(``--seeds N``: seeds 0..N-1, each in its own model folder ``models/<trainer>__seed<k>/nnUNet_results``;
+the short regime's seed 0 keeps the original folders ``<work-dir>/nnUNet_results`` and
+``robustness/<trainer>``). ``--dedicated`` adds the upper limit: 15 plain nnU-Net models, one per modality
+combination, each trained with the ``fixed`` dropout scheme (``ModalityDropoutTrainer``, whose network and
+loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep": [...]}}`` in the
+``nnUNet_missingmod_config`` override file) and evaluated on its own combination only. ``--epochs-for``
+gives one group (a trainer name, or ``dedicated``) another number of epochs, e.g. one that has not plateaued.
+
+Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted one continues from its
+``checkpoint_latest.pth`` (written every few epochs) as ``nnUNetv2_train --c`` does, and an evaluation newer
+than its model on the same cases and combinations is reused; so the tables can be built over several
+sittings. ``--retrain`` (all groups, or the named ones) deletes models first; ``--dry-run`` prints what
+would be done.
+
+Each model is scored by ``evaluate-missing`` on the first ``eval-cases`` held-out phantoms without mirroring
+TTA. Outputs in the regime's folder:
+
+* ``comparison.md`` / ``.png``: ``compare`` of the trainers (mean ± sd over seeds, error bars);
+* ``report.md`` / ``report.json``: the runs (epochs, final EMA pseudo-Dice, plateau check, wall-clock),
+  15-combination averages with sd and 95% intervals over seeds, Dice by number of available modalities,
+  each trainer's Dice ÷ the dedicated models' and its full-input Dice ÷ plain nnUNetTrainer's;
+* ``learning_curves.png``: nnU-Net's EMA pseudo-Dice per epoch of every run;
+* ``timings.json``: training (summed over sittings) and evaluation seconds per run.
 """
 
 from __future__ import annotations
@@ -18,68 +47,530 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import DATASET_NAME, model_dir, prepare, run_worker, train_with_budget  # noqa: E402
+from bench_common import REGIMES, Regime, prepare, results_model_dir, run_worker, train_with_budget  # noqa: E402
+
+from nnunet_missingmod import modalities as mods  # noqa: E402
+from nnunet_missingmod.config import OVERRIDE_ENV  # noqa: E402
+from nnunet_missingmod.evaluation.missing_combinations import aggregate_summaries, run_statistics  # noqa: E402
+
+BASELINE = "nnUNetTrainer"
+DEDICATED = "dedicated"
+#: The trainer that trains the dedicated models: nnUNetTrainer's network and loss plus the ``fixed`` scheme.
+DEDICATED_TRAINER = "ModalityDropoutTrainer"
+#: Plateau criterion: the last quarter of training improves the EMA pseudo-Dice by less than this.
+PLATEAU_GAIN = 0.01
+DEFAULT_TRAINERS = ["nnUNetTrainer", "ModalityDropoutTrainer", "SharedLatentTrainer", "D2NetTrainer"]
+REGIONS = list(mods.REGIONS)
+FULL_INPUT = mods.combination_name(tuple(range(mods.NUM_MODALITIES)))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the benchmark: where its model and evaluation live.
+
+    Attributes:
+        name: unique name (``<trainer>__seed<k>``, ``dedicated_<combination>__seed<k>``, or the trainer name
+            for the short regime's original seed-0 folders).
+        group: row of the tables: the trainer name, or ``dedicated``.
+        trainer: nnU-Net trainer class name.
+        seed: torch/numpy seed of the training process.
+        results: the ``nnUNet_results`` folder the model is trained into.
+        model: nnU-Net's model folder (``results/<dataset>/<trainer>__nnUNetPlans__<configuration>``).
+        evaluation: the evaluate-missing output folder.
+        combination: channel indices a dedicated model keeps (None: every combination).
+    """
+
+    name: str
+    group: str
+    trainer: str
+    seed: int
+    results: Path
+    model: Path
+    evaluation: Path
+    combination: tuple[int, ...] | None = None
+
+    @property
+    def fold(self) -> Path:
+        return self.model / "fold_0"
+
+
+def output_dir(work: Path, regime: Regime) -> Path:
+    return work / ("robustness" if regime.name == "short" else f"robustness_{regime.name}")
+
+
+def plan_runs(work: Path, regime: Regime, trainers: Sequence[str], seeds: int, dedicated_seeds: int = 0
+              ) -> list[Run]:
+    """Every run of the benchmark: ``seeds`` per trainer, then ``dedicated_seeds`` per modality combination."""
+    out = output_dir(work, regime)
+    runs = []
+    for trainer in trainers:
+        for seed in range(seeds):
+            if regime.name == "short" and seed == 0:  # the original layout, so existing models are reused
+                name, results, evaluation = trainer, work / "nnUNet_results", out / trainer
+            else:
+                name = f"{trainer}__seed{seed}"
+                results, evaluation = out / "models" / name / "nnUNet_results", out / "eval" / name
+            runs.append(Run(name, trainer, trainer, seed, results, results_model_dir(results, trainer, regime),
+                            evaluation))
+    for combination in mods.all_combinations():
+        for seed in range(dedicated_seeds):
+            name = f"{DEDICATED}_{mods.combination_name(combination)}__seed{seed}"
+            results = out / "models" / name / "nnUNet_results"
+            runs.append(Run(name, DEDICATED, DEDICATED_TRAINER, seed, results,
+                            results_model_dir(results, DEDICATED_TRAINER, regime), out / "eval" / name, combination))
+    return runs
+
+
+def training_action(fold: Path) -> str:
+    """What a run needs, from the files in its fold folder.
+
+    Returns:
+        ``"reuse"`` (``checkpoint_final.pth``: finished), ``"continue"`` (only ``checkpoint_latest.pth``: an
+        interrupted run, resumed as ``nnUNetv2_train --c`` does) or ``"train"`` (nothing to resume from).
+    """
+    if (fold / "checkpoint_final.pth").is_file():
+        return "reuse"
+    if (fold / "checkpoint_latest.pth").is_file():
+        return "continue"
+    return "train"
+
+
+def evaluation_is_current(evaluation: Path, checkpoint: Path, num_cases: int,
+                          combinations: Sequence[str] | None = None) -> bool:
+    """Whether ``evaluation/summary.json`` is newer than ``checkpoint`` and covers the same cases and combinations."""
+    summary_file = evaluation / "summary.json"
+    if not summary_file.is_file() or not checkpoint.is_file():
+        return False
+    if summary_file.stat().st_mtime <= checkpoint.stat().st_mtime:
+        return False
+    summary = json.loads(summary_file.read_text())
+    if summary.get("num_cases") != num_cases:
+        return False
+    return combinations is None or set(summary["per_combination"]) == set(combinations)
+
+
+def dedicated_override(combination: Sequence[int]) -> dict:
+    """The ``nnUNet_missingmod_config`` override that trains a model on ``combination`` only."""
+    return {"modality_dropout": {"scheme": "fixed", "keep": [mods.MODALITIES[c] for c in combination],
+                                 "p_keep_all": 0.0}}
+
+
+# ---------------------------------------------------------------- learning curves and the plateau check
+
+
+def read_learning_curve(fold: Path) -> dict | None:
+    """nnU-Net's per-epoch log (final checkpoint, else the latest) of a run, or None before the first checkpoint.
+
+    Returns:
+        ``{"ema_fg_dice": [...], "mean_fg_dice": [...], "epoch_s": [...]}``, one value per finished epoch.
+    """
+    import torch
+
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        if (fold / name).is_file():
+            log = torch.load(fold / name, map_location="cpu", weights_only=False)["logging"]
+            starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
+            return {"ema_fg_dice": [float(v) for v in log["ema_fg_dice"]],
+                    "mean_fg_dice": [float(v) for v in log["mean_fg_dice"]],
+                    "epoch_s": [float(e - s) for s, e in zip(starts, ends, strict=False)]}
+    return None
+
+
+def plateau_check(curve: Sequence[float], min_gain: float = PLATEAU_GAIN) -> dict:
+    """Whether a validation curve has plateaued: its last quarter improves by less than ``min_gain`` on the one before.
+
+    The quarters are compared by their means (the curve is nnU-Net's EMA pseudo-Dice, already smoothed), so
+    ``gain = mean(last quarter) - mean(quarter before)``, with quarters of ``len(curve) // 4`` epochs.
+
+    Returns:
+        ``{"plateaued": bool | None, "gain": float | None, "last_quarter": ..., "previous_quarter": ...,
+        "epochs": n}``; ``plateaued`` is None for fewer than 4 epochs.
+    """
+    epochs = len(curve)
+    quarter = epochs // 4
+    if quarter < 1:
+        return {"plateaued": None, "gain": None, "last_quarter": None, "previous_quarter": None, "epochs": epochs}
+    last = float(np.mean(curve[epochs - quarter:]))
+    previous = float(np.mean(curve[epochs - 2 * quarter:epochs - quarter]))
+    return {"plateaued": bool(last - previous < min_gain), "gain": last - previous, "last_quarter": last,
+            "previous_quarter": previous, "epochs": epochs}
+
+
+def plot_learning_curves(curves: Mapping[str, tuple[str, Sequence[float]]], png: Path) -> None:
+    """All runs' EMA pseudo-Dice per epoch in one PNG: one panel per group, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(group for group, _ in curves.values()))
+    if not groups:
+        return
+    columns = min(3, len(groups))
+    rows = -(-len(groups) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, group in zip(axes.flat, groups, strict=False):
+        for name, (run_group, curve) in curves.items():
+            if run_group == group and curve:
+                label = name.split("__")[-1] if group != DEDICATED else None
+                ax.plot(np.arange(1, len(curve) + 1), curve, linewidth=1.2, label=label)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if group != DEDICATED:
+            ax.legend(fontsize=7)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("EMA pseudo-Dice (validation)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- aggregation over runs
+
+
+def dedicated_summary(summaries: Sequence[dict]) -> dict:
+    """One summary from dedicated models: each combination scored by the model trained on it alone."""
+    per_combination = {}
+    for summary in summaries:
+        per_combination.update(summary["per_combination"])
+    order = [mods.combination_name(c) for c in mods.all_combinations()]
+    per_combination = {name: per_combination[name] for name in order if name in per_combination}
+    keys = [f"{region}_{metric}" for region in REGIONS for metric in ("Dice", "HD95")]
+    return {"per_combination": per_combination,
+            "average": {k: float(np.mean([v[k] for v in per_combination.values()])) for k in keys}}
+
+
+def by_num_modalities(summary: dict) -> dict[int, dict[str, float]]:
+    """Mean of every region/metric over the combinations with k available modalities, per k."""
+    result = {}
+    for name, values in summary["per_combination"].items():
+        result.setdefault(len(name.split("+")), []).append(values)
+    return {k: {key: float(np.mean([v[key] for v in rows])) for key in rows[0] if key != "num_cases"}
+            for k, rows in sorted(result.items())}
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return None if denominator == 0 else numerator / denominator
+
+
+def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequence[dict] = (),
+                        baseline: str = BASELINE) -> dict:
+    """Statistics over seeds per group, and the ratios the issue's goals are stated in.
+
+    Args:
+        groups: group label -> the evaluate-missing summaries of its runs (one per seed).
+        dedicated: per seed, a :func:`dedicated_summary` of the 15 dedicated models.
+        baseline: the group of plain nnU-Net (for the full-input ratio).
+
+    Returns:
+        ``{"groups": {label: aggregate}, "ratios": {label: {...}}}`` where each aggregate is
+        :func:`~nnunet_missingmod.evaluation.missing_combinations.aggregate_summaries` plus
+        ``by_num_modalities`` (k -> key -> statistics over runs), and each ratio entry holds
+        ``to_dedicated`` (per combination and ``average``: mean Dice over seeds ÷ the dedicated models'
+        mean Dice; the average is the ratio of the 15-combination averages) and ``full_input_to_baseline``
+        (Dice with all modalities ÷ the baseline's). Ratios are of means over seeds, per region.
+    """
+    aggregates = {}
+    every = dict(groups) | ({DEDICATED: list(dedicated)} if dedicated else {})
+    for label, summaries in every.items():
+        if not summaries:
+            continue
+        aggregate = aggregate_summaries(summaries)
+        per_k = [by_num_modalities(s) for s in summaries]
+        aggregate["by_num_modalities"] = {k: {key: run_statistics([p[k][key] for p in per_k]) for key in per_k[0][k]}
+                                          for k in per_k[0]}
+        aggregates[label] = aggregate
+    ratios = {}
+    reference = aggregates.get(DEDICATED)
+    base = aggregates.get(baseline)
+    for label, aggregate in aggregates.items():
+        if label == DEDICATED:
+            continue
+        entry = {}
+        if reference:
+            shared = [n for n in reference["per_combination"] if n in aggregate["per_combination"]]
+            entry["to_dedicated"] = {
+                name: {r: _ratio(aggregate["per_combination"][name][f"{r}_Dice"]["mean"],
+                                 reference["per_combination"][name][f"{r}_Dice"]["mean"]) for r in REGIONS}
+                for name in shared}
+            if len(shared) == len(reference["per_combination"]) == len(aggregate["per_combination"]):
+                entry["to_dedicated"]["average"] = {r: _ratio(aggregate["average"][f"{r}_Dice"]["mean"],
+                                                              reference["average"][f"{r}_Dice"]["mean"])
+                                                    for r in REGIONS}
+        if base and FULL_INPUT in aggregate["per_combination"] and FULL_INPUT in base["per_combination"]:
+            entry["full_input_to_baseline"] = {r: _ratio(aggregate["per_combination"][FULL_INPUT][f"{r}_Dice"]["mean"],
+                                                         base["per_combination"][FULL_INPUT][f"{r}_Dice"]["mean"])
+                                               for r in REGIONS}
+        ratios[label] = entry
+    return {"groups": aggregates, "ratios": ratios}
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def format_stats(stats: dict, scale: float = 100.0, interval: bool = False) -> str:
+    """``mean ± sd`` (and the 95% interval) of :func:`run_statistics`, scaled (100: Dice in %)."""
+    text = f"{scale * stats['mean']:.1f}"
+    if stats["sd"] is not None:
+        text += f" ± {scale * stats['sd']:.1f}"
+        if interval:
+            low, high = stats["mean"] - stats["ci95"], stats["mean"] + stats["ci95"]
+            text += f" [{scale * low:.1f}, {scale * high:.1f}]"
+    return text
+
+
+def _ratio_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -> str:
+    """The benchmark's tables (runs, averages, by number of modalities, ratios) as Markdown."""
+    lines = [f"# Robustness benchmark, regime `{regime.name}`", "",
+             f"{regime.spacing:g} mm phantoms (dataset {regime.dataset_id}), {regime.configuration}: patch "
+             f"{'x'.join(map(str, regime.patch_size))}, features {'-'.join(map(str, regime.features))}, batch "
+             f"{regime.batch_size}. {regime.note}.", "",
+             "## Runs", "",
+             f"Plateau: the EMA pseudo-Dice of the last quarter of epochs improved by less than {100 * PLATEAU_GAIN:g} "
+             f"point over the quarter before.", "",
+             "train: wall-clock of the training processes that finished (summed over sittings); epochs: the sum "
+             "of nnU-Net's logged epoch times (interrupted sittings included up to their last checkpoint).", "",
+             "| run | epochs x iterations | final EMA pseudo-Dice | last-quarter gain (points) | plateau | "
+             "train (s) | epochs (s) | evaluate (s) |", "|---|---|---|---|---|---|---|---|"]
+    for row in run_rows:
+        check = row["plateau"]
+        plateau = {True: "yes", False: "**no**", None: "–"}[check["plateaued"]]
+        gain = "–" if check["gain"] is None else f"{100 * check['gain']:+.2f}"
+        final = "–" if not row["curve"] else f"{row['curve'][-1]:.3f}"
+        train = "–" if row.get("train_s") is None else f"{row['train_s']:.0f}"
+        epochs = "–" if row.get("epochs_s") is None else f"{row['epochs_s']:.0f}"
+        evaluate = "–" if row.get("evaluate_s") is None else f"{row['evaluate_s']:.0f}"
+        lines.append(f"| {row['name']} | {check['epochs']} x {row['iterations']} | {final} | {gain} | {plateau} | "
+                     f"{train} | {epochs} | {evaluate} |")
+    groups = aggregate["groups"]
+    lines += ["", "## Average over the modality combinations", "",
+              "Dice in % as mean ± sd over runs [95% interval of the mean, t-distribution]; HD95 in mm, mean ± sd.",
+              "", "| group | runs | " + " | ".join(f"{r} Dice" for r in REGIONS) + " | "
+              + " | ".join(f"{r} HD95" for r in REGIONS) + " |", "|---|---|" + "---|" * (2 * len(REGIONS))]
+    for label, group in groups.items():
+        dice = " | ".join(format_stats(group["average"][f"{r}_Dice"], interval=True) for r in REGIONS)
+        hd = " | ".join(format_stats(group["average"][f"{r}_HD95"], scale=1.0) for r in REGIONS)
+        lines.append(f"| {label} | {group['num_runs']} | {dice} | {hd} |")
+    lines += ["", "## Dice by number of available modalities", "",
+              "Mean over the combinations with k modalities, then mean ± sd over runs (%), WT / TC / ET.", "",
+              "| group | " + " | ".join(f"k = {k}" for k in range(1, mods.NUM_MODALITIES + 1)) + " |",
+              "|---|" + "---|" * mods.NUM_MODALITIES]
+    for label, group in groups.items():
+        cells = [" / ".join(format_stats(group["by_num_modalities"][k][f"{r}_Dice"]) for r in REGIONS)
+                 if k in group["by_num_modalities"] else "–" for k in range(1, mods.NUM_MODALITIES + 1)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratios = aggregate["ratios"]
+    with_dedicated = [label for label, entry in ratios.items() if entry.get("to_dedicated")]
+    if with_dedicated:
+        names = [n for n in groups[DEDICATED]["per_combination"]]
+        lines += ["", "## Dice ÷ the dedicated models", "",
+                  "Mean Dice over runs ÷ the mean Dice of the model trained on that combination alone, WT / TC / ET; "
+                  "the average row divides the 15-combination averages. Goal: ≥ 0.98 on the average.", "",
+                  "| combination | " + " | ".join(with_dedicated) + " |", "|---|" + "---|" * len(with_dedicated)]
+        for name in [*names, "average"]:
+            cells = [" / ".join(_ratio_text(ratios[label]["to_dedicated"].get(name, {}).get(r)) for r in REGIONS)
+                     for label in with_dedicated]
+            shown = f"**{name}**" if name == "average" else name
+            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    with_full = [label for label, entry in ratios.items() if "full_input_to_baseline" in entry and label != BASELINE]
+    if with_full:
+        lines += ["", f"## Full input ({FULL_INPUT}) ÷ {BASELINE}", "",
+                  "Mean Dice over runs with all modalities ÷ plain nnU-Net's. Goal: ≥ 0.99.", "",
+                  "| group | " + " | ".join(REGIONS) + " |", "|---|" + "---|" * len(REGIONS)]
+        for label in with_full:
+            lines.append(f"| {label} | " + " | ".join(_ratio_text(ratios[label]["full_input_to_baseline"][r])
+                                                      for r in REGIONS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def _parse_epochs_for(items: Sequence[str]) -> dict[str, int]:
+    epochs = {}
+    for item in items:
+        group, _, value = item.partition("=")
+        if not group or not value.isdigit() or int(value) < 1:
+            raise SystemExit(f"--epochs-for expects GROUP=EPOCHS (e.g. D2NetTrainer=120), got {item!r}")
+        epochs[group] = int(value)
+    return epochs
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """Train one run in this process (nnUNet_results and the override file come from the environment)."""
+    regime = REGIMES[args.regime]
+    if args.keep is not None:
+        check_dedicated_trainer(args.worker, args.keep, regime, args.device)
+    start = time.perf_counter()
+    train_with_budget(args.worker, args.epochs, args.iterations, args.device, regime=regime, seed=args.seed,
+                      continue_training=args.resume, save_every=regime.save_every)
+    print(json.dumps({"train_s": time.perf_counter() - start}))
+
+
+def check_dedicated_trainer(trainer: str, keep: Sequence[int], regime: Regime, device: str) -> None:
+    """Before training a dedicated model: its dropout transform keeps exactly ``keep``, for every sample."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    instance = get_trainer_from_args(str(regime.dataset_id), regime.configuration, 0, trainer,
+                                     device=torch.device(device))
+    try:
+        transform = instance.modality_dropout_transform()
+    except ValueError as error:
+        raise RuntimeError(f"{trainer} could not build the 'fixed' dropout transform ({error}); its "
+                           f"modality_dropout_transform must pass the config's 'keep' (see "
+                           f"transforms.modality_dropout.transform_from_settings)") from None
+    kept = [] if transform.keep is None else np.flatnonzero(transform.keep).tolist()
+    if kept != sorted(keep):
+        raise RuntimeError(f"{trainer}'s dropout keeps {kept}, expected {sorted(keep)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="bench_work")
-    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "ModalityDropoutTrainer",
-                                                          "SharedLatentTrainer", "D2NetTrainer"])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="short")
+    parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
+    parser.add_argument("--seeds", type=int, default=1, help="training runs per trainer (seeds 0..N-1)")
+    parser.add_argument("--dedicated", action="store_true", help="also the 15 dedicated plain nnU-Net models")
+    parser.add_argument("--dedicated-seeds", type=int, default=1, help="runs per dedicated model (default 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the regime's")
+    parser.add_argument("--iterations", type=int, default=None, help="default: the regime's")
+    parser.add_argument("--epochs-for", nargs="+", default=[], metavar="GROUP=EPOCHS",
+                        help="epochs for one trainer (or 'dedicated'), e.g. D2NetTrainer=120")
     parser.add_argument("--eval-cases", type=int, default=10)
     parser.add_argument("--step-size", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--retrain", nargs="*", default=None, metavar="GROUP",
+                        help="delete the models of these groups (all without names) and train again")
+    parser.add_argument("--dry-run", action="store_true", help="print each run's action and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = Path(args.work_dir).resolve()
-    env = prepare(work)
+    regime = REGIMES[args.regime]
+    args.epochs = args.epochs or regime.epochs
+    args.iterations = args.iterations or regime.iterations
     if args.worker:
-        start = time.perf_counter()
-        train_with_budget(args.worker, args.epochs, args.iterations, args.device)
-        print(json.dumps({"train_s": time.perf_counter() - start}))
+        _worker(args)
         return
-
-    from nnunet_missingmod.evaluation.missing_combinations import compare, evaluate_missing
-
-    cases = sorted((work / "nnUNet_raw" / DATASET_NAME / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
+    if args.seeds < 1 or args.dedicated_seeds < 1:
+        raise SystemExit("--seeds and --dedicated-seeds must be at least 1")
+    work = Path(args.work_dir).resolve()
+    epochs_for = _parse_epochs_for(args.epochs_for)
+    runs = plan_runs(work, regime, args.trainers, args.seeds, args.dedicated_seeds if args.dedicated else 0)
+    out = output_dir(work, regime)
+    if args.dry_run:
+        for run in runs:
+            print(f"{run.name:<48} {training_action(run.fold):<9} {run.model}")
+        return
+    env = prepare(work, regime=regime)
+    cases = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
     case_names = {c.name[: -len(".nii.gz")] for c in cases}
-    timings = work / "robustness" / "timings.json"
-    runs, report = [], json.loads(timings.read_text()) if timings.is_file() else {}  # reused runs keep their times
-    for trainer in args.trainers:
-        folder = model_dir(work, trainer)
-        if args.retrain and folder.exists():
-            shutil.rmtree(folder)
-        if not (folder / "fold_0" / "checkpoint_final.pth").is_file():
-            print(f"=== training {trainer}: {args.epochs} epochs x {args.iterations} iterations", flush=True)
-            report[trainer] = run_worker(__file__, ["--worker", trainer, "--work-dir", str(work), "--epochs",
-                                                    str(args.epochs), "--iterations", str(args.iterations),
-                                                    "--device", args.device], env)
-        out = work / "robustness" / trainer
-        checkpoint = folder / "fold_0" / "checkpoint_final.pth"
-        summary = out / "summary.json"
-        if summary.is_file() and summary.stat().st_mtime > checkpoint.stat().st_mtime \
-                and json.loads(summary.read_text())["num_cases"] == len(cases):
-            print(f"=== reusing the evaluation of {trainer} ({summary})", flush=True)
-            runs.append(out)
-            continue
-        print(f"=== evaluating {trainer} on {len(cases)} held-out phantoms x 15 combinations", flush=True)
-        start = time.perf_counter()
-        out = evaluate_missing(folder, 0, split="test", output=work / "robustness" / trainer,
-                               tile_step_size=args.step_size, use_mirroring=False, device=args.device,
-                               case_filter=case_names)
-        report.setdefault(trainer, {})["evaluate_s"] = time.perf_counter() - start
-        runs.append(out)
-    markdown, png = compare(runs, work / "robustness", labels=args.trainers)
-    timings.write_text(json.dumps(report, indent=2))
-    print(markdown.read_text())
-    print(f"chart: {png}\ntables per trainer: {work / 'robustness'}/<trainer>/table.md")
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}  # reused runs keep their times
+    for run in runs:
+        if args.retrain is not None and (not args.retrain or run.group in args.retrain) and run.model.exists():
+            shutil.rmtree(run.model)
+        train_run(run, regime, epochs_for.get(run.group, args.epochs), args, env, timings)
+        timings_file.write_text(json.dumps(timings, indent=2))
+        evaluate_run(run, cases, case_names, args, timings)
+        timings_file.write_text(json.dumps(timings, indent=2))
+    write_report(runs, regime, out, timings, args.iterations)
+
+
+def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, env: dict[str, str],
+              timings: dict) -> None:
+    """Train, continue or reuse one run (see :func:`training_action`); training seconds add up over sittings."""
+    action = training_action(run.fold)
+    if action == "reuse":
+        print(f"=== reusing {run.name} ({run.model})", flush=True)
+        return
+    print(f"=== {'continuing' if action == 'continue' else 'training'} {run.name}: {epochs} epochs x "
+          f"{args.iterations} iterations, seed {run.seed}", flush=True)
+    run_env = dict(env, nnUNet_results=str(run.results))
+    worker_args = ["--worker", run.trainer, "--regime", regime.name, "--epochs", str(epochs), "--iterations",
+                   str(args.iterations), "--device", args.device, "--seed", str(run.seed)]
+    if action == "continue":
+        worker_args.append("--resume")
+    if run.combination is not None:
+        override = run.results.parent / "override.json"
+        override.parent.mkdir(parents=True, exist_ok=True)
+        override.write_text(json.dumps(dedicated_override(run.combination), indent=2))
+        run_env[OVERRIDE_ENV] = str(override)
+        worker_args += ["--keep", *map(str, run.combination)]
+    result = run_worker(__file__, worker_args, run_env)
+    entry = timings.setdefault(run.name, {})
+    entry["train_s"] = (entry.get("train_s", 0.0) if action == "continue" else 0.0) + result["train_s"]
+    entry["sittings"] = (entry.get("sittings", 0) if action == "continue" else 0) + 1
+
+
+def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argparse.Namespace, timings: dict) -> None:
+    """Score a run with evaluate-missing (its own combination only for a dedicated model), unless current."""
+    from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
+
+    combinations = None if run.combination is None else [run.combination]
+    names = None if combinations is None else [mods.combination_name(c) for c in combinations]
+    if evaluation_is_current(run.evaluation, run.fold / "checkpoint_final.pth", len(cases), names):
+        print(f"=== reusing the evaluation of {run.name} ({run.evaluation / 'summary.json'})", flush=True)
+        return
+    print(f"=== evaluating {run.name} on {len(cases)} held-out phantoms x {len(names) if names else 15} "
+          f"combinations", flush=True)
+    start = time.perf_counter()
+    evaluate_missing(run.model, 0, split="test", output=run.evaluation, combinations=combinations,
+                     tile_step_size=args.step_size, use_mirroring=False, device=args.device, case_filter=case_names)
+    timings.setdefault(run.name, {})["evaluate_s"] = time.perf_counter() - start
+
+
+def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, iterations: int) -> None:
+    """comparison.md/.png, report.md/.json and learning_curves.png of the finished runs."""
+    from nnunet_missingmod.evaluation.missing_combinations import compare
+
+    summaries: dict[str, dict[int, list[dict]]] = {}
+    rows, curves = [], {}
+    for run in runs:
+        log = read_learning_curve(run.fold)
+        curve = log["ema_fg_dice"] if log else []
+        curves[run.name] = (run.group, curve)
+        rows.append({"name": run.name, "group": run.group, "seed": run.seed, "iterations": iterations,
+                     "curve": curve, "plateau": plateau_check(curve), "epochs_s": sum(log["epoch_s"]) if log else None,
+                     **timings.get(run.name, {})})
+        summary_file = run.evaluation / "summary.json"
+        if summary_file.is_file():
+            summaries.setdefault(run.group, {}).setdefault(run.seed, []).append(json.loads(summary_file.read_text()))
+    groups = {label: [s for per_seed in by_seed.values() for s in per_seed]
+              for label, by_seed in summaries.items() if label != DEDICATED}
+    complete = [dedicated_summary(per_seed) for per_seed in summaries.get(DEDICATED, {}).values()
+                if len(per_seed) == len(mods.all_combinations())]
+    aggregate = aggregate_benchmark(groups, complete)
+    (out / "report.md").write_text(report_markdown(aggregate, rows, regime))
+    (out / "report.json").write_text(json.dumps({"regime": regime.name, "runs": rows, **aggregate}, indent=2))
+    plot_learning_curves(curves, out / "learning_curves.png")
+    trainer_groups = {label: [r.evaluation for r in runs if r.group == label and (r.evaluation / "summary.json")
+                              .is_file()] for label in groups}
+    if trainer_groups:
+        markdown, _ = compare(list(trainer_groups.values()), out, labels=list(trainer_groups))
+        print(markdown.read_text())
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'} (+ .json), curves: {out / 'learning_curves.png'}, "
+          f"tables per run: <evaluation folder>/table.md, e.g. {runs[0].evaluation / 'table.md'}")
 
 
 if __name__ == "__main__":

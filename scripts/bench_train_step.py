@@ -1,7 +1,7 @@
 """Median time and peak memory of a training iteration per trainer, as ratios to plain nnUNetTrainer.
 
     python scripts/bench_train_step.py [--work-dir bench_work] [--trainers nnUNetTrainer ModalityDropoutTrainer
-        SharedLatentTrainer D2NetTrainer] [--steps 15] [--device cpu]
+        SharedLatentTrainer D2NetTrainer] [--steps 15] [--rounds 5] [--device cpu]
 
 Same plans (3d_cpu on the phantoms) and the same batch for every trainer: one batch is drawn once
 from nnU-Net's data loader and saved, then each trainer runs in a fresh process, builds its network,
@@ -9,6 +9,13 @@ loss and optimiser (``initialize``), runs 3 warm-up steps and times ``train_step
 Also timed: the training augmentation pipeline per sample (ModalityDropoutTrainer's dropout is a
 transform, so its cost is there). Peak memory: the process's maximum RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA.
+
+Interleaved rounds: timing trainers one after another lets drift of the machine (other jobs, clock
+speed) land in the ratios. Each of ``--rounds`` rounds measures every trainer once (in an order rotated
+by one per round, so no trainer is always first), and every ratio is taken within its round; the table
+reports the median of the per-round ratios and their range (min-max). ModalityDropoutTrainer is always
+measured: its network and ``train_step`` are nnUNetTrainer's, so its step and inference ratios check
+the method (1.00 should lie within their range).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -107,12 +116,52 @@ def measure(name: str, batch_file: Path, steps: int, device: str) -> dict:
             "parameters": sum(p.numel() for p in trainer.network.parameters())}
 
 
+BASELINE = "nnUNetTrainer"
+#: Same network and train_step as the baseline: its ratios should be 1.00 within their spread.
+IDENTICAL_NETWORK = "ModalityDropoutTrainer"
+RATIO_KEYS = ("step_s", "inference_s", "peak_mb", "augment_s")
+
+
+def round_order(trainers: list[str], round_index: int) -> list[str]:
+    """The trainers of one round, rotated by ``round_index`` so that each position is taken in turn."""
+    shift = round_index % len(trainers)
+    return trainers[shift:] + trainers[:shift]
+
+
+def ratio_statistics(rounds: list[dict[str, dict]], base: str = BASELINE,
+                     keys: tuple[str, ...] = RATIO_KEYS) -> dict[str, dict[str, dict]]:
+    """Per trainer and measure: the per-round ratios to ``base`` and their median, min, max and quartiles.
+
+    Args:
+        rounds: one ``{trainer: measure result}`` per round; every round must hold ``base``.
+    """
+    result = {}
+    for name in rounds[0]:
+        result[name] = {}
+        for key in keys:
+            ratios = [r[name][key] / r[base][key] for r in rounds]
+            q1, q3 = (float(q) for q in np.percentile(ratios, [25, 75]))
+            result[name][key] = {"median": float(statistics.median(ratios)), "min": float(min(ratios)),
+                                      "max": float(max(ratios)), "q1": q1, "q3": q3, "values": ratios}
+    return result
+
+
+def within_spread(stats: dict, value: float = 1.0) -> bool:
+    """Whether ``value`` lies in the min-max range of per-round ratios."""
+    return stats["min"] <= value <= stats["max"]
+
+
+def _ratio_cell(stats: dict) -> str:
+    return f"{stats['median']:.2f} ({stats['min']:.2f}-{stats['max']:.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="bench_work")
     parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "ModalityDropoutTrainer",
                                                           "SharedLatentTrainer", "D2NetTrainer"])
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every trainer (default: 5)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--make-batch", action="store_true", help=argparse.SUPPRESS)
@@ -127,24 +176,43 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.worker, batch_file, args.steps, args.device)))
         return
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    trainers = list(dict.fromkeys([BASELINE, IDENTICAL_NETWORK, *args.trainers]))
+    added = [name for name in trainers if name not in args.trainers]
+    if added:
+        print(f"also measuring {', '.join(added)} ({BASELINE}: the reference; {IDENTICAL_NETWORK}: the 1.00 check)")
     if not batch_file.is_file():
         run_worker(__file__, ["--make-batch", "--work-dir", str(work), "--device", args.device], env)
-    results = {}
-    for name in args.trainers:
-        print(f"measuring {name} ...", flush=True)
-        results[name] = run_worker(__file__, ["--worker", name, "--work-dir", str(work), "--steps", str(args.steps),
-                                              "--device", args.device], env)
-    base = results.get("nnUNetTrainer") or next(iter(results.values()))
-    print(f"\n{CONFIGURATION} on {args.device}, {args.steps} timed steps (median), same batch for every trainer; "
-          f"augment: mean over 200 samples of the training transforms")
-    print(f"{'trainer':<28}{'step s':>9}{'ratio':>8}{'infer s':>9}{'ratio':>8}{'peak MB':>10}{'ratio':>8}"
-          f"{'augment ms':>12}{'ratio':>8}{'params':>10}")
-    for name, r in results.items():
-        print(f"{name:<28}{r['step_s']:9.3f}{r['step_s'] / base['step_s']:8.2f}{r['inference_s']:9.3f}"
-              f"{r['inference_s'] / base['inference_s']:8.2f}{r['peak_mb']:10.0f}"
-              f"{r['peak_mb'] / base['peak_mb']:8.2f}{1000 * r['augment_s']:12.1f}"
-              f"{r['augment_s'] / base['augment_s']:8.2f}{r['parameters']:10d}")
-    (work / "bench_train_step.json").write_text(json.dumps(results, indent=2))
+    rounds = []
+    for round_index in range(args.rounds):
+        results = {}
+        for name in round_order(trainers, round_index):
+            print(f"round {round_index + 1}/{args.rounds}: measuring {name} ...", flush=True)
+            results[name] = run_worker(__file__, ["--worker", name, "--work-dir", str(work), "--steps",
+                                                  str(args.steps), "--device", args.device], env)
+        rounds.append({name: results[name] for name in trainers})
+    ratios = ratio_statistics(rounds)
+    summary = {name: {**{key: float(statistics.median(r[name][key] for r in rounds)) for key in RATIO_KEYS},
+                      "parameters": rounds[0][name]["parameters"], "ratios": ratios[name],
+                      "rounds": [r[name] for r in rounds]} for name in trainers}
+    print(f"\n{CONFIGURATION} on {args.device}, {args.rounds} interleaved rounds x {args.steps} timed steps "
+          f"(median), same batch for every trainer; augment: mean over 200 samples of the training transforms; "
+          f"values: median over rounds; ratios: median of the per-round ratios (min-max)")
+    print(f"{'trainer':<28}{'step s':>9}{'ratio':>19}{'infer s':>9}{'ratio':>19}{'peak MB':>10}{'ratio':>19}"
+          f"{'augment ms':>12}{'ratio':>19}{'params':>10}")
+    for name, r in summary.items():
+        q = r["ratios"]
+        print(f"{name:<28}{r['step_s']:9.3f}{_ratio_cell(q['step_s']):>19}{r['inference_s']:9.3f}"
+              f"{_ratio_cell(q['inference_s']):>19}{r['peak_mb']:10.0f}{_ratio_cell(q['peak_mb']):>19}"
+              f"{1000 * r['augment_s']:12.1f}{_ratio_cell(q['augment_s']):>19}{r['parameters']:10d}")
+    check = ratios[IDENTICAL_NETWORK]
+    for key in ("step_s", "inference_s"):
+        verdict = "within" if within_spread(check[key]) else "OUTSIDE"
+        stats = check[key]
+        print(f"check: {IDENTICAL_NETWORK} {key} ratio {stats['median']:.3f} (range {stats['min']:.3f}-"
+              f"{stats['max']:.3f}): 1.00 is {verdict} the range")
+    (work / "bench_train_step.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

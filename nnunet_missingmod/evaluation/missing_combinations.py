@@ -274,58 +274,149 @@ def combination_mismatch(labels: Sequence[str], summaries: Sequence[dict]) -> st
             f"averages are over different sets and not directly comparable")
 
 
-def compare(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, labels: Sequence[str] | None = None
-            ) -> tuple[Path, Path]:
+def _metric_keys() -> list[str]:
+    return [f"{region}_{metric}" for region in mods.REGIONS for metric in METRICS]
+
+
+def run_statistics(values: Sequence[float]) -> dict:
+    """Mean, standard deviation (n - 1 in the denominator) and the half-width of the 95% interval of the mean.
+
+    The interval is Student's t: ``mean ± t(0.975, n - 1) * sd / sqrt(n)``, the right one for a handful of
+    training runs whose spread is estimated from the runs themselves. ``sd`` and ``ci95`` are None for one run.
+    """
+    from scipy.stats import t as student_t
+
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to aggregate")
+    mean = float(values.mean())
+    if n == 1:
+        return {"mean": mean, "sd": None, "ci95": None, "n": 1}
+    sd = float(values.std(ddof=1))
+    return {"mean": mean, "sd": sd, "ci95": float(student_t.ppf(0.975, n - 1) * sd / np.sqrt(n)), "n": n}
+
+
+def aggregate_summaries(summaries: Sequence[dict]) -> dict:
+    """Statistics over runs (e.g. seeds) of ``evaluate-missing`` summaries.
+
+    Every region/metric of every combination, and of the average over combinations (each run's own
+    ``average``), gets :func:`run_statistics` over the runs.
+
+    Returns:
+        ``{"num_runs": n, "per_combination": {name: {key: stats}}, "average": {key: stats}}``.
+
+    Raises:
+        ValueError: no summary, or the runs were evaluated on different sets of combinations (repeats of one
+            experiment must be; their averages would otherwise be over different things).
+    """
+    if not summaries:
+        raise ValueError("no runs to aggregate")
+    names = list(summaries[0]["per_combination"])
+    for summary in summaries[1:]:
+        if set(summary["per_combination"]) != set(names):
+            raise ValueError(f"runs of one group were evaluated on different combinations: "
+                             f"{sorted(names)} and {sorted(summary['per_combination'])}")
+    keys = _metric_keys()
+    return {"num_runs": len(summaries),
+            "per_combination": {name: {k: run_statistics([s["per_combination"][name][k] for s in summaries])
+                                       for k in keys} for name in names},
+            "average": {k: run_statistics([s["average"][k] for s in summaries]) for k in keys}}
+
+
+def _read_summary(run: str | os.PathLike) -> dict:
+    file = Path(run) / "summary.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; pass folders written by evaluate-missing")
+    return json.loads(file.read_text())
+
+
+def _cell(stats: dict, scale: float, with_sd: bool) -> str:
+    if not with_sd:
+        return f"{scale * stats['mean']:.2f}"
+    sd = "–" if stats["sd"] is None else f"{scale * stats['sd']:.2f}"
+    return f"{scale * stats['mean']:.2f} ± {sd}"
+
+
+def compare(run_dirs: Sequence[str | os.PathLike | Sequence[str | os.PathLike]], output: str | os.PathLike,
+            labels: Sequence[str | None] | None = None) -> tuple[Path, Path]:
     """Side-by-side Markdown table and grouped bar chart of several ``evaluate-missing`` outputs.
+
+    Each entry of ``run_dirs`` is one folder, or a group of folders: repeated runs of one experiment (e.g.
+    training seeds), shown as mean ± standard deviation over the runs in the table and as bars with error
+    bars (± sd) in the chart. With only single folders the output is as before (means only).
+    ``comparison.json`` holds :func:`aggregate_summaries` of every entry (with 95% intervals).
 
     Runs evaluated on different sets of combinations average over different things: a
     :class:`CombinationMismatchWarning` names the runs and the combinations each lacks, and the
     Markdown marks every row with its number of combinations and repeats the warning below the table.
 
+    Args:
+        run_dirs: folders written by evaluate-missing, or lists of such folders (one group each).
+        output: folder for ``comparison.md``, ``comparison.png`` and ``comparison.json``.
+        labels: one per entry (None: the trainer name read from the first run's summary).
+
     Returns:
         The Markdown file and the PNG.
+
+    Raises:
+        FileNotFoundError: a folder without ``summary.json``.
+        ValueError: as many labels as entries are needed; the runs of one group must share their combinations.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = []
-    for run in run_dirs:
-        file = Path(run) / "summary.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} not found; pass folders written by evaluate-missing")
-        summaries.append(json.loads(file.read_text()))
-    labels = list(labels) if labels else [Path(s["model"]).name.split("__")[0] for s in summaries]
-    if len(labels) != len(summaries):
-        raise ValueError(f"{len(labels)} labels for {len(summaries)} runs")
-    mismatch = combination_mismatch(labels, summaries)
+    groups = [[run] if isinstance(run, (str, os.PathLike)) else list(run) for run in run_dirs]
+    if any(not group for group in groups):
+        raise ValueError("a group of runs is empty")
+    summaries = [[_read_summary(run) for run in group] for group in groups]
+    labels = list(labels) if labels else [None] * len(groups)
+    if len(labels) != len(groups):
+        raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
+    labels = [label or Path(group[0]["model"]).name.split("__")[0] for label, group in zip(labels, summaries,
+                                                                                              strict=True)]
+    aggregates = [aggregate_summaries(group) for group in summaries]
+    with_sd = any(len(group) > 1 for group in groups)
+    mismatch = combination_mismatch(labels, [group[0] for group in summaries])
     if mismatch:
         warnings.warn(mismatch, CombinationMismatchWarning, stacklevel=2)
     regions = list(mods.REGIONS)
     header = "| run | " + " | ".join(f"{r} Dice" for r in regions) + " | " + " | ".join(f"{r} HD95" for r in regions)
     lines = [header + " |", "|---|" + "---|" * (2 * len(regions))]
-    every = set().union(*(s["per_combination"] for s in summaries))
-    for label, s in zip(labels, summaries, strict=True):
-        dice = " | ".join(f"{100 * s['average'][f'{r}_Dice']:.2f}" for r in regions)
-        hd = " | ".join(f"{s['average'][f'{r}_HD95']:.2f}" for r in regions)
-        marker = f" † ({len(s['per_combination'])} of {len(every)} combinations)" if mismatch else ""
-        lines.append(f"| {label}{marker} | {dice} | {hd} |")
+    every = set().union(*(a["per_combination"] for a in aggregates))
+    for label, aggregate in zip(labels, aggregates, strict=True):
+        average = aggregate["average"]
+        dice = " | ".join(_cell(average[f"{r}_Dice"], 100.0, with_sd) for r in regions)
+        hd = " | ".join(_cell(average[f"{r}_HD95"], 1.0, with_sd) for r in regions)
+        count = aggregate["num_runs"]
+        runs = f" ({count} run{'' if count == 1 else 's'})" if with_sd else ""
+        marker = f" † ({len(aggregate['per_combination'])} of {len(every)} combinations)" if mismatch else ""
+        lines.append(f"| {label}{runs}{marker} | {dice} | {hd} |")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "comparison.md"
     note = f"\n† **Warning:** {mismatch}\n" if mismatch else ""
-    markdown.write_text("Average over the modality combinations (Dice in %, HD95 in mm)\n\n" + "\n".join(lines)
-                        + "\n" + note)
+    spread = ", mean ± sd over runs" if with_sd else ""
+    markdown.write_text(f"Average over the modality combinations (Dice in %, HD95 in mm{spread})\n\n"
+                        + "\n".join(lines) + "\n" + note)
+    (out / "comparison.json").write_text(json.dumps(
+        {label: {"runs": [str(r) for r in group], **aggregate}
+         for label, group, aggregate in zip(labels, groups, aggregates, strict=True)}, indent=2))
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(regions), 3.6))
-    width = 0.8 / len(summaries)
-    for k, (label, s) in enumerate(zip(labels, summaries, strict=True)):
-        values = [s["average"][f"{r}_Dice"] for r in regions]
-        bars = ax.bar(np.arange(len(regions)) + (k - (len(summaries) - 1) / 2) * width, values, width, label=label)
+    width = 0.8 / len(groups)
+    for k, (label, aggregate) in enumerate(zip(labels, aggregates, strict=True)):
+        stats = [aggregate["average"][f"{r}_Dice"] for r in regions]
+        errors = [s["sd"] or 0.0 for s in stats] if aggregate["num_runs"] > 1 else None
+        bars = ax.bar(np.arange(len(regions)) + (k - (len(groups) - 1) / 2) * width, [s["mean"] for s in stats],
+                      width, yerr=errors, capsize=3 if errors else 0, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(regions)), regions)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean Dice over modality combinations")
+    if with_sd:
+        ax.set_title("mean over runs, error bars ± sd", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = out / "comparison.png"

@@ -3,8 +3,8 @@
 ``nnUNetv2_train D CONFIG FOLD -tr ModalityDropoutTrainer``. Every training sample, every time it is
 drawn, loses a random subset of its modalities (zeroed channels), so the network learns to segment
 from any non-empty subset. Settings: ``trainer_configs/ModalityDropoutTrainer.json``, section
-``modality_dropout`` (``scheme``, ``drop_probabilities``, ``p_keep_all``; see
-:mod:`nnunet_missingmod.transforms.modality_dropout`).
+``modality_dropout`` (``scheme``, ``drop_probabilities``, ``p_keep_all``, and ``keep`` for the ``fixed``
+scheme that trains a model on one combination; see :mod:`nnunet_missingmod.transforms.modality_dropout`).
 
 Only the training transforms change: the dropout is appended after all of nnU-Net's augmentations
 and after the base class has zeroed the sequences a case lacks (so no noise or brightness change reaches
@@ -20,23 +20,14 @@ from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
 from nnunet_missingmod.trainers.base import MissingModTrainerBase
-from nnunet_missingmod.transforms.modality_dropout import ModalityDropoutTransform
+from nnunet_missingmod.transforms.modality_dropout import ModalityDropoutTransform, transform_from_settings
 
 
 class ModalityDropoutTrainer(MissingModTrainerBase):
     """nnUNetTrainer plus :class:`ModalityDropoutTransform` at the end of the training transforms."""
 
     def modality_dropout_transform(self) -> ModalityDropoutTransform:
-        settings = self.trainer_config["modality_dropout"]
-        num_modalities = self.num_modalities
-        probabilities = settings.get("drop_probabilities")
-        if settings["scheme"] == "independent" and len(probabilities) != num_modalities:
-            raise ValueError(f"modality_dropout.drop_probabilities has {len(probabilities)} values but the dataset "
-                             f"has {num_modalities} channels")
-        independent = settings["scheme"] == "independent"
-        return ModalityDropoutTransform(num_modalities=num_modalities, scheme=settings["scheme"],
-                                        drop_probabilities=probabilities if independent else None,
-                                        p_keep_all=settings["p_keep_all"])
+        return transform_from_settings(self.trainer_config["modality_dropout"], self.num_modalities)
 
     def get_training_transforms(self, patch_size: np.ndarray | tuple[int, ...], rotation_for_DA: RandomScalar,
                                 deep_supervision_scales: list | tuple | None, mirror_axes: tuple[int, ...],

@@ -8,6 +8,11 @@ Schemes:
 * ``independent``: channel c is dropped with probability ``drop_probabilities[c]``, independently;
   a draw that would drop every channel is redrawn, so P(S) is proportional to
   prod_{c in S} (1 - p_c) * prod_{c not in S} p_c over non-empty S.
+* ``fixed``: every sample keeps exactly the modalities listed in ``keep`` (names such as ``"t1ce"`` or
+  channel indices), e.g. ``{"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"]}}`` in the
+  ``nnUNet_missingmod_config`` override file trains a model dedicated to one combination (the
+  robustness benchmark's upper limit: one model per combination). Nothing is random; ``p_keep_all`` must
+  be 0, since mixing in complete samples would no longer train on that combination alone.
 
 With probability ``p_keep_all`` a sample keeps every modality before the scheme is consulted.
 
@@ -16,6 +21,8 @@ dataset) is never counted as kept: the kept set is the drawn subset AND the acqu
 sample whose draw keeps none of its acquired modalities keeps all of them (the transform reads the mask
 that :class:`~nnunet_missingmod.transforms.missing_modalities.RecordAvailabilityTransform` stored;
 :func:`drop_modalities_in_batch` infers it from the exactly-zero channels).
+This holds for ``fixed`` too: a sample that has none of the ``keep`` modalities keeps the ones it has,
+so on data with missing sequences leave such cases out of a dedicated model's training split.
 
 Randomness comes from numpy's global stream (or an explicit generator), never from torch: nnU-Net's
 augmentation workers reseed numpy per worker but share torch's random stream, which would make
@@ -30,26 +37,84 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import ImageOnlyTransform
 
+from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.transforms.missing_modalities import AVAILABILITY_KEY, acquired_modalities
 
-SCHEMES = ("uniform_subset", "independent")
+SCHEMES = ("uniform_subset", "independent", "fixed")
+#: Config key of the kept modalities of the ``fixed`` scheme (named in error messages).
+KEEP_KEY = "modality_dropout.keep"
+
+
+def fixed_keep_mask(keep: Sequence[str | int] | None, num_modalities: int, *, key: str = KEEP_KEY) -> np.ndarray:
+    """Boolean mask of the modalities that the ``fixed`` scheme keeps.
+
+    Args:
+        keep: modality names or aliases (see :func:`nnunet_missingmod.modalities.modality_index`) or channel
+            indices, e.g. ``["t1ce", "flair"]`` or ``[1, 3]``.
+        num_modalities: number of modality channels M.
+        key: config key named in error messages.
+
+    Returns:
+        Boolean mask of length M with at least one True.
+
+    Raises:
+        ValueError: ``keep`` is missing or empty, not a list, names an unknown modality, an index outside
+            0..M-1, or a modality twice (the message names ``key``).
+    """
+    if keep is None or isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence) or len(keep) == 0:
+        raise ValueError(f"{key} must be a non-empty list of modality names ({', '.join(mods.MODALITIES)}) or "
+                         f"channel indices for scheme 'fixed', got {keep!r}")
+    indices = []
+    for entry in keep:
+        if isinstance(entry, str):
+            try:
+                index = mods.modality_index(entry)
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from None
+        elif isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+            index = int(entry)
+        else:
+            raise ValueError(f"{key}: entries must be modality names or channel indices, got {entry!r}")
+        if not 0 <= index < num_modalities:
+            raise ValueError(f"{key}: {entry!r} is channel {index}, but the data has {num_modalities} modality "
+                             f"channels (0-{num_modalities - 1})")
+        indices.append(index)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{key}: a modality is named twice in {list(keep)!r}")
+    mask = np.zeros(num_modalities, dtype=bool)
+    mask[indices] = True
+    return mask
+
+
+def _check_fixed_settings(p_keep_all: float) -> None:
+    if p_keep_all != 0:
+        raise ValueError(f"modality_dropout.p_keep_all must be 0 with scheme 'fixed' (every sample keeps exactly "
+                         f"{KEEP_KEY}), got {p_keep_all}")
 
 
 def sample_kept_modalities(num_modalities: int, *, scheme: str = "uniform_subset",
                            drop_probabilities: Sequence[float] | None = None, p_keep_all: float = 0.0,
-                           rng: np.random.Generator | np.random.RandomState | None = None) -> np.ndarray:
+                           rng: np.random.Generator | np.random.RandomState | None = None,
+                           keep: Sequence[str | int] | None = None) -> np.ndarray:
     """Draw which modalities a sample keeps.
 
     Args:
         num_modalities: number of modality channels M.
-        scheme: ``uniform_subset`` or ``independent`` (see the module docstring).
+        scheme: ``uniform_subset``, ``independent`` or ``fixed`` (see the module docstring).
         drop_probabilities: per-channel drop probabilities for ``independent`` (length M, each < 1).
-        p_keep_all: probability of keeping every modality regardless of the scheme.
+        p_keep_all: probability of keeping every modality regardless of the scheme (0 for ``fixed``).
         rng: random generator; defaults to numpy's global stream (reseeded per augmentation worker).
+        keep: the kept modalities of ``fixed`` (names or channel indices).
 
     Returns:
         Boolean mask of length M with at least one True.
+
+    Raises:
+        ValueError: an unknown scheme, or invalid ``fixed`` settings (naming the config key).
     """
+    if scheme == "fixed":
+        _check_fixed_settings(p_keep_all)
+        return fixed_keep_mask(keep, num_modalities)
     rng = np.random if rng is None else rng
     if p_keep_all > 0 and rng.random() < p_keep_all:
         return np.ones(num_modalities, dtype=bool)
@@ -77,23 +142,32 @@ class ModalityDropoutTransform(ImageOnlyTransform):
 
     Args:
         num_modalities: number of modality channels at the start of the image.
-        scheme: ``uniform_subset`` or ``independent``.
+        scheme: ``uniform_subset``, ``independent`` or ``fixed``.
         drop_probabilities: per-channel drop probabilities for ``independent``.
-        p_keep_all: probability of keeping every modality.
+        p_keep_all: probability of keeping every modality (must be 0 for ``fixed``).
         rng: optional generator for reproducible draws (tests); default numpy's global stream.
+        keep: the modalities every sample keeps with ``fixed`` (names or channel indices).
+
+    Raises:
+        ValueError: invalid ``fixed`` settings (the message names the config key).
 
     Example:
         >>> transform = ModalityDropoutTransform(num_modalities=4)
         >>> out = transform(image=torch.ones(4, 8, 8, 8))["image"]  # 1 to 4 channels kept, the rest exactly 0
+        >>> fixed = ModalityDropoutTransform(num_modalities=4, scheme="fixed", keep=["t1ce", "flair"])
     """
 
     def __init__(self, *, num_modalities: int, scheme: str = "uniform_subset",
                  drop_probabilities: Sequence[float] | None = None, p_keep_all: float = 0.0,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, keep: Sequence[str | int] | None = None) -> None:
         super().__init__()
         assert num_modalities >= 1, f"num_modalities must be positive, got {num_modalities}"
         assert scheme in SCHEMES, f"unknown scheme {scheme!r}; expected one of {SCHEMES}"
         assert 0.0 <= p_keep_all <= 1.0, f"p_keep_all must be in [0, 1], got {p_keep_all}"
+        self.keep = None
+        if scheme == "fixed":
+            _check_fixed_settings(p_keep_all)
+            self.keep = fixed_keep_mask(keep, num_modalities)  # resolved once: the same subset for every sample
         if scheme == "independent":
             assert drop_probabilities is not None and len(drop_probabilities) == num_modalities, \
                 f"independent dropout needs {num_modalities} drop probabilities, got {drop_probabilities}"
@@ -109,9 +183,12 @@ class ModalityDropoutTransform(ImageOnlyTransform):
         image = data_dict["image"]
         assert image.shape[0] >= self.num_modalities, \
             f"image has {image.shape[0]} channels, fewer than num_modalities={self.num_modalities}"
-        keep = sample_kept_modalities(self.num_modalities, scheme=self.scheme,
-                                      drop_probabilities=self.drop_probabilities, p_keep_all=self.p_keep_all,
-                                      rng=self.rng)
+        if self.keep is not None:
+            keep = self.keep.copy()
+        else:
+            keep = sample_kept_modalities(self.num_modalities, scheme=self.scheme,
+                                          drop_probabilities=self.drop_probabilities, p_keep_all=self.p_keep_all,
+                                          rng=self.rng)
         acquired = data_dict.get(AVAILABILITY_KEY)
         if acquired is not None:
             acquired = np.asarray(acquired, dtype=bool)
@@ -127,6 +204,24 @@ class ModalityDropoutTransform(ImageOnlyTransform):
         return img
 
 
+def transform_from_settings(settings: dict, num_modalities: int) -> ModalityDropoutTransform:
+    """The transform of a ``modality_dropout`` config section (``scheme``, ``drop_probabilities``,
+    ``p_keep_all``, ``keep``) for ``num_modalities`` channels.
+
+    Raises:
+        ValueError: ``independent`` without one drop probability per channel, or invalid ``fixed`` settings
+            (the messages name the config key).
+    """
+    scheme = settings["scheme"]
+    probabilities = settings.get("drop_probabilities")
+    if scheme == "independent" and (probabilities is None or len(probabilities) != num_modalities):
+        raise ValueError(f"modality_dropout.drop_probabilities has {0 if probabilities is None else len(probabilities)}"
+                         f" values but the dataset has {num_modalities} channels")
+    return ModalityDropoutTransform(num_modalities=num_modalities, scheme=scheme,
+                                    drop_probabilities=probabilities if scheme == "independent" else None,
+                                    p_keep_all=settings.get("p_keep_all", 0.0), keep=settings.get("keep"))
+
+
 def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero a random subset of modalities per sample of a batch (for trainers that drop in ``train_step``).
@@ -136,19 +231,28 @@ def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch
 
     Args:
         data: (B, M, ...) batch of images.
-        settings: a ``modality_dropout`` config section (``scheme``, ``drop_probabilities``, ``p_keep_all``).
+        settings: a ``modality_dropout`` config section (``scheme``, ``drop_probabilities``, ``p_keep_all``;
+            ``keep`` for ``fixed``).
         acquired: (B, M) boolean mask of the modalities each sample has; default: the channels that are not
             exactly zero (what the training transforms guarantee, see :mod:`.missing_modalities`).
 
     Returns:
         The dropped batch (a new tensor) and the (B, M) boolean mask of available modalities.
+
+    Raises:
+        ValueError: invalid ``fixed`` settings (the message names the config key).
     """
     num_modalities = data.shape[1]
-    independent = settings["scheme"] == "independent"
-    keep = np.stack([sample_kept_modalities(num_modalities, scheme=settings["scheme"],
-                                            drop_probabilities=settings["drop_probabilities"] if independent else None,
-                                            p_keep_all=settings["p_keep_all"])
-                     for _ in range(data.shape[0])])
+    scheme = settings["scheme"]
+    if scheme == "fixed":
+        _check_fixed_settings(settings.get("p_keep_all", 0.0))
+        keep = np.tile(fixed_keep_mask(settings.get("keep"), num_modalities), (data.shape[0], 1))  # (B, M)
+    else:
+        independent = scheme == "independent"
+        keep = np.stack([sample_kept_modalities(num_modalities, scheme=scheme,
+                                                drop_probabilities=settings["drop_probabilities"] if independent
+                                                else None, p_keep_all=settings["p_keep_all"])
+                         for _ in range(data.shape[0])])  # (B, M)
     keep = torch.from_numpy(keep).to(data.device)
     if acquired is None:
         acquired = acquired_modalities(data, batched=True)  # (B, M)

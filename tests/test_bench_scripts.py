@@ -1,0 +1,273 @@
+"""The benchmark scripts' logic without training: resuming, the plateau check, aggregation over runs, interleaving."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.config import OVERRIDE_ENV, load_trainer_config
+from nnunet_missingmod.trainers import ModalityDropoutTrainer
+from nnunet_missingmod.transforms.modality_dropout import transform_from_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench_robustness as robustness  # noqa: E402
+import bench_train_step as train_step  # noqa: E402
+from bench_common import REGIMES  # noqa: E402
+
+NAMES = [mods.combination_name(c) for c in mods.all_combinations()]
+FULL = "t1+t1ce+t2+flair"
+T975_3 = 4.302652729911275  # t(0.975, 2), from a printed table
+
+
+# ---------------------------------------------------------------- plateau check
+
+
+def test_plateau_of_a_flat_curve():
+    check = robustness.plateau_check([0.8] * 20)
+    assert check["plateaued"] is True and check["gain"] == pytest.approx(0.0) and check["epochs"] == 20
+
+
+def test_plateau_threshold_by_hand():
+    # 8 epochs: quarters of 2; the last quarter's mean (0.505 + 0.513) / 2 = 0.509 is 0.9 points above 0.5
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.505, 0.513]
+    check = robustness.plateau_check(rising)
+    assert check["gain"] == pytest.approx(0.009) and check["plateaued"] is True
+    assert check["last_quarter"] == pytest.approx(0.509) and check["previous_quarter"] == pytest.approx(0.5)
+    # 1.2 points: not a plateau
+    assert robustness.plateau_check([*rising[:6], 0.51, 0.514])["plateaued"] is False
+    # 10 epochs: quarters of 2 epochs at the end (epochs 7-8 against 9-10)
+    curve = [0.0] * 6 + [0.4, 0.4, 0.45, 0.45]
+    assert robustness.plateau_check(curve)["gain"] == pytest.approx(0.05)
+
+
+def test_plateau_undecided_for_short_curves():
+    assert robustness.plateau_check([0.1, 0.2, 0.3])["plateaued"] is None
+    assert robustness.plateau_check([])["epochs"] == 0
+
+
+def _fake_checkpoint(path: Path, ema: list[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"logging": {"ema_fg_dice": ema, "mean_fg_dice": ema, "epoch_start_timestamps": [0.0, 10.0],
+                            "epoch_end_timestamps": [4.0, 15.0]}}, path)
+
+
+def test_learning_curve_from_the_final_checkpoint_else_the_latest(tmp_path):
+    fold = tmp_path / "fold_0"
+    assert robustness.read_learning_curve(fold) is None
+    _fake_checkpoint(fold / "checkpoint_latest.pth", [0.1, 0.2])
+    assert robustness.read_learning_curve(fold)["ema_fg_dice"] == [0.1, 0.2]
+    _fake_checkpoint(fold / "checkpoint_final.pth", [0.1, 0.2, 0.3])
+    log = robustness.read_learning_curve(fold)
+    assert log["ema_fg_dice"] == [0.1, 0.2, 0.3] and log["epoch_s"] == [4.0, 5.0]
+    png = tmp_path / "curves.png"
+    robustness.plot_learning_curves({"a__seed0": ("A", [0.1, 0.2]), "d__seed0": ("dedicated", [0.3, 0.4])}, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- resuming a partly finished benchmark
+
+
+def test_training_action_from_the_files_in_the_fold(tmp_path):
+    fold = tmp_path / "fold_0"
+    assert robustness.training_action(fold) == "train"  # no folder at all
+    fold.mkdir()
+    (fold / "training_log.txt").write_text("interrupted before the first checkpoint")
+    assert robustness.training_action(fold) == "train"
+    (fold / "checkpoint_latest.pth").write_bytes(b"x")
+    assert robustness.training_action(fold) == "continue"
+    (fold / "checkpoint_final.pth").write_bytes(b"x")
+    assert robustness.training_action(fold) == "reuse"
+
+
+def test_plan_keeps_the_short_regimes_folders_and_separates_seeds(tmp_path):
+    runs = robustness.plan_runs(tmp_path, REGIMES["short"], ["nnUNetTrainer"], seeds=2, dedicated_seeds=1)
+    assert len(runs) == 2 + 15 and len({r.name for r in runs}) == len(runs)
+    legacy, second = runs[0], runs[1]
+    assert legacy.model == tmp_path / "nnUNet_results" / "Dataset990_BraTSPhantom" / \
+        "nnUNetTrainer__nnUNetPlans__3d_cpu"
+    assert legacy.evaluation == tmp_path / "robustness" / "nnUNetTrainer"
+    assert second.name == "nnUNetTrainer__seed1" and second.seed == 1
+    assert second.model.is_relative_to(tmp_path / "robustness" / "models" / "nnUNetTrainer__seed1")
+    dedicated = runs[2:]
+    assert [r.combination for r in dedicated] == mods.all_combinations()
+    assert {r.group for r in dedicated} == {"dedicated"}
+    assert {r.trainer for r in dedicated} == {"ModalityDropoutTrainer"}
+    converged = robustness.plan_runs(tmp_path, REGIMES["converged"], ["nnUNetTrainer"], seeds=1)
+    assert converged[0].name == "nnUNetTrainer__seed0"
+    assert converged[0].model.parent.name == "Dataset991_BraTSPhantom"
+    assert converged[0].evaluation == tmp_path / "robustness_converged" / "eval" / "nnUNetTrainer__seed0"
+
+
+def test_resuming_trains_continues_or_reuses_each_run(tmp_path, monkeypatch):
+    """A benchmark stopped part-way: one run finished, one interrupted, the rest not started."""
+    regime = REGIMES["converged"]
+    runs = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer", "D2NetTrainer"], seeds=2, dedicated_seeds=1)
+    (runs[0].fold).mkdir(parents=True)
+    (runs[0].fold / "checkpoint_final.pth").write_bytes(b"x")
+    (runs[1].fold).mkdir(parents=True)
+    (runs[1].fold / "checkpoint_latest.pth").write_bytes(b"x")
+    assert [robustness.training_action(r.fold) for r in runs[:4]] == ["reuse", "continue", "train", "train"]
+
+    calls = []
+
+    def fake_worker(script, args, env):
+        calls.append((args, env))
+        return {"train_s": 10.0}
+
+    monkeypatch.setattr(robustness, "run_worker", fake_worker)
+    args = type("Args", (), {"iterations": 60, "device": "cpu"})()
+    timings = {runs[1].name: {"train_s": 100.0, "sittings": 1}}  # the first sitting of the interrupted run
+    for run in [*runs[:3], runs[4]]:  # runs[4]: the first dedicated model
+        robustness.train_run(run, regime, 60, args, {"nnUNet_raw": "raw"}, timings)
+    assert len(calls) == 3, "the finished run was trained again"
+    (continued, env1), (fresh, env2), (dedicated, env3) = calls
+    assert "--resume" in continued and "--resume" not in fresh
+    assert continued[continued.index("--seed") + 1] == "1" and continued[continued.index("--worker") + 1] == \
+        "nnUNetTrainer"
+    assert env1["nnUNet_results"] == str(runs[1].results) and env2["nnUNet_results"] == str(runs[2].results)
+    assert OVERRIDE_ENV not in env1
+    assert timings[runs[1].name] == {"train_s": 110.0, "sittings": 2}  # summed over sittings
+    assert timings[runs[2].name] == {"train_s": 10.0, "sittings": 1}
+    # the dedicated model trains ModalityDropoutTrainer with the fixed scheme through the override file
+    assert dedicated[dedicated.index("--worker") + 1] == "ModalityDropoutTrainer"
+    assert dedicated[dedicated.index("--keep") + 1:] == ["0"]  # t1 alone: the first combination
+    override = json.loads(Path(env3[OVERRIDE_ENV]).read_text())
+    assert override == {"modality_dropout": {"scheme": "fixed", "keep": ["t1"], "p_keep_all": 0.0}}
+
+
+@pytest.mark.parametrize("combination", mods.all_combinations(), ids=mods.combination_name)
+def test_dedicated_override_selects_its_combination(combination, tmp_path, monkeypatch):
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps(robustness.dedicated_override(combination)))
+    monkeypatch.setenv(OVERRIDE_ENV, str(override))
+    transform = transform_from_settings(load_trainer_config(ModalityDropoutTrainer)["modality_dropout"], 4)
+    assert tuple(np.flatnonzero(transform.keep)) == combination
+
+
+def test_evaluation_reused_only_when_current(tmp_path):
+    checkpoint = tmp_path / "fold_0" / "checkpoint_final.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"x")
+    evaluation = tmp_path / "eval"
+    assert not robustness.evaluation_is_current(evaluation, checkpoint, 10)
+    evaluation.mkdir()
+    (evaluation / "summary.json").write_text(json.dumps({"num_cases": 10, "per_combination": {"t1": {}}}))
+    os.utime(checkpoint, (1000, 1000))
+    os.utime(evaluation / "summary.json", (2000, 2000))
+    assert robustness.evaluation_is_current(evaluation, checkpoint, 10)
+    assert robustness.evaluation_is_current(evaluation, checkpoint, 10, ["t1"])
+    assert not robustness.evaluation_is_current(evaluation, checkpoint, 5)  # other cases
+    assert not robustness.evaluation_is_current(evaluation, checkpoint, 10, ["t2"])  # other combinations
+    os.utime(checkpoint, (3000, 3000))  # retrained after the evaluation
+    assert not robustness.evaluation_is_current(evaluation, checkpoint, 10)
+    assert not robustness.evaluation_is_current(evaluation, tmp_path / "missing.pth", 10)
+
+
+# ---------------------------------------------------------------- aggregation over runs
+
+
+def summary(wt_by_name: dict[str, float], tc: float = 0.5, et: float = 0.4) -> dict:
+    per_combination = {name: {"WT_Dice": wt, "TC_Dice": tc, "ET_Dice": et, "WT_HD95": 5.0, "TC_HD95": 6.0,
+                              "ET_HD95": 7.0, "num_cases": 3} for name, wt in wt_by_name.items()}
+    keys = ["WT_Dice", "TC_Dice", "ET_Dice", "WT_HD95", "TC_HD95", "ET_HD95"]
+    return {"per_combination": per_combination,
+            "average": {k: float(np.mean([v[k] for v in per_combination.values()])) for k in keys}}
+
+
+def uniform(wt: float, full: float | None = None, **kwargs) -> dict:
+    return summary({name: (full if name == FULL and full is not None else wt) for name in NAMES}, **kwargs)
+
+
+def test_dedicated_summary_takes_each_combination_from_its_own_model():
+    models = [summary({name: 0.5 + i / 100}) for i, name in enumerate(NAMES)]
+    combined = robustness.dedicated_summary(models[::-1])  # any order
+    assert list(combined["per_combination"]) == NAMES
+    assert combined["per_combination"]["t1"]["WT_Dice"] == pytest.approx(0.5)
+    assert combined["average"]["WT_Dice"] == pytest.approx(0.5 + 7 / 100)  # mean of 0..14 is 7
+
+
+def test_by_num_modalities_by_hand():
+    per_k = robustness.by_num_modalities(summary({name: len(name.split("+")) / 10 for name in NAMES}))
+    assert {k: v["WT_Dice"] for k, v in per_k.items()} == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4})
+
+
+def test_aggregate_benchmark_by_hand():
+    # dropout: WT 0.6 / 0.7 / 0.8 everywhere; plain: 0.5 everywhere but full input 0.9 / 0.7; dedicated: 0.8
+    dropout = [uniform(0.6), uniform(0.7), uniform(0.8)]
+    plain = [uniform(0.5, full=0.9), uniform(0.5, full=0.7)]
+    dedicated = [robustness.dedicated_summary([summary({name: 0.8}, tc=0.4) for name in NAMES])]
+    result = robustness.aggregate_benchmark({"ModalityDropoutTrainer": dropout, "nnUNetTrainer": plain}, dedicated)
+    groups = result["groups"]
+    assert set(groups) == {"ModalityDropoutTrainer", "nnUNetTrainer", "dedicated"}
+    wt = groups["ModalityDropoutTrainer"]["average"]["WT_Dice"]
+    assert (wt["mean"], wt["sd"], wt["n"]) == (pytest.approx(0.7), pytest.approx(0.1), 3)
+    assert wt["ci95"] == pytest.approx(T975_3 * 0.1 / math.sqrt(3))
+    k2 = groups["ModalityDropoutTrainer"]["by_num_modalities"][2]["WT_Dice"]
+    assert (k2["mean"], k2["sd"]) == (pytest.approx(0.7), pytest.approx(0.1))
+    assert groups["dedicated"]["num_runs"] == 1 and groups["dedicated"]["average"]["WT_Dice"]["sd"] is None
+
+    ratios = result["ratios"]["ModalityDropoutTrainer"]
+    assert ratios["to_dedicated"]["t1ce+flair"] == pytest.approx({"WT": 0.7 / 0.8, "TC": 0.5 / 0.4, "ET": 1.0})
+    assert ratios["to_dedicated"]["average"] == pytest.approx({"WT": 0.875, "TC": 1.25, "ET": 1.0})
+    # full input: dropout 0.7 against plain (0.9 + 0.7) / 2 = 0.8
+    assert ratios["full_input_to_baseline"] == pytest.approx({"WT": 0.875, "TC": 1.0, "ET": 1.0})
+    plain_ratios = result["ratios"]["nnUNetTrainer"]
+    assert plain_ratios["full_input_to_baseline"] == pytest.approx({"WT": 1.0, "TC": 1.0, "ET": 1.0})
+    # plain's 15-combination average WT: (14 * 0.5 + 0.8) / 15
+    assert plain_ratios["to_dedicated"]["average"]["WT"] == pytest.approx((14 * 0.5 + 0.8) / 15 / 0.8)
+    assert "dedicated" not in result["ratios"]
+
+
+def test_aggregate_without_dedicated_or_baseline():
+    result = robustness.aggregate_benchmark({"ModalityDropoutTrainer": [uniform(0.6)]})
+    assert result["ratios"] == {"ModalityDropoutTrainer": {}}
+
+
+def test_report_tables(tmp_path):
+    dropout = [uniform(0.6), uniform(0.7), uniform(0.8)]
+    dedicated = [robustness.dedicated_summary([summary({name: 0.8}) for name in NAMES])]
+    aggregate = robustness.aggregate_benchmark({"nnUNetTrainer": [uniform(0.5)], "ModalityDropoutTrainer": dropout},
+                                               dedicated)
+    rows = [{"name": "nnUNetTrainer__seed0", "iterations": 60, "curve": [0.1, 0.5, 0.7, 0.8],
+             "plateau": robustness.plateau_check([0.1, 0.5, 0.7, 0.8]), "train_s": 612.0, "epochs_s": 580.4},
+            {"name": "ModalityDropoutTrainer__seed0", "iterations": 60, "curve": [],
+             "plateau": robustness.plateau_check([])}]
+    text = robustness.report_markdown(aggregate, rows, REGIMES["converged"])
+    assert "| nnUNetTrainer__seed0 | 4 x 60 | 0.800 | +10.00 | **no** | 612 | 580 | – |" in text
+    assert "| ModalityDropoutTrainer | 3 | 70.0 ± 10.0 [45.2, 94.8] |" in text  # 70 ± 24.84
+    assert "| **average** |" in text and "0.875 / 1.000 / 1.000" in text
+    assert "## Full input (t1+t1ce+t2+flair) ÷ nnUNetTrainer" in text
+
+
+# ---------------------------------------------------------------- interleaved timing
+
+
+def test_round_order_rotates():
+    trainers = ["a", "b", "c"]
+    assert [train_step.round_order(trainers, r) for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_ratio_statistics_by_hand():
+    def result(step: float) -> dict:
+        return {"step_s": step, "inference_s": step, "peak_mb": 100.0, "augment_s": 0.01}
+
+    rounds = [{"nnUNetTrainer": result(1.0), "Other": result(1.1)},
+              {"nnUNetTrainer": result(2.0), "Other": result(1.8)},  # the machine slowed down in round 2
+              {"nnUNetTrainer": result(1.0), "Other": result(1.3)}]
+    stats = train_step.ratio_statistics(rounds)
+    step = stats["Other"]["step_s"]
+    assert step["values"] == pytest.approx([1.1, 0.9, 1.3])
+    assert (step["median"], step["min"], step["max"]) == (pytest.approx(1.1), pytest.approx(0.9), pytest.approx(1.3))
+    assert (step["q1"], step["q3"]) == (pytest.approx(1.0), pytest.approx(1.2))
+    assert train_step.within_spread(step) and not train_step.within_spread(step, 1.4)
+    assert stats["nnUNetTrainer"]["step_s"]["median"] == 1.0 and stats["Other"]["peak_mb"]["max"] == 1.0
