@@ -4,9 +4,10 @@
 
 Builds ``D2NetTrainer`` on the benchmark's phantom dataset and 3d_cpu plans (``bench_common.prepare``),
 draws real training batches from nnU-Net's data loader (augmentation and modality dropout included),
-and for every term of eq. 11, weighted as in the total loss, computes the gradient on E_T's parameters
-alone (``torch.autograd.grad``). Reported per term: the norm of that gradient, its share of the sum of
-the norms, and its cosine with L_seg's gradient (negative: the term works against the segmentation).
+and for every term of eq. 11, weighted as in the total loss (``D2NetTrainer.term_weights``), computes
+the gradient on E_T's parameters alone (``torch.autograd.grad``). Reported per term: the norm of that
+gradient, its share of the sum of the norms, and its cosine with L_seg's gradient (negative: the term
+works against the segmentation).
 ``--checkpoint`` loads trained weights first (e.g. ``fold_0/checkpoint_final.pth`` of a benchmark run);
 without it the network is freshly initialised.
 """
@@ -21,12 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import CONFIGURATION, DATASET_ID, prepare  # noqa: E402
-
-#: (term, the loss-config weights it is multiplied by in the total).
-WEIGHTED_TERMS = (("seg", ()), ("sfmc_spatial", ("lambda1", "w_spatial")),
-                  ("sfmc_frequency", ("lambda1", "w_frequency")), ("rec", ("lambda1", "w_rec")),
-                  ("kd_feature", ("lambda2", "w_kd_feature")), ("kd_logit", ("lambda2", "w_kd_logit")),
-                  ("aux", ("lambda2", "w_aux")), ("consis", ("lambda2", "w_consis")))
 
 
 def main() -> None:
@@ -52,17 +47,16 @@ def main() -> None:
     if args.checkpoint:
         trainer.load_checkpoint(args.checkpoint)
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
-    settings = trainer.trainer_config["d2net"]["loss"]
+    weights = {name: weight for name, weight in trainer.term_weights().items() if name != "kd_projection"}
     encoder = [p for p in trainer.network.encoder.parameters() if p.requires_grad]
-    norms = {name: [] for name, _ in WEIGHTED_TERMS}
-    cosines = {name: [] for name, _ in WEIGHTED_TERMS}
+    norms = {name: [] for name in weights}
+    cosines = {name: [] for name in weights}
     for index in range(args.batches):
         batch = next(trainer.dataloader_train)
         data, target = batch["data"], batch["target"]
         losses = trainer.compute_losses(data, target)
         gradients = {}
-        for name, weights in WEIGHTED_TERMS:
-            weight = float(np.prod([settings[w] for w in weights])) if weights else 1.0
+        for name, weight in weights.items():
             grads = torch.autograd.grad(weight * losses[name], encoder, retain_graph=True, allow_unused=True)
             gradients[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                          for g, p in zip(grads, encoder, strict=True)])

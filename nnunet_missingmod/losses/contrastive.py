@@ -110,9 +110,13 @@ def uninformative_code_loss(available: torch.Tensor, num_slices: int, *, positiv
         num_slices: G.
         positive_distance, negative_window: Δ and k.
     """
-    constant = torch.ones(*available.shape, num_slices, 2, device=available.device)
-    return modality_contrastive_loss(constant, available, positive_distance=positive_distance,
-                                     negative_window=negative_window, temperature=1.0)
+    index = torch.arange(num_slices, device=available.device)
+    in_window = (index + negative_window + 1).clamp(max=num_slices) - (index - negative_window).clamp(min=0)  # (G,)
+    _, has_positive = positive_slices(num_slices, positive_distance, available.device)
+    others = (available.sum(1, keepdim=True) - 1).clamp(min=0)  # (B, 1): other available modalities
+    per_anchor = torch.log1p((others[:, :, None] * in_window).float()).expand(-1, available.shape[1], -1)
+    anchors = available[:, :, None] & has_positive[None, None, :]  # (B, M, G)
+    return per_anchor[anchors].mean() if anchors.any() else per_anchor.sum() * 0.0
 
 
 def sfmc_loss(codes: torch.Tensor, available: torch.Tensor, *, temperature: float = 0.07,

@@ -100,15 +100,15 @@ def adt_kd_loss(student_features: Sequence[torch.Tensor], student_logits: Sequen
         for s, (feature, logits) in enumerate(zip(student_features, student_logits, strict=True)):
             mapping = projection(s, t)
             student = resize(feature, size).float()  # (B, C_s, *S_t)
-            mapped = mapping(teacher_feature).float()  # (B, C_s, *S_t)
+            # without the feature term, Q only weighs pairs and is fitted by its own term: no gradient to the teacher
+            mapped = mapping(teacher_feature if feature_weight else teacher_feature.detach()).float()  # (B, C_s, *S_t)
             weight = affinity(mapped.detach(), student.detach())
             if feature_weight:
                 feature_term = feature_term + weight * (mapped - student).pow(2).mean()
+            elif logit_weight:
+                projection_term = projection_term + (mapped - student.detach()).pow(2).mean()
             if logit_weight:
                 logit_term = logit_term + weight * binary_kl(target_logits, resize(logits, size))
-            if logit_weight and not feature_weight:
-                fitted = mapping(teacher_feature.detach()).float()
-                projection_term = projection_term + (fitted - student.detach()).pow(2).mean()
     feature_term, logit_term, projection_term = feature_term / pairs, logit_term / pairs, projection_term / pairs
     return {"feature": feature_term, "logit": logit_term, "projection": projection_term,
             "total": feature_weight * feature_term + logit_weight * logit_term}

@@ -176,12 +176,18 @@ class D2NetTrainer(MultiTermLossTrainer):
         losses["aux"] = auxiliary_loss(aux["teacher_logits"], targets[first:], self._stage_weights(len(targets), first))
         losses["consis"] = consistency_loss(aux["teacher_logits"][0], aux["student_logits"][first])
 
-        modality_terms = sfmc["total"] + settings["w_rec"] * losses["rec"]
-        region_terms = kd["total"] + settings["w_aux"] * losses["aux"] + settings["w_consis"] * losses["consis"]
-        ramp = self.auxiliary_ramp()
-        losses["total"] = (losses["seg"] + ramp * settings["lambda1"] * modality_terms
-                           + ramp * settings["lambda2"] * region_terms + losses["kd_projection"])
+        losses["total"] = sum(weight * losses[name] for name, weight in self.term_weights().items())
         return losses
+
+    def term_weights(self) -> dict[str, float]:
+        """The factor of each term in the total of eq. 11 this epoch (a switched-off term has weight 0)."""
+        settings = self.trainer_config["d2net"]["loss"]
+        modality = self.auxiliary_ramp() * settings["lambda1"]
+        region = self.auxiliary_ramp() * settings["lambda2"]
+        return {"seg": 1.0, "sfmc_spatial": modality * settings["w_spatial"],
+                "sfmc_frequency": modality * settings["w_frequency"], "rec": modality * settings["w_rec"],
+                "kd_feature": region * settings["w_kd_feature"], "kd_logit": region * settings["w_kd_logit"],
+                "aux": region * settings["w_aux"], "consis": region * settings["w_consis"], "kd_projection": 1.0}
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
