@@ -267,7 +267,7 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequence[dict] = (),
                         baseline: str = BASELINE) -> dict:
-    """Statistics over seeds per group, and the ratios the issue's goals are stated in.
+    """Statistics over seeds per group, and the ratios the benchmark's goals are stated in.
 
     Args:
         groups: group label -> the evaluate-missing summaries of its runs (one per seed).
