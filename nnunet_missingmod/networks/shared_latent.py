@@ -146,7 +146,9 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, know
         known: (B, M) boolean: modalities whose target exists (acquired, dropped or not).
         kind: ``l1`` or ``mse``.
     """
-    assert kind in RECONSTRUCTION_LOSSES, f"unknown reconstruction loss {kind!r}; expected {RECONSTRUCTION_LOSSES}"
+    if kind not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"shared_latent.reconstruction_loss: unknown loss {kind!r}; expected one of "
+                         f"{RECONSTRUCTION_LOSSES}")
     difference = reconstruction - target
     error = difference.abs() if kind == "l1" else difference.pow(2)
     per_modality = error.flatten(2).mean(-1)  # (B, M)
@@ -171,8 +173,9 @@ class LatentDecoder(nn.Module):
         num_stages = len(encoder.output_channels)
         if isinstance(n_conv_per_stage, int):
             n_conv_per_stage = [n_conv_per_stage] * (num_stages - 1)
-        assert len(n_conv_per_stage) == num_stages - 1, \
-            f"n_conv_per_stage needs {num_stages - 1} entries, got {list(n_conv_per_stage)}"
+        if len(n_conv_per_stage) != num_stages - 1:
+            raise ValueError(f"plans: n_conv_per_stage_decoder needs {num_stages - 1} entries, "
+                             f"got {list(n_conv_per_stage)}")
         transpconv_op = get_matching_convtransp(conv_op=encoder.conv_op)
         upsamplings, stages = [], []
         for s in range(1, num_stages):
@@ -244,7 +247,8 @@ class SharedLatentUNet(nn.Module):
 
     def reconstruct(self, fused: list[torch.Tensor]) -> torch.Tensor:
         """(B, M, ...) reconstruction of every modality from the fused representation."""
-        assert self.reconstruction is not None, "built without the reconstruction decoder"
+        if self.reconstruction is None:
+            raise RuntimeError("this network was built without the reconstruction decoder (inference network)")
         return self.reconstruction(fused if self.reconstruction_skips else fused[-1])
 
     def forward_with_aux(self, x: torch.Tensor, available: torch.Tensor | None = None

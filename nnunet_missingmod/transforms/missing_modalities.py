@@ -64,13 +64,15 @@ class RecordAvailabilityTransform(BasicTransform):
 
     def __init__(self, *, num_modalities: int) -> None:
         super().__init__()
-        assert num_modalities >= 1, f"num_modalities must be positive, got {num_modalities}"
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be positive, got {num_modalities}")
         self.num_modalities = num_modalities
 
     def apply(self, data_dict: dict, **params) -> dict:
         image = data_dict["image"]
-        assert image.shape[0] >= self.num_modalities, \
-            f"image has {image.shape[0]} channels, fewer than num_modalities={self.num_modalities}"
+        if image.shape[0] < self.num_modalities:
+            raise ValueError(f"image has {image.shape[0]} channels, fewer than the dataset's "
+                             f"{self.num_modalities} modalities (dataset.json channel_names)")
         data_dict[AVAILABILITY_KEY] = acquired_modalities(image, self.num_modalities)
         return data_dict
 
@@ -87,15 +89,17 @@ class ZeroMissingModalitiesTransform(BasicTransform):
 
     def __init__(self, *, num_modalities: int) -> None:
         super().__init__()
-        assert num_modalities >= 1, f"num_modalities must be positive, got {num_modalities}"
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be positive, got {num_modalities}")
         self.num_modalities = num_modalities
 
     def get_parameters(self, **data_dict) -> dict:
-        assert AVAILABILITY_KEY in data_dict, \
-            f"no {AVAILABILITY_KEY!r} in the sample: put RecordAvailabilityTransform first in the pipeline"
+        if AVAILABILITY_KEY not in data_dict:
+            raise KeyError(f"no {AVAILABILITY_KEY!r} in the sample: put RecordAvailabilityTransform first in the "
+                           "pipeline")
         available = data_dict[AVAILABILITY_KEY]
-        assert available.shape == (self.num_modalities,), \
-            f"availability mask of shape {tuple(available.shape)}, expected ({self.num_modalities},)"
+        if tuple(available.shape) != (self.num_modalities,):
+            raise ValueError(f"availability mask of shape {tuple(available.shape)}, expected ({self.num_modalities},)")
         return {"missing": torch.nonzero(~available).flatten().tolist()}
 
     def apply(self, data_dict: dict, **params) -> dict:

@@ -110,7 +110,7 @@ def test_reconstruction_loss_is_l1_by_default_and_rejects_unknown_kinds():
     reconstruction, target = torch.zeros(1, 2, 4, 4, 4), torch.full((1, 2, 4, 4, 4), 3.0)
     known = torch.tensor([[True, True]])
     assert reconstruction_loss(reconstruction, target, known).item() == pytest.approx(6.0)
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="reconstruction_loss"):
         reconstruction_loss(reconstruction, target, known, "l2")
 
 

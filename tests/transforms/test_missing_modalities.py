@@ -73,7 +73,7 @@ def test_acquired_modalities_for_samples_and_batches():
 
 
 def test_zeroing_without_recording_is_an_error():
-    with pytest.raises(AssertionError, match="RecordAvailabilityTransform"):
+    with pytest.raises(KeyError, match="RecordAvailabilityTransform"):
         ZeroMissingModalitiesTransform(num_modalities=M)(**sample([]))
 
 
