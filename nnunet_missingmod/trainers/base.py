@@ -203,14 +203,16 @@ class MultiTermLossTrainer(MissingModTrainerBase):
 
     loss_terms: tuple[str, ...] = ()
 
-    def drop_modalities(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def drop_modalities(self, data: torch.Tensor, acquired: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero a random subset of modalities per sample; return the dropped batch and the (B, M) available mask.
 
         ``available = kept AND acquired``: a channel that is exactly zero in the batch (a sequence the case
         does not have; the training transforms re-zero those after augmentation) is never available, so it
         is never an anchor, a target or a fused modality. Every sample keeps at least one acquired modality.
+        ``acquired`` (B, M) may be passed by a caller that already has it (default: read from the batch).
         """
-        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"])
+        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"], acquired=acquired)
 
     def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
                        ) -> dict[str, torch.Tensor]:

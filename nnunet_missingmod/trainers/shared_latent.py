@@ -75,12 +75,12 @@ class SharedLatentTrainer(MultiTermLossTrainer):
 
     def compute_losses(self, data: torch.Tensor, target) -> dict[str, torch.Tensor]:
         settings = self.trainer_config["shared_latent"]
-        dropped, available = self.drop_modalities(data)
+        known = acquired_modalities(data, batched=True)  # (B, M): every modality the case has, dropped or not
+        dropped, available = self.drop_modalities(data, acquired=known)
         output, aux = self.network(dropped, available, return_aux=True)  # through DDP / torch.compile wrappers
         losses = {"seg": self.loss(output, target)}
         losses["sim"] = torch.stack([similarity_loss(f, aux["available"]) for f in aux["features"]]).mean()
-        if "reconstruction" in aux:
-            known = acquired_modalities(data, batched=True)  # targets: every modality the case has, dropped or not
+        if "reconstruction" in aux:  # targets: every acquired modality
             losses["rec"] = reconstruction_loss(aux["reconstruction"], data, known, settings["reconstruction_loss"])
         else:
             losses["rec"] = torch.zeros((), device=data.device)
