@@ -36,6 +36,8 @@ folder says so in the training log.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from os.path import isfile, join
 
 import numpy as np
@@ -45,6 +47,7 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
+from torch._dynamo import OptimizedModule
 
 from nnunet_missingmod.config import load_trainer_config
 from nnunet_missingmod.transforms.missing_modalities import RecordAvailabilityTransform, ZeroMissingModalitiesTransform
@@ -148,19 +151,99 @@ class MissingModTrainerBase(nnUNetTrainer):
         self.print_to_log_file(message)
         raise NonFiniteLossError(message)
 
+    def checkpoint_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules whose weights a checkpoint holds besides ``self.network`` (a GAN trainer's discriminators)."""
+        return {}
+
+    def extra_checkpoint_state(self) -> dict:
+        """State this trainer adds to nnU-Net's checkpoint (stored under ``missingmod_state``; default none)."""
+        return {}
+
+    def load_extra_checkpoint_state(self, state: dict | None, filename: str) -> None:
+        """Restore what :meth:`extra_checkpoint_state` wrote (``None`` for a checkpoint without it)."""
+
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, refused (:class:`NonFiniteWeightsError`) if any weight is NaN or Inf."""
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            network = self.network.module if self.is_ddp else self.network
-            bad = [name for name, tensor in network.state_dict().items()
-                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-            if bad:
-                message = (f"{type(self).__name__}: refusing to write {filename}: {len(bad)} weight tensor(s) hold "
-                           f"NaN/Inf values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}) in epoch "
-                           f"{self.current_epoch}; the checkpoints already on disk are kept")
-                self.print_to_log_file(message)
-                raise NonFiniteWeightsError(message)
-        super().save_checkpoint(filename)
+        """nnU-Net's checkpoint plus :meth:`extra_checkpoint_state`, written atomically.
+
+        Refused (:class:`NonFiniteWeightsError`) if any weight is NaN or Inf. The file is written next to its
+        destination and renamed over it, so a run killed while saving leaves the previous checkpoint intact
+        (nnU-Net writes in place, and a kill mid-write leaves a truncated ``checkpoint_latest.pth`` that
+        ``--c`` cannot read).
+        """
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        network = self.network.module if self.is_ddp else self.network
+        if isinstance(network, OptimizedModule):
+            network = network._orig_mod
+        modules = {"network": network, **self.checkpoint_modules()}
+        bad = [f"{module_name}.{name}" if module_name != "network" else name
+               for module_name, module in modules.items() for name, tensor in module.state_dict().items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            message = (f"{type(self).__name__}: refusing to write {filename}: {len(bad)} weight tensor(s) hold "
+                       f"NaN/Inf values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}) in epoch "
+                       f"{self.current_epoch}; the checkpoints already on disk are kept")
+            self.print_to_log_file(message)
+            raise NonFiniteWeightsError(message)
+        # the keys of nnunetv2.training.nnUNetTrainer.nnUNetTrainer.save_checkpoint, which load_checkpoint reads
+        checkpoint = {
+            "network_weights": network.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        extra = self.extra_checkpoint_state()
+        if extra:
+            checkpoint["missingmod_state"] = extra
+        partial = f"{filename}.partial"
+        try:
+            torch.save(checkpoint, partial)
+            os.replace(partial, filename)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's checkpoint loading (also from a dict), then :meth:`load_extra_checkpoint_state`."""
+        if isinstance(filename_or_checkpoint, dict):  # nnU-Net's own method only reads files
+            checkpoint, filename = filename_or_checkpoint, "<checkpoint dict>"
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "checkpoint.pth")
+                torch.save(checkpoint, path)
+                super().load_checkpoint(path)
+        else:
+            filename = filename_or_checkpoint
+            super().load_checkpoint(filename)
+            checkpoint = torch.load(filename, map_location=self.device, weights_only=False) \
+                if type(self).load_extra_checkpoint_state is not MissingModTrainerBase.load_extra_checkpoint_state \
+                else {}
+        self.load_extra_checkpoint_state(checkpoint.get("missingmod_state"), filename)
+
+    def log_loss_terms(self, names: tuple[str, ...], train_outputs: list[dict]) -> dict[str, float]:
+        """Average ``loss_<name>`` over the epoch's steps, store it in nnU-Net's logger and the training log.
+
+        Steps that did not compute a term (a GAN generator term on a discriminator-only step) do not enter its
+        mean. A run resumed from a checkpoint without a term's history gets NaN for the epochs it has no record of.
+        """
+        history = self.logger.local_logger.my_fantastic_logging
+        terms = {}
+        for name in names:
+            key = f"loss_{name}"
+            values = history.setdefault(key, [])
+            values.extend([float("nan")] * (self.current_epoch - len(values)))
+            present = [o[key] for o in train_outputs if key in o]
+            terms[key] = float(np.mean(present)) if present else float("nan")
+            self.logger.log(key, terms[key], self.current_epoch)
+        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+        return terms
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -261,13 +344,4 @@ class MultiTermLossTrainer(MissingModTrainerBase):
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        history = self.logger.local_logger.my_fantastic_logging
-        terms = {}
-        for name in self.loss_terms:
-            key = f"loss_{name}"
-            # a run resumed from an older checkpoint gets NaN for the epochs it has no record of
-            values = history.setdefault(key, [])
-            values.extend([float("nan")] * (self.current_epoch - len(values)))
-            terms[key] = float(np.mean([o[key] for o in train_outputs]))
-            self.logger.log(key, terms[key], self.current_epoch)
-        self.print_to_log_file(", ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+        self.log_loss_terms(self.loss_terms, train_outputs)
