@@ -56,7 +56,8 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast, distributed as dist, nn
+from torch import autocast, nn
+from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import _LRScheduler
@@ -379,7 +380,7 @@ def plot_adversarial_progress(history: dict, generator_terms, discriminator_term
     sizes = {"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8}
     with plt.rc_context(sizes):
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-        for ax, (title, keys) in zip(axes, panels):
+        for ax, (title, keys) in zip(axes, panels, strict=False):
             for key in keys:
                 values = np.asarray(history.get(key, []), dtype=float)
                 if values.size:

@@ -103,17 +103,17 @@ def test_each_update_moves_only_its_own_network(tmp_path, monkeypatch):
     def generator_losses(self, data, target):  # runs after the critic update and before the generator update
         d_after_critic["weights"] = [p.detach().clone() for p in self.discriminator.parameters()]
         d_after_critic["frozen"] = all(not p.requires_grad for p in self.discriminator.parameters())
-        for a, b in zip(g_before, self.network.parameters()):
+        for a, b in zip(g_before, self.network.parameters(), strict=False):
             torch.testing.assert_close(b, a)  # the critic update leaves the generator alone
         return original(self, data, target)
     monkeypatch.setattr(ToyGANTrainer, "generator_losses", generator_losses)
     outputs = trainer.train_step(_batch(0))
 
     assert d_after_critic["frozen"]
-    assert any(not torch.equal(a, b) for a, b in zip(d_before, d_after_critic["weights"]))
-    for a, b in zip(d_after_critic["weights"], trainer.discriminator.parameters()):
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, d_after_critic["weights"], strict=False))
+    for a, b in zip(d_after_critic["weights"], trainer.discriminator.parameters(), strict=False):
         torch.testing.assert_close(b, a)  # the generator update leaves the critic alone
-    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.network.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.network.parameters(), strict=False))
     assert all(p.requires_grad for p in trainer.discriminator.parameters())
     assert {"loss", "loss_adv", "loss_l1", "loss_real", "loss_fake"} == outputs.keys()
     assert outputs["loss"] == pytest.approx(outputs["loss_adv"] + 10 * outputs["loss_l1"], rel=1e-5)
