@@ -32,6 +32,7 @@ setup(
         "nilearn>=0.10",  # only for the MNI152 template files bundled in its wheel (read with nibabel)
         "numpy>=1.24",
         "scipy>=1.10",
+        "scikit-image>=0.19",  # SSIM / PSNR of synthesised images
         "matplotlib>=3.7",
         "tqdm>=4.60",
     ],

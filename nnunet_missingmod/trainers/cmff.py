@@ -1,0 +1,3 @@
+"""Placeholder: filled by the cmff trainers."""
+
+__all__: list[str] = []

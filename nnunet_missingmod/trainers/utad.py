@@ -1,0 +1,3 @@
+"""Placeholder: filled by the utad trainers."""
+
+__all__: list[str] = []
