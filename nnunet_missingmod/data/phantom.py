@@ -29,11 +29,9 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -43,7 +41,13 @@ from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.data.brats import write_brats_case
-from nnunet_missingmod.data.nifti import atomic_output_folder, check_overwrite, write_nifti
+from nnunet_missingmod.data.nifti import (
+    atomic_output_folder,
+    check_overwrite,
+    raise_on_sigterm,
+    worker_pool,
+    write_nifti,
+)
 from nnunet_missingmod.data.raw_dataset import (
     dataset_folder,
     dataset_overwrite_problem,
@@ -443,7 +447,9 @@ def make_phantom_dataset(dataset_id: int, *, num_cases: int = 40, num_test: int 
             (staging / sub).mkdir()
         jobs = [(seed, i, config, str(staging), i >= num_cases, brats_staging, missing_rate, brats_format)
                 for i in range(num_cases + num_test)]
-        with ProcessPoolExecutor(max_workers=max(1, num_processes), mp_context=get_context("spawn")) as pool:
+        # workers die with this process and stop at once on an error, Ctrl-C or SIGTERM (then the staging
+        # folders are removed by atomic_output_folder), as in convert-brats
+        with raise_on_sigterm(), worker_pool(max(1, num_processes)) as pool:
             results = list(tqdm(pool.map(_write_case, jobs), total=len(jobs), desc="phantoms", unit="case",
                                 disable=not progress))
         write_dataset_json(staging, dataset_name=final.name, num_training=num_cases,

@@ -56,8 +56,8 @@ def hd95(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]
 def region_metrics(reference_labels: np.ndarray, predicted_labels: np.ndarray,
                    spacing: Sequence[float]) -> dict[str, dict[str, float]]:
     """``{"WT": {"Dice": .., "HD95": ..}, "TC": .., "ET": ..}`` from two label maps (1 edema, 2 core, 3 ET)."""
-    assert reference_labels.shape == predicted_labels.shape, \
-        f"shapes differ: reference {reference_labels.shape}, prediction {predicted_labels.shape}"
+    if reference_labels.shape != predicted_labels.shape:
+        raise ValueError(f"shapes differ: reference {reference_labels.shape}, prediction {predicted_labels.shape}")
     results = {}
     for region, members in mods.REGIONS.items():
         reference = np.isin(reference_labels, members)

@@ -227,7 +227,9 @@ class D2Net(nn.Module):
         super().__init__()
         unet = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, num_modalities,
                                       num_regions, allow_init=False, deep_supervision=deep_supervision)
-        assert unet.encoder.conv_op is nn.Conv3d, "D2Net needs a 3D configuration (codes are per slice)"
+        if unet.encoder.conv_op is not nn.Conv3d:
+            raise ValueError("D2Net needs a 3D configuration (its modality codes are per slice of a 3D patch); "
+                             "train it on 3d_fullres or a CPU configuration derived from it")
         self.encoder, self.decoder = unet.encoder, unet.decoder  # E_T and D^S; `decoder` as nnU-Net expects
         channels = list(self.encoder.output_channels)
         bottleneck = channels[-1]
@@ -319,7 +321,8 @@ class D2Net(nn.Module):
     def forward_with_aux(self, x: torch.Tensor, available: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor | list[torch.Tensor], dict]:
         """Student output (as ``forward``) plus everything the D²-Net losses need."""
-        assert self.training_parts, "forward_with_aux needs the training network (built with deep supervision)"
+        if not self.training_parts:
+            raise RuntimeError("forward_with_aux needs the training network (built with deep supervision)")
         available = availability_from_input(x) if available is None else available.bool()
         encoded = self.encode(x, available)
         student_features, student_logits = decode_with_features(self.decoder, self.student_skips(encoded))

@@ -219,7 +219,8 @@ class SharedLatentUNet(nn.Module):
                  feature_fraction: float = 0.5, reconstruction: bool = False, reconstruction_skips: bool = False,
                  arch_class_name: str = "PlainConvUNet") -> None:
         super().__init__()
-        assert 0 < feature_fraction <= 1, f"feature_fraction must be in (0, 1], got {feature_fraction}"
+        if not 0 < feature_fraction <= 1:
+            raise ValueError(f"shared_latent.network.feature_fraction must be in (0, 1], got {feature_fraction}")
         features = [max(4, int(round(f * feature_fraction))) for f in arch_kwargs["features_per_stage"]]
         self.num_modalities = num_modalities
         self.encoders = nn.ModuleList([build_modality_encoder(arch_class_name, arch_kwargs, features)

@@ -161,18 +161,23 @@ class ModalityDropoutTransform(ImageOnlyTransform):
                  drop_probabilities: Sequence[float] | None = None, p_keep_all: float = 0.0,
                  rng: np.random.Generator | None = None, keep: Sequence[str | int] | None = None) -> None:
         super().__init__()
-        assert num_modalities >= 1, f"num_modalities must be positive, got {num_modalities}"
-        assert scheme in SCHEMES, f"unknown scheme {scheme!r}; expected one of {SCHEMES}"
-        assert 0.0 <= p_keep_all <= 1.0, f"p_keep_all must be in [0, 1], got {p_keep_all}"
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be positive, got {num_modalities}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"modality_dropout.scheme: unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        if not 0.0 <= p_keep_all <= 1.0:
+            raise ValueError(f"modality_dropout.p_keep_all must be in [0, 1], got {p_keep_all}")
         self.keep = None
         if scheme == "fixed":
             _check_fixed_settings(p_keep_all)
             self.keep = fixed_keep_mask(keep, num_modalities)  # resolved once: the same subset for every sample
         if scheme == "independent":
-            assert drop_probabilities is not None and len(drop_probabilities) == num_modalities, \
-                f"independent dropout needs {num_modalities} drop probabilities, got {drop_probabilities}"
-            assert all(0.0 <= p < 1.0 for p in drop_probabilities), \
-                f"drop probabilities must be in [0, 1), got {list(drop_probabilities)}"
+            if drop_probabilities is None or len(drop_probabilities) != num_modalities:
+                raise ValueError(f"modality_dropout.drop_probabilities: independent dropout needs {num_modalities} "
+                                 f"drop probabilities, got {drop_probabilities}")
+            if not all(0.0 <= p < 1.0 for p in drop_probabilities):
+                raise ValueError(f"modality_dropout.drop_probabilities must be in [0, 1), got "
+                                 f"{list(drop_probabilities)}")
         self.num_modalities = num_modalities
         self.scheme = scheme
         self.drop_probabilities = None if drop_probabilities is None else [float(p) for p in drop_probabilities]
@@ -181,8 +186,8 @@ class ModalityDropoutTransform(ImageOnlyTransform):
 
     def get_parameters(self, **data_dict) -> dict:
         image = data_dict["image"]
-        assert image.shape[0] >= self.num_modalities, \
-            f"image has {image.shape[0]} channels, fewer than num_modalities={self.num_modalities}"
+        if image.shape[0] < self.num_modalities:
+            raise ValueError(f"image has {image.shape[0]} channels, fewer than num_modalities={self.num_modalities}")
         if self.keep is not None:
             keep = self.keep.copy()
         else:

@@ -1,5 +1,5 @@
-"""convert-brats interrupted by SIGTERM or SIGKILL: no worker or resource-tracker process outlives it, and the next
-run succeeds and leaves no hidden partial folder (it removes the one a killed run left)."""
+"""convert-brats and phantom interrupted by SIGTERM or SIGKILL: no worker or resource-tracker process outlives them,
+and the next run succeeds and leaves no hidden partial folder (it removes the one a killed run left)."""
 
 from __future__ import annotations
 
@@ -19,20 +19,28 @@ from tests.conftest import FAST_CONFIG
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-#: Runs the CLI with every case conversion held for a minute after announcing itself, so the test can kill
-#: the converter while its workers are busy. Top-level code: spawned workers re-import it as __mp_main__.
+#: Runs the CLI with every case job (conversion or phantom) held for a minute after announcing itself, so the test
+#: can kill the command while its workers are busy. Top-level code: spawned workers re-import it as __mp_main__.
 DRIVER = '''
 import os, sys, time
-from nnunet_missingmod.data import brats
+from nnunet_missingmod.data import brats, phantom
 
-_convert_case = brats._convert_case
+_convert_case, _write_case = brats._convert_case, phantom._write_case
 
-def slow_convert_case(job):
+def hold():
     open(os.path.join(os.environ["MARKER_DIR"], f"started-{os.getpid()}"), "w").close()
     time.sleep(60)
+
+def slow_convert_case(job):  # top-level functions: the pool pickles them by name
+    hold()
     return _convert_case(job)
 
+def slow_write_case(job):
+    hold()
+    return _write_case(job)
+
 brats._convert_case = slow_convert_case
+phantom._write_case = slow_write_case
 
 if __name__ == "__main__":
     from nnunet_missingmod.cli import main
@@ -81,8 +89,9 @@ def _partials(raw: Path) -> list[str]:
     return sorted(p.name for p in raw.glob(".Dataset977_Interrupted.*")) if raw.is_dir() else []
 
 
+@pytest.mark.parametrize("command", ["convert-brats", "phantom"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_interrupted_conversion_leaves_no_process_and_the_next_run_cleans_up(brats_source, tmp_path, sig):
+def test_interrupted_command_leaves_no_process_and_the_next_run_cleans_up(brats_source, tmp_path, sig, command):
     raw, markers = tmp_path / "raw", tmp_path / "markers"
     markers.mkdir()
     driver = tmp_path / "driver.py"
@@ -90,9 +99,11 @@ def test_interrupted_conversion_leaves_no_process_and_the_next_run_cleans_up(bra
     log = tmp_path / "stderr.txt"
     children: set[int] = set()
     with open(log, "w") as stderr_file:
+        arguments = ([str(brats_source)] if command == "convert-brats" else ["--num-cases", "3", "--num-test", "0",
+                                                                            "--spacing", "4"])
         converter = subprocess.Popen(
-            [sys.executable, str(driver), "convert-brats", str(brats_source), "--dataset-id", "977", "--name",
-             "Interrupted", "--raw", str(raw), "-np", "2"],
+            [sys.executable, str(driver), command, *arguments, "--dataset-id", "977", "--name", "Interrupted",
+             "--raw", str(raw), "-np", "2"],
             env={**os.environ, "MARKER_DIR": str(markers)}, stdout=subprocess.DEVNULL, stderr=stderr_file)
     try:
         deadline = time.monotonic() + 90
@@ -118,14 +129,17 @@ def test_interrupted_conversion_leaves_no_process_and_the_next_run_cleans_up(bra
     assert not (raw / "Dataset977_Interrupted").exists()
     if sig == signal.SIGTERM:
         assert converter.returncode == 2
-        assert stderr.strip().splitlines()[-1].startswith("nnunet_missingmod convert-brats: error: interrupted by "
-                                                          "SIGTERM")
+        assert stderr.strip().splitlines()[-1].startswith(f"nnunet_missingmod {command}: error: interrupted by SIGTERM")
         assert not _partials(raw)  # removed on the way out
     else:
         assert converter.returncode == -signal.SIGKILL
         assert _partials(raw)  # nothing can run after SIGKILL: the next run must clean up
 
-    folder = convert_brats(brats_source, 977, "Interrupted", raw_folder=raw, num_processes=1, progress=False)
+    if command == "convert-brats":
+        folder = convert_brats(brats_source, 977, "Interrupted", raw_folder=raw, num_processes=1, progress=False)
+    else:
+        folder = make_phantom_dataset(977, num_cases=3, num_test=0, seed=0, name="Interrupted", config=FAST_CONFIG,
+                                      raw_folder=raw, progress=False, num_processes=1)
     assert (folder / "dataset.json").is_file() and len(list((folder / "labelsTr").iterdir())) == 3
     assert not _partials(raw)
 

@@ -68,3 +68,14 @@ def test_region_metrics_hand_computed():
     assert metrics["ET"]["Dice"] == pytest.approx(2 * 1 / 3)
     no_et = np.where(reference == 3, 2, reference)
     assert region_metrics(no_et, no_et, (1, 1, 1))["ET"] == {"Dice": 1.0, "HD95": 0.0}
+
+
+def test_label_maps_of_different_shapes_are_refused_under_python_O():
+    """A real error, not an assert (which ``python -O`` removes)."""
+    import subprocess
+    import sys
+    code = ("import numpy as np\nfrom nnunet_missingmod.evaluation.metrics import region_metrics\n"
+            "try:\n    region_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
+    assert "refused: shapes differ" in out.stdout

@@ -101,12 +101,13 @@ def test_default_stream_is_numpy_not_torch():
     assert pattern(0, 0) != pattern(1, 0)  # numpy's stream (reseeded per DA worker) does
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"scheme": "independent"},
-    {"scheme": "independent", "drop_probabilities": [0.5, 1.0, 0.5, 0.5]},
-    {"scheme": "bogus"},
-    {"p_keep_all": 1.5},
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scheme": "independent"}, "drop_probabilities: independent dropout needs 4"),
+    ({"scheme": "independent", "drop_probabilities": [0.5, 1.0, 0.5, 0.5]}, r"must be in \[0, 1\)"),
+    ({"scheme": "bogus"}, "unknown scheme 'bogus'"),
+    ({"p_keep_all": 1.5}, r"p_keep_all must be in \[0, 1\]"),
 ])
-def test_invalid_settings_are_rejected(kwargs):
-    with pytest.raises(AssertionError):
+def test_invalid_settings_are_rejected(kwargs, message):
+    """A real error (not an assert, which ``python -O`` removes) naming the config key."""
+    with pytest.raises(ValueError, match=message):
         ModalityDropoutTransform(num_modalities=M, **kwargs)
