@@ -87,8 +87,13 @@ def _add_cpu_config(args: argparse.Namespace) -> None:
     path = add_cpu_configuration(args.d, name=args.name, parent=args.parent, patch_size=args.patch_size,
                                  features_per_stage=args.features, batch_size=args.batch_size,
                                  plans_identifier=args.p)
-    print(f"added configuration {args.name} (inherits from {args.parent}, patch {args.patch_size}) to {path}\n"
-          f"train it with: nnUNetv2_train {args.d} {args.name} FOLD -tr TRAINER -device cpu")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = PlansManager(str(path))  # resolves inherits_from as nnU-Net does
+    name = args.name or f"{len(plans.get_configuration(args.parent).patch_size)}d_cpu"  # the function's default
+    patch = plans.get_configuration(name).patch_size
+    print(f"added configuration {name} (inherits from {args.parent}, patch {patch}) to {path}\n"
+          f"train it with: nnUNetv2_train {args.d} {name} FOLD -tr TRAINER -device cpu")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -107,24 +112,73 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"predicted {len(done)} case(s) into {args.o} (modalities per case: {args.o}/modalities_used.json)")
 
 
+def _combinations(spec: str) -> list[tuple[int, ...]] | None:
+    """``all`` (None), ``one-missing`` (BraSyn: each combination lacking exactly one sequence) or a list."""
+    from nnunet_missingmod import modalities as mods
+
+    if spec == "all":
+        return None
+    if spec == "one-missing":
+        return [c for c in mods.all_combinations() if len(c) == mods.NUM_MODALITIES - 1]
+    return [mods.parse_modalities(part) for part in spec.split(",")]
+
+
 def _evaluate_missing(args: argparse.Namespace) -> None:
     import torch
 
-    from nnunet_missingmod import modalities as mods
     from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing, markdown_table
     from nnunet_missingmod.inference.predict import model_folder
 
-    combinations = None
-    if args.combinations != "all":
-        combinations = [mods.parse_modalities(spec) for spec in args.combinations.split(",")]
+    if args.fill == "synthesize" and not args.m:
+        raise ValueError("--fill synthesize needs the synthesis model folder: -m MODEL_FOLDER")
+    if args.fill == "zero" and args.m:
+        raise ValueError("-m names a synthesis model, which only --fill synthesize uses")
+    combinations = _combinations(args.combinations)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = evaluate_missing(model_folder(args.d, args.c, args.tr, args.p), args.f, split=args.split,
                            combinations=combinations, output=args.o, save_predictions=args.save_predictions,
                            checkpoint_name=args.chk, device=device, tile_step_size=args.step_size,
-                           use_mirroring=not args.disable_tta, batch_size=args.batch_size)
+                           use_mirroring=not args.disable_tta, batch_size=args.batch_size, fill=args.fill,
+                           synthesis_model=args.m, synthesis_folds=args.synthesis_folds,
+                           synthesis_checkpoint=args.synthesis_chk, combine=args.combine)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_table(summary, "Dice"))
-    print(f"per-case CSV, summary.json, table.md and heatmap.png in {out}")
+    fill = "synthesised by " + args.m if args.fill == "synthesize" else "zero-filled"
+    print(f"missing channels {fill}; per-case CSV, summary.json, table.md and heatmap.png in {out}")
+
+
+def _synthesize(args: argparse.Namespace) -> None:
+    import torch
+
+    from nnunet_missingmod import modalities as mods
+    from nnunet_missingmod.inference.synthesize import synthesize
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = synthesize(args.i, args.o, args.m, folds=args.f, checkpoint_name=args.chk, device=device,
+                        available=mods.parse_modalities(args.available) if args.available else None,
+                        availability_file=args.availability, combine=args.combine, batch_size=args.batch_size,
+                        num_parts=args.num_parts, part_id=args.part_id)
+    speed = result["slices"] / result["seconds"] if result["seconds"] > 0 else 0.0
+    print(f"synthesised {result['synthesized_channels']} channel(s) in {result['cases']} case(s) into {args.o} "
+          f"({result['slices']} slice translations, {speed:.1f}/s); acquired and synthetic sequences per case in "
+          f"{args.o}/modality_availability.json")
+
+
+def _evaluate_synthesis(args: argparse.Namespace) -> None:
+    import torch
+
+    from nnunet_missingmod import modalities as mods
+    from nnunet_missingmod.evaluation.synthesis import evaluate_synthesis, markdown_tables
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = evaluate_synthesis(args.i, args.m, args.o, labels=args.l, folds=args.f, checkpoint_name=args.chk,
+                             device=device,
+                             available=mods.parse_modalities(args.available) if args.available else None,
+                             availability_file=args.availability, num_cases=args.num_cases, combine=args.combine,
+                             combined=not args.no_combined, batch_size=args.batch_size, examples=args.examples)
+    summary = json.loads((out / "summary.json").read_text())
+    print("\n" + markdown_tables(summary))
+    print(f"per_case.csv, summary.json, table.md and examples.png in {out}")
 
 
 def _compare_entries(args: argparse.Namespace) -> tuple[list, list]:
@@ -186,6 +240,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
 
 
+def _add_combine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--combine", choices=("ssim", "best", "mean"), default="ssim",
+                   help="several acquired sequences: average weighted by the model's validation SSIM per pair "
+                        "(default), only the best source, or equal weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet_missingmod",
@@ -237,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with a small patch, batch and network, so that training runs on a CPU. A "
                                    "convenience for demos and tests, not a recommendation for real data.")
     p.add_argument("-d", required=True, help="dataset id or name")
-    p.add_argument("--name", default="3d_cpu", help="name of the new configuration (default: 3d_cpu)")
+    p.add_argument("--name", default=None,
+                   help="name of the new configuration (default: 3d_cpu for a 3D parent, 2d_cpu for a 2D one)")
     p.add_argument("--parent", default="3d_fullres", help="configuration to inherit from (default: 3d_fullres)")
-    p.add_argument("--patch-size", type=int, nargs="+", default=[48, 48, 48], help="patch size (default: 48 48 48)")
+    p.add_argument("--patch-size", type=int, nargs="+", default=None,
+                   help="patch size, one number per axis of the parent (default: 48 48 48 for 3D, 64 64 for 2D)")
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128],
                    help="features per stage; their number is the number of stages (default: 16 32 64 128)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="batch size, at least 1 (default: 2)")
@@ -273,12 +335,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="the fold's validation cases, or imagesTs with labelsTs (default: val)")
     p.add_argument("--combinations", default="all",
-                   help="'all' (default) or a comma-separated list such as t1ce+flair,flair,t1+t1ce+t2+flair")
+                   help="'all' (default), 'one-missing' (the four combinations lacking exactly one sequence, as in "
+                        "BraSyn) or a comma-separated list such as t1ce+flair,flair,t1+t1ce+t2+flair")
     p.add_argument("--save-predictions", action="store_true", help="keep each combination's segmentation")
     p.add_argument("-o", default=None, help="output folder (default: in the fold folder)")
     p.add_argument("--batch-size", type=positive_int, default=5,
                    help="combinations per forward pass (default: 5; 1 uses nnU-Net's sliding window one at a time)")
+    p.add_argument("--fill", choices=("zero", "synthesize"), default="zero",
+                   help="channels outside a combination: zero-filled (default) or synthesised from the channels in "
+                        "it by the synthesis model -m")
+    p.add_argument("-m", default=None, metavar="SYNTH_MODEL",
+                   help="synthesis model folder (e.g. $nnUNet_results/DatasetNNN/"
+                        "UTADNetStudentTrainer__nnUNetPlans__2d), for --fill synthesize")
+    p.add_argument("--synthesis-folds", nargs="+", type=fold, default=None,
+                   help="folds of the synthesis model to ensemble (default: all found)")
+    p.add_argument("--synthesis-chk", default="checkpoint_final.pth",
+                   help="checkpoint of the synthesis model (default: checkpoint_final.pth)")
+    _add_combine_option(p)
     p.set_defaults(func=_evaluate_missing)
+
+    p = sub.add_parser("synthesize", help="fill in missing sequences with a trained synthesis model (UTAD-Net)",
+                       description="Write a copy of a raw dataset (dataset.json, imagesTr/imagesTs, labels) or of a "
+                                   "folder of <case>_XXXX files in which every missing sequence is synthesised by a "
+                                   "trained UTADNetStudentTrainer model, slice by slice in its 2d configuration. "
+                                   "Acquired files are copied byte for byte; modality_availability.json in the "
+                                   "output marks the synthetic sequences. Which sequences a case has comes from "
+                                   "--available, else modality_availability.json, else the files that are not all "
+                                   "zero. An existing output is refused; the output appears when complete.")
+    p.add_argument("-i", required=True, help="raw dataset folder, or folder of <case>_XXXX files")
+    p.add_argument("-o", required=True, help="output folder (must not exist; for nnU-Net use "
+                                             "$nnUNet_raw/DatasetNNN_Name with a new id)")
+    p.add_argument("-m", required=True, help="synthesis model folder (<trainer>__<plans>__<configuration>)")
+    p.add_argument("-f", nargs="+", type=fold, default=None, help="folds to ensemble (default: all found)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("--available", default=None, help="acquired sequences of every case, e.g. t1ce,flair")
+    p.add_argument("--availability", default=None, metavar="JSON", help="a modality_availability.json")
+    _add_combine_option(p)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="slices per forward pass (default: 16)")
+    p.add_argument("-num_parts", type=positive_int, default=1,
+                   help="split the cases of a case folder into this many parts, all writing into -o")
+    p.add_argument("-part_id", type=non_negative_int, default=0, help="which part this process writes (from 0)")
+    p.set_defaults(func=_synthesize)
+
+    p = sub.add_parser("evaluate-synthesis", help="SSIM/PSNR of synthesised against real sequences, with baselines",
+                       description="Hide each acquired sequence of every case in turn, synthesise it from each other "
+                                   "one (and from all together), and report SSIM and PSNR over the brain and in the "
+                                   "whole-tumour bounding box, and the BraSyn SSIM (tumour / non-tumour), per "
+                                   "source -> target pair, next to two baselines: zero-fill and the source "
+                                   "histogram-matched to the target. per_case.csv, summary.json, table.md and "
+                                   "examples.png in -o.")
+    p.add_argument("-i", required=True, help="folder of <case>_XXXX files, e.g. $nnUNet_raw/DatasetNNN/imagesTs")
+    p.add_argument("-l", default=None, help="label folder (default: labelsXx beside imagesXx)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-m", required=True, help="synthesis model folder (<trainer>__<plans>__<configuration>)")
+    p.add_argument("-f", nargs="+", type=fold, default=None, help="folds to ensemble (default: all found)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default: checkpoint_final.pth)")
+    p.add_argument("-device", default=None, help="cpu, cuda or mps (default: cuda if available, else cpu)")
+    p.add_argument("--available", default=None, help="acquired sequences of every case, e.g. t1,t2,flair")
+    p.add_argument("--availability", default=None, metavar="JSON", help="a modality_availability.json")
+    p.add_argument("--num-cases", type=positive_int, default=None, help="evaluate only the first N cases")
+    _add_combine_option(p)
+    p.add_argument("--no-combined", action="store_true", help="skip the all-sources -> target rows")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="slices per forward pass (default: 16)")
+    p.add_argument("--examples", type=non_negative_int, default=4, help="example rows in examples.png (default: 4)")
+    p.set_defaults(func=_evaluate_synthesis)
 
     p = sub.add_parser("compare", help="several evaluate-missing results side by side (Markdown + bar chart)",
                        description="Average Dice and HD95 over the modality combinations of several evaluate-missing "

@@ -172,3 +172,41 @@ def make_tiny_trainer(trainer_class: type, tmp_path: Path, monkeypatch, network_
     plans = tiny_plans(network_class_name, **plans_kwargs)
     plans["continue_training"] = False  # nnU-Net's trainer pops it (run_training inserts it)
     return trainer_class(plans, "3d_tiny", 0, tiny_dataset_json(), torch.device("cpu"))
+
+
+SYNTHESIS_DATASET = 984
+SYNTHESIS_NAME = f"Dataset{SYNTHESIS_DATASET:03d}_BraTSPhantom"
+SYNTHESIS_CONFIGURATION = "2d_cpu"
+#: Settings of both trainers in the end-to-end run: one short epoch on tiny 2D patches.
+SYNTHESIS_OVERRIDE = {
+    "nnunet": {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 2},
+    "adversarial": {"n_critic": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def trained_synthesis_model(tmp_path_factory):
+    """Phantoms -> nnUNetv2_plan_and_preprocess -c 2d -> add-cpu-config --parent 2d -> nnUNetv2_train
+    UTADNetTeacherTrainer, then UTADNetStudentTrainer (fold 0, one short epoch each, on the CPU).
+
+    Returns:
+        (work folder with nnUNet_raw/_preprocessed/_results and env.json (the environment of the nnU-Net
+        commands), the student's model folder ``.../UTADNetStudentTrainer__nnUNetPlans__2d_cpu``).
+    """
+    work = tmp_path_factory.mktemp("utad_e2e")
+    override = work / "override.json"
+    override.write_text(json.dumps(SYNTHESIS_OVERRIDE))
+    env = nnunet_environment(work, num_processes=2, extra={OVERRIDE_ENV: str(override), "nnUNet_n_proc_DA": "1"})
+    make_phantom_dataset(SYNTHESIS_DATASET, num_cases=5, num_test=2, seed=1, config=FAST_CONFIG,
+                         raw_folder=work / "nnUNet_raw", progress=False)
+    run_checked([nnunet_script("nnUNetv2_plan_and_preprocess"), "-d", str(SYNTHESIS_DATASET), "-c", "2d",
+                 "-np", "2"], env)
+    add_cpu_configuration(SYNTHESIS_DATASET, name=SYNTHESIS_CONFIGURATION, parent="2d", patch_size=(32, 32),
+                          features_per_stage=(8, 16, 32), batch_size=4,
+                          preprocessed_folder=work / "nnUNet_preprocessed")
+    for trainer in ("UTADNetTeacherTrainer", "UTADNetStudentTrainer"):
+        run_checked([nnunet_script("nnUNetv2_train"), str(SYNTHESIS_DATASET), SYNTHESIS_CONFIGURATION, "0",
+                     "-tr", trainer, "-device", "cpu"], env)
+    (work / "env.json").write_text(json.dumps(env))
+    student = f"UTADNetStudentTrainer__nnUNetPlans__{SYNTHESIS_CONFIGURATION}"
+    return work, work / "nnUNet_results" / SYNTHESIS_NAME / student

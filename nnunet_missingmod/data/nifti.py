@@ -100,13 +100,13 @@ def atomic_output_folder(final: str | os.PathLike, *, overwrite: bool = False,
     remove_stale_staging(final)
     check_overwrite(final, overwrite, recognise)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "partial"), dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(final, "partial"), dir=final.parent))
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
         yield staging
         check_overwrite(final, overwrite, recognise)  # it may have changed while the new folder was built
         if final.exists() or final.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=_staging_prefix(final, "old"), dir=final.parent))
+            trash = Path(tempfile.mkdtemp(prefix=staging_prefix(final, "old"), dir=final.parent))
             os.replace(final, trash / final.name)
             os.replace(staging, final)
             shutil.rmtree(trash, ignore_errors=True)
@@ -122,7 +122,7 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 
 
-def _staging_prefix(final: Path, kind: str) -> str:
+def staging_prefix(final: Path, kind: str) -> str:
     """``.<name>.<kind>-<host>-<pid>-``: whose process a temporary folder beside ``final`` belongs to."""
     return f".{final.name}.{kind}-{_host()}-{os.getpid()}-"
 

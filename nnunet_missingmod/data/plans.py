@@ -22,6 +22,9 @@ from pathlib import Path
 
 from nnunet_missingmod.data.raw_dataset import find_dataset_folder
 
+#: Default patch of the CPU configuration by the parent's dimensionality (3D: 48³; 2D slices: 64²).
+DEFAULT_CPU_PATCH: dict[int, tuple[int, ...]] = {3: (48, 48, 48), 2: (64, 64)}
+
 
 class PlansError(ValueError):
     """A plans file cannot be used, or a setting of the new configuration is invalid; the message says which."""
@@ -91,7 +94,8 @@ def cpu_configuration(parent: dict, *, parent_name: str, patch_size: Sequence[in
                          f"only PlainConvUNet and ResidualEncoderUNet can be shrunk")
     dims = len(_integers(_key(parent, "patch_size", where), f"{where}['patch_size']"))
     if len(patch) != dims:
-        raise PlansError(f"patch size {patch} must have {dims} dimensions like {parent_name}")
+        raise PlansError(f"patch size {patch} must have {dims} dimensions like {parent_name} (give {dims} numbers, "
+                         f"e.g. --patch-size {' '.join(map(str, DEFAULT_CPU_PATCH.get(dims, (48,) * dims)))})")
     factor = 2 ** (stages - 1)
     if any(p % factor for p in patch):
         raise PlansError(f"every patch dimension must be divisible by {factor} for {stages} stages, got {patch}")
@@ -145,18 +149,22 @@ def _ancestors(configurations: dict, name: str, path: Path) -> list[str]:
     return chain
 
 
-def add_cpu_configuration(dataset: int | str, *, name: str = "3d_cpu", parent: str = "3d_fullres",
-                          patch_size: Sequence[int] = (48, 48, 48),
+def add_cpu_configuration(dataset: int | str, *, name: str | None = None, parent: str = "3d_fullres",
+                          patch_size: Sequence[int] | None = None,
                           features_per_stage: Sequence[int] = (16, 32, 64, 128), batch_size: int = 2,
                           plans_identifier: str = "nnUNetPlans",
                           preprocessed_folder: str | os.PathLike | None = None) -> Path:
     """Add (or replace) a small configuration ``name`` inheriting from ``parent`` in a dataset's plans.
 
+    The parent may be 3D (``3d_fullres``) or 2D (``2d``, as the UTAD-Net synthesis trainers need): the new
+    configuration keeps the parent's conv/norm ops and dimensionality, with 3x3(x3) kernels and stride-2 stages.
+
     Args:
         dataset: dataset id or name (``DatasetNNN_Name``).
-        name: name of the new configuration.
+        name: name of the new configuration (default ``3d_cpu`` for a 3D parent, ``2d_cpu`` for a 2D one).
         parent: existing configuration whose preprocessed data it uses.
-        patch_size: patch size of the new configuration.
+        patch_size: patch size of the new configuration, one number per axis of the parent (default
+            :data:`DEFAULT_CPU_PATCH`: 48³ for 3D, 64² for 2D).
         features_per_stage: features of each encoder stage (the number of stages follows).
         batch_size: batch size.
         plans_identifier: plans file name without ``.json``.
@@ -170,7 +178,7 @@ def add_cpu_configuration(dataset: int | str, *, name: str = "3d_cpu", parent: s
         PlansError: an invalid setting; ``parent`` equal to ``name`` or inheriting from it (circular plans); a
             plans file that is not JSON or lacks a key (the message names the file and the key).
     """
-    if not name:
+    if name is not None and not name:
         raise PlansError("the name of the new configuration must not be empty")
     if parent == name:
         raise PlansError(f"--parent and --name are both {name!r}: a configuration cannot inherit from itself "
@@ -180,14 +188,21 @@ def add_cpu_configuration(dataset: int | str, *, name: str = "3d_cpu", parent: s
     configurations = plans["configurations"]
     if parent not in configurations:
         raise KeyError(f"configuration {parent!r} is not in {path}; available: {', '.join(configurations)}")
+    chain = _ancestors(configurations, parent, path)
+    resolved_parent = _resolve(plans, parent, path)
+    if name is None or patch_size is None:  # defaults by the parent's dimensionality
+        where = f"{path}: configurations[{parent!r}]"
+        dims = len(_integers(_key(resolved_parent, "patch_size", where), f"{where}['patch_size']"))
+        name = name if name is not None else f"{dims}d_cpu"
+        patch_size = patch_size if patch_size is not None else DEFAULT_CPU_PATCH.get(dims, (48,) * dims)
+        if parent == name:
+            raise PlansError(f"--parent is {name!r}, the default name of the new configuration; choose a --name")
     existing = configurations.get(name)
     if existing is not None and not (isinstance(existing, dict) and "inherits_from" in existing):
         raise KeyError(f"{name!r} is a configuration planned by nnU-Net in {path}; choose another --name")
-    chain = _ancestors(configurations, parent, path)
     if name in chain:
         raise PlansError(f"{parent!r} inherits from {name!r} in {path} ({' -> '.join(chain)}); replacing {name!r} by "
                          f"a child of {parent!r} would make the plans circular; choose another --name or --parent")
-    resolved_parent = _resolve(plans, parent, path)
     configurations[name] = cpu_configuration(resolved_parent, parent_name=parent, patch_size=patch_size,
                                              features_per_stage=features_per_stage, batch_size=batch_size,
                                              source=str(path))

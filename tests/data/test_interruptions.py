@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_missingmod.data.brats import convert_brats
-from nnunet_missingmod.data.nifti import _staging_prefix, remove_stale_staging
+from nnunet_missingmod.data.nifti import remove_stale_staging, staging_prefix
 from nnunet_missingmod.data.phantom import make_phantom_dataset
 from tests.conftest import FAST_CONFIG
 
@@ -148,11 +148,11 @@ def test_only_folders_of_dead_processes_of_this_host_are_removed(tmp_path):
     final = tmp_path / "Dataset977_X"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    ours_dead = tmp_path / (_staging_prefix(final, "partial").rsplit("-", 2)[0] + f"-{dead.pid}-abc")
-    ours_alive = tmp_path / (_staging_prefix(final, "partial") + "abc")  # this process
+    ours_dead = tmp_path / (staging_prefix(final, "partial").rsplit("-", 2)[0] + f"-{dead.pid}-abc")
+    ours_alive = tmp_path / (staging_prefix(final, "partial") + "abc")  # this process
     other_host = tmp_path / f".Dataset977_X.partial-elsewhere-{dead.pid}-abc"
     legacy = tmp_path / ".Dataset977_X.partial-abc"
-    old_of_dead = tmp_path / (_staging_prefix(final, "old").rsplit("-", 2)[0] + f"-{dead.pid}-xyz")
+    old_of_dead = tmp_path / (staging_prefix(final, "old").rsplit("-", 2)[0] + f"-{dead.pid}-xyz")
     for folder in (ours_dead, ours_alive, other_host, legacy, old_of_dead / final.name):
         folder.mkdir(parents=True)
     (old_of_dead / final.name / "dataset.json").write_text("{}")  # killed between the two renames of the swap

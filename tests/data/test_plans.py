@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nnunet_missingmod import cli
 from nnunet_missingmod.data.plans import PlansError, add_cpu_configuration
@@ -121,3 +122,48 @@ def test_valid_settings_still_work(preprocessed):
     added = json.loads(preprocessed.read_text())["configurations"]["3d_cpu"]
     assert added["inherits_from"] == "3d_tiny" and added["patch_size"] == [16, 16, 16] and added["batch_size"] == 1
     assert added["architecture"]["arch_kwargs"]["features_per_stage"] == [4, 8, 16]
+
+
+@pytest.fixture
+def preprocessed_2d(tmp_path, monkeypatch):
+    """Like ``preprocessed``, with a 2D configuration ``2d`` (nnU-Net's 2d: Conv2d, InstanceNorm2d, 2D patch)."""
+    plans = tiny_plans(patch_size=(48, 40), features_per_stage=(4, 8, 16, 32))
+    plans["configurations"] = {"2d": plans["configurations"]["3d_tiny"]}
+    folder = tmp_path / "preprocessed" / "Dataset999_Tiny"
+    folder.mkdir(parents=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    return folder / "nnUNetPlans.json"
+
+
+def test_a_2d_parent_gives_a_2d_configuration(preprocessed_2d, capsys):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    code = cli.main(["add-cpu-config", "-d", "999", "--parent", "2d", "--name", "2d_cpu", "--patch-size", "32", "16",
+                     "--features", "4", "8", "16", "--batch-size", "3"])
+    assert code == 0, capsys.readouterr().err
+    configuration = PlansManager(str(preprocessed_2d)).get_configuration("2d_cpu")
+    kwargs = configuration.network_arch_init_kwargs
+    assert configuration.patch_size == [32, 16] and configuration.batch_size == 3
+    assert configuration.data_identifier == "nnUNetPlans_3d_tiny"  # the parent's preprocessed data
+    assert kwargs["conv_op"] == "torch.nn.modules.conv.Conv2d"
+    assert kwargs["norm_op"] == "torch.nn.modules.instancenorm.InstanceNorm2d"
+    assert kwargs["kernel_sizes"] == [[3, 3]] * 3 and kwargs["strides"] == [[1, 1], [2, 2], [2, 2]]
+    assert kwargs["features_per_stage"] == [4, 8, 16] and len(kwargs["n_conv_per_stage_decoder"]) == 2
+    network = get_network_from_plans(configuration.network_arch_class_name, kwargs,
+                                     configuration.network_arch_init_kwargs_req_import, 4, 3)
+    assert network(torch.zeros(1, 4, 32, 16)).shape == (1, 3, 32, 16)
+
+
+def test_a_2d_parent_defaults_to_2d_cpu_and_refuses_a_3d_patch(preprocessed_2d, capsys):
+    add_cpu_configuration(999, parent="2d", features_per_stage=(4, 8, 16))
+    added = json.loads(preprocessed_2d.read_text())["configurations"]["2d_cpu"]
+    assert added["inherits_from"] == "2d" and added["patch_size"] == [64, 64]
+    before = preprocessed_2d.read_text()
+    code = cli.main(["add-cpu-config", "-d", "999", "--parent", "2d", "--name", "2d_small",
+                     "--patch-size", "32", "32", "32", "--features", "4", "8"])
+    err = capsys.readouterr().err
+    assert code == cli.ERROR_EXIT_CODE and err.count("\n") == 1
+    assert "must have 2 dimensions like 2d (give 2 numbers, e.g. --patch-size 64 64)" in err
+    assert preprocessed_2d.read_text() == before

@@ -1,0 +1,318 @@
+"""UTAD-Net generator and discriminators (Huang, Wei, Li, "Unsupervised Tumor-Aware Distillation for Multi-Modal
+Brain Image Translation"; section III-A and Fig. 2), sized from nnU-Net's ``2d`` plans.
+
+Generator G (Fig. 2a): two U-Net encoder-decoder pairs on 2D slices,
+
+* the **global branch** encodes the source whole image I_source,
+* the **local branch** encodes the source tumour image T_source = I_source x M (teacher), or the whole image
+  again (student: "the local branch of the student network takes the whole image as input instead of the tumor
+  image"), so the student never reads a mask;
+* a **fusion block F** (Hi-Net's mixed fusion block: element-wise sum, product and maximum of the two
+  bottlenecks, concatenated, then two convolution blocks) fuses the two encoders' bottlenecks;
+* each branch's decoder receives the fused feature F and its own encoder's skips and outputs the target whole
+  image I_target (global) or the target tumour image T_target (local).
+
+The target modality t enters as a one-hot code broadcast to image channels and concatenated to the input of both
+encoders (StarGAN's conditioning). Encoders and decoders are ``dynamic_network_architectures``' plain (or
+residual) encoder and ``UNetDecoder``, built from the configuration's ``network_arch_init_kwargs`` (features per
+stage, strides, kernel sizes, conv/norm/nonlin ops), so G scales with nnU-Net's planning.
+
+Discriminators D_g and D_l (Fig. 2b): StarGAN's PatchGAN, ``num_layers`` 4x4 convolutions of stride 2 with
+LeakyReLU(0.01), a real/fake head (3x3 convolution, one score per patch: D_src) and a modality-classification head
+(D_cls, one logit per modality).
+
+Inference contract (used by the ``synthesize`` command): :class:`UTADStudentGenerator` has
+``translate(source (B, 1, X, Y), target_modality (B,)) -> (B, 1, X, Y)`` in nnU-Net's normalised space, and the
+attributes ``num_modalities`` and ``total_stride``; X and Y must be divisible by ``total_stride``.
+
+Where the paper is silent, the authors' code (github.com/scut-HC/UTAD-Net, ``net/unet_concat.py``) decided:
+fusion only at the bottleneck (the decoders keep their own branch's skips), the one-hot code concatenated to both
+encoders' inputs, a StarGAN discriminator.
+
+Deviations from the paper and the authors' code, and why:
+
+* Encoder/decoder widths, depths, strides, kernels and normalisation come from nnU-Net's plans, not the authors'
+  fixed 64-feature, 4-level U-Net with max pooling and bilinear upsampling: nnU-Net's strided convolutions and
+  transposed convolutions are used, so the network follows the dataset's planning like every trainer here.
+* The fusion block uses the plans' conv/norm/nonlin (instance norm) instead of Hi-Net's batch norm, like the
+  rest of the network.
+* The generator's output is linear, not ``tanh``: images are in nnU-Net's z-score space (unbounded), not [-1, 1].
+* The classification head averages the last feature map over space before a 1x1 convolution, instead of
+  StarGAN's convolution whose kernel spans the whole map: that kernel ties the discriminator to one image size,
+  while patches and validation slices differ in size here.
+* The discriminator's widths follow the plans' ``features_per_stage`` (one entry per layer, the last one repeated)
+  unless given, instead of StarGAN's 64·2^i (2048 features at the sixth layer); the number of layers is 6 as in
+  StarGAN/UTAD-Net at 128x128 when the patch allows it, and fewer for smaller patches (the patch map keeps at
+  least 2x2 scores).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import nn
+
+from nnunet_missingmod.networks.shared_latent import SUPPORTED_ARCHITECTURES, resolve_architecture_kwargs
+
+#: StarGAN's / UTAD-Net's number of stride-2 discriminator layers (for 128x128 images).
+DEFAULT_DISCRIMINATOR_LAYERS = 6
+_ENCODER_KEYS = ("n_stages", "conv_op", "kernel_sizes", "strides", "conv_bias", "norm_op", "norm_op_kwargs",
+                 "dropout_op", "dropout_op_kwargs", "nonlin", "nonlin_kwargs")
+_OPTIONAL_RESIDUAL_KEYS = ("block", "bottleneck_channels", "stem_channels")
+
+
+class GeneratorOutput(NamedTuple):
+    """What G returns for one translation."""
+
+    whole: torch.Tensor  # (B, 1, X, Y) target whole image I_target
+    tumour: torch.Tensor  # (B, 1, X, Y) target tumour image T_target
+    fused: torch.Tensor  # (B, C, x, y) fused bottleneck feature F (distilled by eq. 10)
+
+
+def build_encoder(arch_class_name: str, arch_kwargs: dict, input_channels: int) -> PlainConvEncoder | ResidualEncoder:
+    """The plans' U-Net encoder (skips returned) with ``input_channels`` inputs.
+
+    Args:
+        arch_class_name: the plans' ``network_class_name`` (``...PlainConvUNet`` or ``...ResidualEncoderUNet``).
+        arch_kwargs: the plans' ``arch_kwargs`` with classes resolved.
+        input_channels: number of input channels.
+
+    Raises:
+        ValueError: an architecture other than nnU-Net's plain or residual-encoder U-Net.
+    """
+    common = {key: arch_kwargs[key] for key in _ENCODER_KEYS}
+    features = list(arch_kwargs["features_per_stage"])
+    if arch_class_name.endswith("ResidualEncoderUNet"):
+        optional = {key: arch_kwargs[key] for key in _OPTIONAL_RESIDUAL_KEYS if arch_kwargs.get(key) is not None}
+        if isinstance(optional.get("block"), str):
+            optional = resolve_architecture_kwargs(optional, ("block",))
+        return ResidualEncoder(input_channels=input_channels, features_per_stage=features,
+                               n_blocks_per_stage=arch_kwargs["n_blocks_per_stage"], return_skips=True,
+                               **common, **optional)
+    if arch_class_name.endswith("PlainConvUNet"):
+        return PlainConvEncoder(input_channels=input_channels, features_per_stage=features,
+                                n_conv_per_stage=arch_kwargs["n_conv_per_stage"], return_skips=True, **common)
+    raise ValueError(f"the UTAD-Net generator builds on the plans of {' or '.join(SUPPORTED_ARCHITECTURES)}, "
+                     f"got {arch_class_name}")
+
+
+class MixedFusionBlock(nn.Module):
+    """Hi-Net's mixed fusion block (Zhou et al., IEEE TMI 2020): sum, product and maximum of two features.
+
+    ``[a + b, a * b, max(a, b)]`` (3C channels) -> convolution block to C -> convolution block to C, with the
+    given conv/norm/nonlin ops (the plans').
+    """
+
+    def __init__(self, channels: int, encoder: PlainConvEncoder | ResidualEncoder, kernel_size: Sequence[int]):
+        super().__init__()
+        self.blocks = StackedConvBlocks(
+            2, encoder.conv_op, 3 * channels, channels, kernel_size, 1, encoder.conv_bias, encoder.norm_op,
+            encoder.norm_op_kwargs, None, None, encoder.nonlin, encoder.nonlin_kwargs)
+
+    def forward(self, global_feature: torch.Tensor, local_feature: torch.Tensor) -> torch.Tensor:
+        mixed = torch.cat((global_feature + local_feature, global_feature * local_feature,
+                           torch.maximum(global_feature, local_feature)), 1)  # (B, 3C, x, y)
+        return self.blocks(mixed)  # (B, C, x, y)
+
+
+class UTADGenerator(nn.Module):
+    """G: global and local U-Net branches with a fused bottleneck, conditioned on a one-hot target modality.
+
+    Use :class:`UTADTeacherGenerator` (local branch reads the tumour image) or :class:`UTADStudentGenerator`
+    (local branch reads the whole image). Both have the same parameters, so one's weights load into the other.
+
+    Args:
+        num_modalities: number of modalities M (length of the one-hot code; ``dataset.json`` channel order).
+        arch_class_name, arch_kwargs, arch_kwargs_req_import: the ``2d`` configuration's network from the plans.
+
+    Attributes:
+        num_modalities: M.
+        total_stride: product of the encoder's strides per axis; inputs must be divisible by it.
+    """
+
+    def __init__(self, *, num_modalities: int, arch_class_name: str, arch_kwargs: dict,
+                 arch_kwargs_req_import: Sequence[str]) -> None:
+        super().__init__()
+        if num_modalities < 2:
+            raise ValueError(f"translation needs at least two modalities, got num_modalities={num_modalities}")
+        kwargs = resolve_architecture_kwargs(arch_kwargs, arch_kwargs_req_import)
+        if not (isinstance(kwargs["conv_op"], type) and issubclass(kwargs["conv_op"], nn.Conv2d)):
+            raise ValueError(f"UTAD-Net translates 2D slices: train it on a 2d configuration (conv_op Conv2d), got "
+                             f"conv_op {arch_kwargs['conv_op']}")
+        self.num_modalities = int(num_modalities)
+        self.global_encoder = build_encoder(arch_class_name, kwargs, 1 + num_modalities)
+        self.local_encoder = build_encoder(arch_class_name, kwargs, 1 + num_modalities)
+        bottleneck = self.global_encoder.output_channels[-1]
+        self.fusion = MixedFusionBlock(bottleneck, self.global_encoder,
+                                       maybe_convert_scalar_to_list(kwargs["conv_op"], kwargs["kernel_sizes"][-1]))
+        decoder_convs = kwargs["n_conv_per_stage_decoder"]
+        self.global_decoder = UNetDecoder(self.global_encoder, 1, decoder_convs, deep_supervision=False)
+        self.local_decoder = UNetDecoder(self.local_encoder, 1, decoder_convs, deep_supervision=False)
+        strides = [maybe_convert_scalar_to_list(kwargs["conv_op"], s) for s in kwargs["strides"]]
+        self.total_stride: tuple[int, int] = tuple(int(math.prod(s[axis] for s in strides)) for axis in range(2))
+        self.apply(InitWeights_He(1e-2))
+
+    def one_hot_input(self, image: torch.Tensor, target_modality: torch.Tensor) -> torch.Tensor:
+        """``image`` (B, 1, X, Y) with the one-hot code of ``target_modality`` (B,) as M more channels."""
+        code = F.one_hot(target_modality.long(), self.num_modalities).to(image.dtype)  # (B, M)
+        code = code[:, :, None, None].expand(-1, -1, *image.shape[2:])  # (B, M, X, Y)
+        return torch.cat((image, code), 1)  # (B, 1 + M, X, Y)
+
+    def check_input(self, image: torch.Tensor, target_modality: torch.Tensor, what: str = "source") -> None:
+        """Raise ValueError unless ``image`` is (B, 1, X, Y) with X, Y divisible by ``total_stride`` and
+        ``target_modality`` holds B indices in 0..M-1."""
+        if image.ndim != 4 or image.shape[1] != 1:
+            raise ValueError(f"{what} must be (B, 1, X, Y) slices of one channel, got shape {tuple(image.shape)}")
+        if any(size % stride for size, stride in zip(image.shape[2:], self.total_stride, strict=True)):
+            raise ValueError(f"{what} slice size {tuple(image.shape[2:])} is not divisible by the network's total "
+                             f"stride {self.total_stride}; pad it first")
+        if target_modality.shape != (image.shape[0],):
+            raise ValueError(f"target_modality must have shape ({image.shape[0]},), got {tuple(target_modality.shape)}")
+        if target_modality.numel() and not (0 <= int(target_modality.min()) and
+                                            int(target_modality.max()) < self.num_modalities):
+            raise ValueError(f"target_modality values must lie in 0..{self.num_modalities - 1}, got "
+                             f"{target_modality.tolist()}")
+
+    def generate(self, image: torch.Tensor, local_input: torch.Tensor, target_modality: torch.Tensor
+                 ) -> GeneratorOutput:
+        """(I_target, T_target, F) from the global branch's ``image`` and the local branch's ``local_input``."""
+        self.check_input(image, target_modality)
+        if local_input.shape != image.shape:
+            raise ValueError(f"the local branch's input must have the image's shape {tuple(image.shape)}, got "
+                             f"{tuple(local_input.shape)}")
+        global_skips = self.global_encoder(self.one_hot_input(image, target_modality))
+        local_skips = self.local_encoder(self.one_hot_input(local_input, target_modality))
+        fused = self.fusion(global_skips[-1], local_skips[-1])  # (B, C_bottleneck, x, y)
+        whole = self.global_decoder([*global_skips[:-1], fused])  # (B, 1, X, Y)
+        tumour = self.local_decoder([*local_skips[:-1], fused])  # (B, 1, X, Y)
+        return GeneratorOutput(whole, tumour, fused)
+
+
+class UTADTeacherGenerator(UTADGenerator):
+    """The teacher's G: ``(I_target, T_target, F) = G(I_source, T_source, t)``; T_source = I_source x tumour mask."""
+
+    def forward(self, image: torch.Tensor, tumour_image: torch.Tensor, target_modality: torch.Tensor
+                ) -> GeneratorOutput:
+        """Translate (B, 1, X, Y) ``image`` and ``tumour_image`` to the modalities ``target_modality`` (B,)."""
+        return self.generate(image, tumour_image, target_modality)
+
+
+class UTADStudentGenerator(UTADGenerator):
+    """The student's G: ``(I_target, T_target, F) = G(I_source, t)``; the local branch reads the whole image.
+
+    Its forward has no mask argument: nothing but the source slice and the target code reaches it.
+    """
+
+    def forward(self, image: torch.Tensor, target_modality: torch.Tensor) -> GeneratorOutput:
+        """Translate (B, 1, X, Y) ``image`` to the modalities ``target_modality`` (B,)."""
+        return self.generate(image, image, target_modality)
+
+    def translate(self, source: torch.Tensor, target_modality: torch.Tensor) -> torch.Tensor:
+        """The synthesised target whole image (B, 1, X, Y) of ``source`` (B, 1, X, Y), in nnU-Net's z-score space.
+
+        Args:
+            source: one channel of B slices, normalised like the ``2d`` configuration's preprocessing; X and Y
+                divisible by :attr:`total_stride` (pad first).
+            target_modality: (B,) channel indices (``dataset.json`` order) to synthesise.
+        """
+        return self(source, target_modality).whole
+
+
+def discriminator_layers(patch_size: Sequence[int], requested: int | None) -> int:
+    """Number of stride-2 discriminator layers for ``patch_size``: ``requested``, or 6 capped so the map stays >= 2x2.
+
+    Raises:
+        ValueError: ``requested`` layers would reduce the smallest patch axis below one pixel.
+    """
+    smallest = min(int(s) for s in patch_size)
+    if requested is None:
+        return max(1, min(DEFAULT_DISCRIMINATOR_LAYERS, int(math.log2(smallest)) - 1))
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"utad.discriminator.num_layers must be null or an integer >= 1, got {requested!r}")
+    if smallest < 2 ** requested:
+        raise ValueError(f"utad.discriminator.num_layers={requested} halves the patch {list(patch_size)} below one "
+                         f"pixel; use at most {int(math.log2(smallest))} (or null for automatic)")
+    return requested
+
+
+class PatchDiscriminator(nn.Module):
+    """StarGAN's discriminator: PatchGAN real/fake scores and modality logits.
+
+    Args:
+        num_modalities: number of modality classes M.
+        features: width of each stride-2 layer (their number is the number of layers).
+        conv_op: convolution class (``nn.Conv2d``).
+        in_channels: image channels (1).
+    """
+
+    def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d,
+                 in_channels: int = 1) -> None:
+        super().__init__()
+        layers, channels = [], in_channels
+        for width in features:
+            layers += [conv_op(channels, int(width), 4, 2, 1), nn.LeakyReLU(0.01)]
+            channels = int(width)
+        self.main = nn.Sequential(*layers)
+        self.source_head = conv_op(channels, 1, 3, 1, 1, bias=False)
+        self.class_head = conv_op(channels, num_modalities, 1, 1, 0, bias=False)
+        self.apply(InitWeights_He(1e-2))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D_src (B, 1, h, w) patch scores, D_cls (B, M) modality logits) of ``image`` (B, 1, X, Y)."""
+        features = self.main(image)  # (B, C, X / 2^L, Y / 2^L)
+        scores = self.source_head(features)  # (B, 1, h, w)
+        pooled = features.mean(dim=tuple(range(2, features.ndim)), keepdim=True)  # (B, C, 1, 1)
+        logits = self.class_head(pooled).flatten(1)  # (B, M)
+        return scores, logits
+
+
+class UTADDiscriminators(nn.Module):
+    """D_g (whole images) and D_l (tumour images) in one module: ``forward(image, branch)`` picks one.
+
+    Args:
+        num_modalities: number of modality classes M.
+        features: width of each stride-2 layer of both discriminators.
+        conv_op: convolution class.
+    """
+
+    BRANCHES = ("global", "local")
+
+    def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d):
+        super().__init__()
+        self.global_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op)
+        self.local_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op)
+
+    def forward(self, image: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D_src, D_cls) of the ``branch`` (``"global"`` or ``"local"``) discriminator."""
+        if branch == "global":
+            return self.global_critic(image)
+        if branch == "local":
+            return self.local_critic(image)
+        raise ValueError(f"branch must be one of {self.BRANCHES}, got {branch!r}")
+
+
+def discriminator_features(plans_features: Sequence[int], num_layers: int, requested: Sequence[int] | None
+                           ) -> list[int]:
+    """Widths of the discriminator layers: ``requested``, or the plans' features per stage (last one repeated).
+
+    Raises:
+        ValueError: ``requested`` does not have ``num_layers`` positive integers.
+    """
+    if requested is None:
+        return [int(plans_features[min(i, len(plans_features) - 1)]) for i in range(num_layers)]
+    widths = list(requested) if isinstance(requested, (list, tuple)) else None
+    if widths is None or len(widths) != num_layers or \
+            not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise ValueError(f"utad.discriminator.features must be null or {num_layers} positive integers (one per "
+                         f"layer), got {requested!r}")
+    return widths

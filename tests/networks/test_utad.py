@@ -1,0 +1,141 @@
+"""UTAD-Net generator and discriminators: shapes from the plans, one-hot conditioning, the student reads no mask."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_missingmod.networks.utad import (
+    MixedFusionBlock,
+    PatchDiscriminator,
+    UTADDiscriminators,
+    UTADStudentGenerator,
+    UTADTeacherGenerator,
+    discriminator_features,
+    discriminator_layers,
+)
+from nnunet_missingmod.trainers.utad import UTADNetStudentTrainer, UTADNetTeacherTrainer
+from tests.conftest import PLAIN_UNET, RESENC_UNET, tiny_plans
+
+
+def _configuration(network_class_name: str = PLAIN_UNET, features=(4, 8, 16), patch_size=(32, 32)):
+    plans_manager = PlansManager(tiny_plans(network_class_name, patch_size=patch_size, features_per_stage=features))
+    return plans_manager, plans_manager.get_configuration("3d_tiny")
+
+
+def _generator(cls, network_class_name: str = PLAIN_UNET, features=(4, 8, 16)):
+    _, configuration = _configuration(network_class_name, features)
+    torch.manual_seed(0)
+    return cls(num_modalities=4, arch_class_name=configuration.network_arch_class_name,
+               arch_kwargs=configuration.network_arch_init_kwargs,
+               arch_kwargs_req_import=configuration.network_arch_init_kwargs_req_import)
+
+
+@pytest.mark.parametrize("network_class_name", [PLAIN_UNET, RESENC_UNET])
+def test_shapes_follow_the_plans(network_class_name):
+    teacher = _generator(UTADTeacherGenerator, network_class_name, features=(4, 8, 16, 32))
+    image = torch.randn(2, 1, 32, 48)  # any size divisible by the total stride
+    out = teacher(image, image * (image > 0), torch.tensor([0, 3]))
+    assert out.whole.shape == out.tumour.shape == (2, 1, 32, 48)
+    assert out.fused.shape == (2, 32, 4, 6)  # the bottleneck: last stage's width, 1/8 of the slice
+    assert teacher.total_stride == (8, 8) and teacher.num_modalities == 4
+    first_conv = next(m for m in teacher.global_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 5  # image + 4-channel one-hot code
+    assert [s.output_channels for s in teacher.global_decoder.stages] == [16, 8, 4]
+
+
+def test_the_build_hook_gives_teacher_and_student_generators():
+    plans_manager, configuration = _configuration()
+    student = UTADNetStudentTrainer.build_network_architecture(plans_manager, configuration, 4, 3,
+                                                               enable_deep_supervision=False)
+    teacher = UTADNetTeacherTrainer.build_network_architecture(plans_manager, configuration, 4, 3)
+    assert type(student) is UTADStudentGenerator and type(teacher) is UTADTeacherGenerator
+    # one set of parameters: the teacher's weights load strictly into the student (its initialisation)
+    student.load_state_dict(teacher.state_dict(), strict=True)
+    assert student.translate(torch.randn(3, 1, 16, 24), torch.tensor([1, 2, 0])).shape == (3, 1, 16, 24)
+
+
+def test_one_hot_code_is_the_naive_broadcast_and_changes_the_output():
+    student = _generator(UTADStudentGenerator).eval()
+    image = torch.randn(2, 1, 16, 16)
+    conditioned = student.one_hot_input(image, torch.tensor([2, 0]))
+    naive = torch.zeros(2, 5, 16, 16)
+    naive[:, 0] = image[:, 0]
+    naive[0, 1 + 2] = 1
+    naive[1, 1 + 0] = 1
+    assert torch.equal(conditioned, naive)
+    with torch.no_grad():
+        outputs = [student.translate(image, torch.full((2,), t)) for t in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert (outputs[a] - outputs[b]).abs().max() > 1e-4  # every target code reaches the output
+
+
+def test_the_student_never_reads_a_mask_and_the_teacher_does():
+    assert list(inspect.signature(UTADStudentGenerator.forward).parameters) == ["self", "image", "target_modality"]
+    assert list(inspect.signature(UTADStudentGenerator.translate).parameters) == ["self", "source", "target_modality"]
+    teacher = _generator(UTADTeacherGenerator).eval()
+    student = _generator(UTADStudentGenerator).eval()
+    student.load_state_dict(teacher.state_dict())
+    image, target = torch.randn(2, 1, 16, 16), torch.tensor([1, 3])
+    mask_a = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    with torch.no_grad():
+        # the teacher's output depends on the tumour image it is given ...
+        assert (teacher(image, image * mask_a, target).whole - teacher(image, image, target).whole).abs().max() > 1e-4
+        # ... the student's local branch reads the whole image: it is the teacher given the image twice
+        torch.testing.assert_close(student(image, target).whole, teacher(image, image, target).whole)
+        torch.testing.assert_close(student(image, target).tumour, teacher(image, image, target).tumour)
+
+
+def test_bad_inputs_are_clear_errors():
+    student = _generator(UTADStudentGenerator)
+    with pytest.raises(ValueError, match=r"slice size \(18, 16\) is not divisible by the network's total stride"):
+        student.translate(torch.randn(1, 1, 18, 16), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"target_modality values must lie in 0\.\.3"):
+        student.translate(torch.randn(1, 1, 16, 16), torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"\(B, 1, X, Y\) slices of one channel"):
+        student.translate(torch.randn(1, 4, 16, 16), torch.tensor([0]))
+    plans = PlansManager(tiny_plans(patch_size=(16, 16, 16)))
+    configuration = plans.get_configuration("3d_tiny")
+    with pytest.raises(ValueError, match="train it on a 2d configuration"):
+        UTADNetStudentTrainer.build_network_architecture(plans, configuration, 4, 3)
+
+
+def test_fusion_block_is_hi_nets_sum_product_maximum():
+    encoder = _generator(UTADTeacherGenerator).global_encoder
+    fusion = MixedFusionBlock(6, encoder, [3, 3]).eval()
+    a, b = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4)
+    naive = torch.zeros(2, 18, 4, 4)
+    for c in range(6):
+        naive[:, c] = a[:, c] + b[:, c]
+        naive[:, 6 + c] = a[:, c] * b[:, c]
+        naive[:, 12 + c] = torch.where(a[:, c] > b[:, c], a[:, c], b[:, c])
+    torch.testing.assert_close(fusion(a, b), fusion.blocks(naive))
+    assert fusion(a, b).shape == (2, 6, 4, 4)
+
+
+def test_discriminators_give_patch_scores_and_modality_logits():
+    critic = PatchDiscriminator(num_modalities=4, features=[4, 8, 16])
+    scores, logits = critic(torch.randn(3, 1, 32, 40))
+    assert scores.shape == (3, 1, 4, 5) and logits.shape == (3, 4)
+    both = UTADDiscriminators(num_modalities=4, features=[4, 8])
+    image = torch.randn(2, 1, 16, 16)
+    assert not torch.equal(both(image, "global")[0], both(image, "local")[0])  # two separate critics
+    with pytest.raises(ValueError, match="branch must be one of"):
+        both(image, "tumour")
+
+
+def test_discriminator_depth_and_widths():
+    assert discriminator_layers((128, 128), None) == 6  # StarGAN / UTAD-Net at 128 x 128
+    assert discriminator_layers((32, 40), None) == 4  # the score map keeps at least 2 x 2
+    assert discriminator_layers((192, 160), None) == 6
+    assert discriminator_layers((32, 32), 5) == 5
+    with pytest.raises(ValueError, match="num_layers=6 halves the patch"):
+        discriminator_layers((32, 32), 6)
+    assert discriminator_features([32, 64, 128], 5, None) == [32, 64, 128, 128, 128]
+    assert discriminator_features([32, 64], 2, [8, 16]) == [8, 16]
+    with pytest.raises(ValueError, match="2 positive integers"):
+        discriminator_features([32, 64], 2, [8])

@@ -1,0 +1,428 @@
+"""UTAD-Net teacher and student trainers: pair drawing, loss assembly (eq. 12, 13), the teacher checks, resume,
+validation, and the run through nnU-Net's commands.
+
+In-process tests drive nnU-Net's hooks on tiny hand-written 2D plans with synthetic batches (no data loaders).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_missingmod.config import OVERRIDE_ENV
+from nnunet_missingmod.networks.utad import UTADStudentGenerator
+from nnunet_missingmod.trainers.utad import (
+    INTENSITY_TRANSFORMS,
+    SYNTHESIS_HEATMAP_FILE,
+    SYNTHESIS_VALIDATION_FILE,
+    UTADNetStudentTrainer,
+    UTADNetTeacherTrainer,
+    draw_paired_pairs,
+    draw_unpaired_pairs,
+    synthesis_matrices,
+)
+from tests.conftest import SYNTHESIS_CONFIGURATION, SYNTHESIS_NAME, make_tiny_trainer
+
+TEACHER_TERMS = {"adv_global", "adv_local", "cls_global", "cls_local", "rec", "local"}
+CRITIC_TERMS = {"d_adv_global", "d_gp_global", "d_cls_global", "d_adv_local", "d_gp_local", "d_cls_local"}
+TIMESTAMP_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps")
+TINY = {"patch_size": (32, 32), "features_per_stage": (4, 8, 16), "batch_size": 3}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _batch(seed: int, batch: int = 3, missing: dict[int, list[int]] | None = None) -> dict:
+    """Synthetic 2D batch: 4 channels, region targets WT/TC/ET; ``missing`` {sample: [channels]} are zero."""
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.randn(batch, 4, 32, 32, generator=generator)
+    for sample, channels in (missing or {}).items():
+        data[sample, channels] = 0
+    wt = torch.zeros(batch, 32, 32)
+    wt[:, 8:20, 10:24] = 1
+    tc = torch.zeros_like(wt)
+    tc[:, 10:16, 12:20] = 1
+    et = torch.zeros_like(wt)
+    et[:, 12:14, 14:18] = 1
+    return {"data": data, "target": torch.stack((wt, tc, et), 1)}
+
+
+def _override(tmp_path: Path, monkeypatch, settings: dict) -> None:
+    path = tmp_path / "override.json"
+    path.write_text(json.dumps(settings))
+    monkeypatch.setenv(OVERRIDE_ENV, str(path))
+
+
+def _trainer(trainer_class, tmp_path, monkeypatch, **plans_kwargs):
+    trainer = make_tiny_trainer(trainer_class, tmp_path, monkeypatch, **{**TINY, **plans_kwargs})
+    trainer.n_critic = 1
+    trainer.save_every = 1
+    trainer.num_iterations_per_epoch = 2
+    torch.manual_seed(0)
+    trainer.initialize()
+    trainer.logger.plot_progress_png = lambda folder: None  # speed only
+    counter = iter(range(10**6))
+    trainer.dataloader_train = (_batch(20_000 + next(counter)) for _ in iter(int, 1))
+    return trainer
+
+
+def _teacher_checkpoint(tmp_path, monkeypatch, **plans_kwargs) -> Path:
+    """Save an (untrained) teacher's checkpoint_final.pth where the student looks by default; return its path."""
+    teacher = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **plans_kwargs)
+    with torch.no_grad():  # weights unlike a freshly seeded student's
+        for parameter in teacher.network.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    path = Path(teacher.output_folder) / "checkpoint_final.pth"
+    teacher.save_checkpoint(str(path))
+    return path
+
+
+def _run_epochs(trainer, stop: int) -> None:
+    """nnU-Net's run_training loop on synthetic batches, seeded per step so that two runs take identical steps."""
+    for epoch in range(trainer.current_epoch, stop):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = []
+        for i in range(trainer.num_iterations_per_epoch):
+            torch.manual_seed(1000 * epoch + i)
+            np.random.seed(1000 * epoch + i)
+            outputs.append(trainer.train_step(_batch(1000 * epoch + i)))
+        trainer.on_train_epoch_end(outputs)
+        trainer.on_validation_epoch_start()
+        np.random.seed(77 + epoch)
+        with torch.no_grad():
+            trainer.on_validation_epoch_end([trainer.validation_step(_batch(77 + epoch))])
+        trainer.on_epoch_end()
+
+
+# ---------------------------------------------------------------------------------------------- pair drawing
+def test_unpaired_pairs_use_only_acquired_channels_of_another_sample():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        acquired = rng.random((4, 4)) < 0.6
+        draw = draw_unpaired_pairs(acquired, rng)
+        for i, s, t, j in zip(draw.rows, draw.source, draw.target, draw.partner, strict=True):
+            assert j == (i + 1) % 4 and j != i  # the real target is another sample's slice
+            assert acquired[i, s] and acquired[j, t] and s != t
+            seen.add((int(s), int(t)))
+        # every sample that could have a pair got one (naive check over all (s, t))
+        possible = {i for i in range(4) for s in range(4) for t in range(4)
+                    if s != t and acquired[i, s] and acquired[(i + 1) % 4, t]}
+        assert set(draw.rows.tolist()) == possible
+    assert seen == {(s, t) for s in range(4) for t in range(4) if s != t}
+    assert draw_unpaired_pairs(np.ones((1, 4), bool), rng).rows.size == 0  # a batch of one has no partner
+
+
+def test_paired_pairs_take_two_channels_of_the_same_slice():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        acquired = rng.random((5, 4)) < 0.5
+        draw = draw_paired_pairs(acquired, rng)
+        assert set(draw.rows.tolist()) == {i for i in range(5) if acquired[i].sum() >= 2}
+        for i, s, t, j in zip(draw.rows, draw.source, draw.target, draw.partner, strict=True):
+            assert i == j and s != t and acquired[i, s] and acquired[i, t]
+
+
+def test_missing_channels_are_never_sources_or_real_targets(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    batch = _batch(3, missing={0: [0, 1], 1: [3], 2: [1, 2, 3]})  # sample 2 has only T1
+    data, target = batch["data"], batch["target"]
+    acquired = [data[i, c] for i in range(3) for c in range(4) if data[i, c].abs().sum() > 0]
+    np.random.seed(0)
+    for _ in range(50):
+        unpaired = trainer.unpaired_batch(data, target)
+        for v in range(unpaired.source.shape[0]):  # every slice used is an acquired channel of a sample
+            assert any(torch.equal(unpaired.source[v, 0], slice_) for slice_ in acquired)
+            assert any(torch.equal(unpaired.real[v, 0], slice_) for slice_ in acquired)
+        torch.testing.assert_close(unpaired.real_tumour, unpaired.real * target[:1, :1])  # WT of the partner
+
+
+def test_tumour_mask_is_the_configured_region(tmp_path, monkeypatch):
+    batch = _batch(0)
+    for region, channel in (("WT", 0), ("TC", 1), ("ET", 2)):  # dataset.json's region order
+        _override(tmp_path, monkeypatch, {"utad": {"mask_region": region}})
+        trainer = make_tiny_trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **TINY)
+        trainer.initialize()
+        torch.testing.assert_close(trainer.tumour_mask(batch["target"]), batch["target"][:, channel:channel + 1])
+    _override(tmp_path, monkeypatch, {"utad": {"mask_region": "edema"}})
+    with pytest.raises(ValueError, match="utad.mask_region must be one of"):
+        make_tiny_trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **TINY)
+
+
+# ---------------------------------------------------------------------------------------------- training steps
+def test_teacher_step_updates_both_sides_and_totals_equation_12(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    g_before = [p.detach().clone() for p in trainer.network.parameters()]
+    d_before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    np.random.seed(0)
+    outputs = trainer.train_step(_batch(1))
+    assert outputs.keys() == {"loss"} | {f"loss_{t}" for t in TEACHER_TERMS | CRITIC_TERMS}
+    assert all(np.isfinite(v) for v in outputs.values())
+    expected = sum(outputs[f"loss_{t}"] for t in ("adv_global", "adv_local", "cls_global", "cls_local")) + \
+        10.0 * (outputs["loss_rec"] + outputs["loss_local"])  # lambda1 = 10
+    assert float(outputs["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    for before, module in ((g_before, trainer.network), (d_before, trainer.discriminator)):
+        assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    assert 0 < outputs["loss_d_gp_global"] and 0 < outputs["loss_d_gp_local"]
+
+
+def test_student_step_adds_distillation_and_never_gives_the_network_a_mask(tmp_path, monkeypatch):
+    _teacher_checkpoint(tmp_path, monkeypatch)
+    student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+    assert isinstance(student.network, UTADStudentGenerator)
+    assert list(inspect.signature(student.network.forward).parameters) == ["image", "target_modality"]
+    calls = []
+    original = UTADStudentGenerator.generate
+
+    def generate(self, image, local_input, target_modality):
+        calls.append(torch.equal(image, local_input))  # the local branch reads the whole image
+        return original(self, image, local_input, target_modality)
+    monkeypatch.setattr(UTADStudentGenerator, "generate", generate)
+    teacher_before = [p.detach().clone() for p in student.teacher.parameters()]
+    np.random.seed(0)
+    outputs = student.train_step(_batch(2))
+    assert calls and all(calls)
+    assert outputs.keys() == {"loss"} | {f"loss_{t}" for t in TEACHER_TERMS | CRITIC_TERMS | {"dis_feature",
+                                                                                              "dis_image"}}
+    expected = sum(outputs[f"loss_{t}"] for t in ("adv_global", "adv_local", "cls_global", "cls_local")) + \
+        10.0 * (outputs["loss_rec"] + outputs["loss_local"]) + \
+        10.0 * (outputs["loss_dis_feature"] + outputs["loss_dis_image"])  # eq. 13, lambda2 = 10
+    assert float(outputs["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert outputs["loss_dis_feature"] > 0 and outputs["loss_dis_image"] > 0
+    for a, b in zip(teacher_before, student.teacher.parameters(), strict=True):
+        assert torch.equal(a, b) and not b.requires_grad  # frozen
+
+
+def test_student_starts_from_the_teacher_with_a_fresh_local_encoder(tmp_path, monkeypatch):
+    path = _teacher_checkpoint(tmp_path, monkeypatch)
+    teacher_weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+    # re-initialised: the local encoder's convolutions (also reachable as local_decoder.encoder), not its norms
+    fresh_tensors = {p.data_ptr() for m in student.network.local_encoder.modules() if isinstance(m, torch.nn.Conv2d)
+                     for p in m.parameters()}
+    assert fresh_tensors
+    for name, value in student.network.state_dict().items():
+        fresh = value.data_ptr() in fresh_tensors
+        assert torch.equal(value, teacher_weights[name]) != fresh, name
+
+
+def test_batch_without_any_pair_gives_zero_losses(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    lonely = _batch(4, missing={0: [1, 2, 3], 1: [1, 2, 3], 2: [1, 2, 3]})  # every sample has only T1
+    outputs = trainer.train_step(lonely)
+    assert all(float(v) == 0.0 for v in outputs.values())
+
+
+def test_batch_size_one_is_refused(tmp_path, monkeypatch):
+    trainer = make_tiny_trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **{**TINY, "batch_size": 1})
+    with pytest.raises(ValueError, match="batch size must be at least 2"):
+        trainer.initialize()
+
+
+def test_intensity_augmentation_is_off_unless_asked_for(tmp_path, monkeypatch):
+    def kinds(trainer):
+        transforms = trainer.get_training_transforms(np.array([32, 32]), 0.0, None, (0, 1), False,
+                                                     regions=trainer.label_manager.foreground_regions)
+        return {type(getattr(t, "transform", t)) for t in transforms.transforms}
+    off = kinds(make_tiny_trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **TINY))
+    _override(tmp_path, monkeypatch, {"utad": {"intensity_augmentation": True}})
+    on = kinds(make_tiny_trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **TINY))
+    assert not off & set(INTENSITY_TRANSFORMS) and set(INTENSITY_TRANSFORMS) <= on
+    assert {k.__name__ for k in off} >= {"SpatialTransform", "MirrorTransform", "RecordAvailabilityTransform",
+                                         "ZeroMissingModalitiesTransform"}
+
+
+# ---------------------------------------------------------------------------------------------- the teacher checks
+def test_student_refuses_a_missing_teacher_folder_or_checkpoint(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"UTADNetTeacherTrainer__nnUNetPlans__3d_tiny .*does not exist.*"
+                                                r"nnUNetv2_train Dataset999_Tiny 3d_tiny 0 -tr UTADNetTeacherTrainer"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+    path = _teacher_checkpoint(tmp_path, monkeypatch)
+    path.rename(path.with_name("checkpoint_best.pth"))
+    with pytest.raises(FileNotFoundError, match=r"fold_0/checkpoint_final\.pth does not exist"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+    _override(tmp_path, monkeypatch, {"utad": {"teacher_checkpoint": "checkpoint_best.pth"}})
+    _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)  # the config key names the checkpoint
+    elsewhere = tmp_path / "moved_teacher"
+    shutil.move(path.parent.parent, elsewhere)
+    monkeypatch.setenv("MY_TEACHERS", str(tmp_path))
+    _override(tmp_path, monkeypatch, {"utad": {"teacher_checkpoint": "checkpoint_best.pth",
+                                               "teacher_model_folder": "$MY_TEACHERS/moved_teacher"}})
+    assert _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch).teacher is not None
+
+
+def _damage(path: Path, change) -> None:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+
+
+def test_student_refuses_a_teacher_of_other_channels_plans_trainer_or_region(tmp_path, monkeypatch):
+    path = _teacher_checkpoint(tmp_path, monkeypatch, features_per_stage=(8, 16, 32))
+    with pytest.raises(ValueError, match=r"network differs .* in \['features_per_stage'\]"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)  # student plans (4, 8, 16)
+
+    path = _teacher_checkpoint(tmp_path, monkeypatch)
+    original = path.read_bytes()
+    _damage(path, lambda c: c["init_args"]["dataset_json"]["channel_names"].update({"3": "PD"}))
+    with pytest.raises(ValueError, match=r"trained on channels .*'PD'"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+
+    path.write_bytes(original)
+    _damage(path, lambda c: c.update(trainer_name="UTADNetStudentTrainer"))
+    with pytest.raises(ValueError, match="was written by UTADNetStudentTrainer, not by UTADNetTeacherTrainer"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+
+    path.write_bytes(original)
+    (path.parent / "trainer_config.json").write_text(json.dumps({"utad": {"mask_region": "ET"}}))
+    with pytest.raises(ValueError, match="trained with utad.mask_region ET, this student's config says WT"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+
+    (path.parent / "trainer_config.json").unlink()
+    path.write_bytes(original[:1000])
+    with pytest.raises(ValueError, match="cannot read the teacher checkpoint"):
+        _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("trainer_class", [UTADNetTeacherTrainer, UTADNetStudentTrainer])
+def test_resume_restores_discriminators_and_optimisers(trainer_class, tmp_path, monkeypatch):
+    if trainer_class is UTADNetStudentTrainer:
+        _teacher_checkpoint(tmp_path, monkeypatch)
+    uninterrupted = _trainer(trainer_class, tmp_path, monkeypatch)
+    _run_epochs(uninterrupted, 1)
+    checkpoint = str(tmp_path / "killed.pth")
+    shutil.copyfile(uninterrupted.output_folder + "/checkpoint_latest.pth", checkpoint)
+    _run_epochs(uninterrupted, 2)
+
+    resumed = _trainer(trainer_class, tmp_path, monkeypatch)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.current_epoch == 1
+    _run_epochs(resumed, 2)
+
+    for module in ("network", "discriminator"):
+        for (name, a), b in zip(getattr(uninterrupted, module).state_dict().items(),
+                                getattr(resumed, module).state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{module}.{name}")
+    for optimizer in ("optimizer", "optimizer_d"):
+        moments_a = [s["exp_avg_sq"] for s in getattr(uninterrupted, optimizer).state_dict()["state"].values()]
+        moments_b = [s["exp_avg_sq"] for s in getattr(resumed, optimizer).state_dict()["state"].values()]
+        assert len(moments_a) == len(moments_b) > 0
+        for a, b in zip(moments_a, moments_b, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
+    logs_a = uninterrupted.logger.local_logger.my_fantastic_logging
+    logs_b = resumed.logger.local_logger.my_fantastic_logging
+    for term in trainer_class.generator_terms + trainer_class.discriminator_terms:
+        np.testing.assert_allclose(logs_b[f"loss_{term}"], logs_a[f"loss_{term}"], rtol=1e-5, err_msg=term)
+    np.testing.assert_allclose(logs_b["mean_fg_dice"], logs_b["val_ssim"])  # nnU-Net's best checkpoint: SSIM
+    assert (Path(resumed.output_folder) / "progress_adversarial.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def test_validation_scores_a_perfect_generator_as_perfect(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    batch = _batch(5, missing={1: [0, 1, 2]})  # sample 1 has only FLAIR: no pair, NaN
+    base = batch["data"][:, 3:4].clone()
+    batch["data"] = torch.where(batch["data"] != 0, base.expand(-1, 4, -1, -1), batch["data"])
+    monkeypatch.setattr(trainer, "generate", lambda image, mask, modality: type("Out", (), {"whole": image})())
+    with torch.no_grad():
+        metrics = trainer.validation_step(batch)  # every channel is the same image: identity is exact
+    assert np.isnan(metrics["ssim"][1]) and np.isnan(metrics["l1"][1])
+    np.testing.assert_allclose(metrics["ssim"][[0, 2]], 1.0)
+    np.testing.assert_allclose(metrics["l1"][[0, 2]], 0.0)
+    assert np.all(np.isinf(metrics["psnr"][[0, 2]]))
+
+
+def test_validation_l1_against_a_naive_computation(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    batch = _batch(6)
+    recorded = {}
+    original = trainer.paired_translation
+
+    def paired_translation(data, target, draw):
+        recorded["draw"] = draw
+        recorded["out"] = original(data, target, draw)
+        return recorded["out"]
+    monkeypatch.setattr(trainer, "paired_translation", paired_translation)
+    trainer.network.eval()
+    with torch.no_grad():
+        metrics = trainer.validation_step(batch)
+    draw, (source, generated, real) = recorded["draw"], recorded["out"]
+    for k, (i, s, t) in enumerate(zip(draw.rows, draw.source, draw.target, strict=True)):
+        assert torch.equal(source[k, 0], batch["data"][i, s]) and torch.equal(real[k, 0], batch["data"][i, t])
+        naive = sum(abs(float(generated[k, 0, x, y]) - float(batch["data"][i, t, x, y]))
+                    for x in range(32) for y in range(32)) / 32 ** 2
+        assert metrics["l1"][i] == pytest.approx(naive, rel=1e-5)
+
+
+def test_write_examples_draws_a_png_grid(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    trainer.dataloader_val = iter([_batch(8)])
+    trainer.network.eval()
+    with torch.no_grad():
+        trainer.write_examples(str(tmp_path / "a.png"))
+        trainer.write_examples(str(tmp_path / "b.png"))  # the same fixed batch again (the loader is exhausted)
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "b.png").stat().st_size > 5000
+
+
+def test_synthesis_matrices_against_hand_made_sums():
+    totals = np.zeros((3, 3, 3))
+    totals[:, 0, 1] = (1.8, 60.0, 2)  # two slices: mean SSIM 0.9, PSNR 30
+    totals[:, 2, 0] = (0.5, 20.0, 1)
+    result = synthesis_matrices(totals, {"0": "A", "1": "B", "2": "C"})
+    assert result["ssim"] == [[None, pytest.approx(0.9), None], [None, None, None], [0.5, None, None]]
+    assert result["psnr"][0][1] == pytest.approx(30.0) and result["psnr"][2][0] == 20.0
+    assert result["num_slices"] == [[None, 2, 0], [0, None, 0], [1, 0, None]]
+    assert result["channel_names"] == {"0": "A", "1": "B", "2": "C"}
+
+
+# ---------------------------------------------------------------------------------------------- through nnU-Net
+def test_teacher_then_student_through_nnunet_train(trained_synthesis_model):
+    work, student_folder = trained_synthesis_model
+    teacher_folder = student_folder.parent / f"UTADNetTeacherTrainer__nnUNetPlans__{SYNTHESIS_CONFIGURATION}"
+    dataset_json = json.loads((work / "nnUNet_preprocessed" / SYNTHESIS_NAME / "dataset.json").read_text())
+    for folder, terms in ((teacher_folder, TEACHER_TERMS),
+                          (student_folder, TEACHER_TERMS | {"dis_feature", "dis_image"})):
+        fold = folder / "fold_0"
+        result = json.loads((fold / SYNTHESIS_VALIDATION_FILE).read_text())
+        assert result.keys() == {"channel_names", "ssim", "psnr", "num_slices"}
+        assert result["channel_names"] == dataset_json["channel_names"]
+        size = len(dataset_json["channel_names"])
+        for s in range(size):
+            assert result["ssim"][s][s] is None and result["psnr"][s][s] is None and result["num_slices"][s][s] is None
+            for t in set(range(size)) - {s}:  # phantoms have every sequence: every pair has slices
+                assert isinstance(result["num_slices"][s][t], int) and result["num_slices"][s][t] > 0
+                assert -1 <= result["ssim"][s][t] <= 1 and math.isfinite(result["psnr"][s][t])
+        assert (fold / SYNTHESIS_HEATMAP_FILE).stat().st_size > 5000
+        assert (fold / "examples" / "epoch_0000.png").stat().st_size > 5000
+        assert (fold / "progress_adversarial.png").stat().st_size > 5000
+        log = next(fold.glob("training_log_*.txt")).read_text()
+        assert all(f"loss_{term} " in log for term in terms | CRITIC_TERMS), log[-3000:]
+        assert json.loads((fold / "trainer_config.json").read_text())["trainer"] == folder.name.split("__")[0]
+    assert f"teacher loaded from {teacher_folder / 'fold_0' / 'checkpoint_final.pth'}" in \
+        next((student_folder / "fold_0").glob("training_log_*.txt")).read_text()
+
+
+def test_student_checkpoint_loads_strictly_into_the_inference_network(trained_synthesis_model):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    _, student_folder = trained_synthesis_model
+    plans_manager = PlansManager(str(student_folder / "plans.json"))
+    configuration = plans_manager.get_configuration(SYNTHESIS_CONFIGURATION)
+    network = UTADNetStudentTrainer.build_network_architecture(plans_manager, configuration, 4, 3,
+                                                               enable_deep_supervision=False)
+    checkpoint = torch.load(student_folder / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                            weights_only=False)
+    network.load_state_dict(checkpoint["network_weights"], strict=True)
+    assert not any(k.startswith(("teacher", "discriminator")) for k in checkpoint["network_weights"])
+    assert network.num_modalities == 4 and network.total_stride == (4, 4)
+    network.eval()
+    with torch.no_grad():
+        out = network.translate(torch.randn(2, 1, 48, 40), torch.tensor([0, 3]))
+    assert out.shape == (2, 1, 48, 40) and torch.isfinite(out).all()
