@@ -10,6 +10,17 @@ channels, as for skull-stripped BraTS data and the phantoms, whose channels shar
 Outputs (in ``<fold folder>/missing_modalities_<split>`` or ``output``):
 ``per_case.csv``, ``summary.json``, ``table.md`` (the layout of Table I of D²-Net: rows WT/TC/ET, one
 column per combination marked ✓/– for FLAIR, T1, T1ce, T2, plus the average) and ``heatmap.png``.
+
+Filling the missing channels with synthesised ones (``fill="synthesize"``, ``--fill synthesize -m MODEL``): the
+downstream experiment of UTAD-Net (Huang, Wei, Li; Sec. IV, Table II) and the BraSyn setting (exactly one sequence
+missing: ``--combinations one-missing``). For every combination, each channel outside it is synthesised from the
+channels in it by a synthesis model (:mod:`nnunet_missingmod.inference.synthesize`: the same weighting of sources,
+back-resampling and intensity rule as ``synthesize``), the completed case is preprocessed by the segmentation
+model's preprocessor and predicted with all four channels. Each case is read and preprocessed once for the
+synthesis model and every source -> target translation is computed once and shared by all combinations, which
+rests on the same assumption as zeroing after preprocessing (the non-zero region does not depend on the dropped
+channels). The default output folder is ``missing_modalities_<split>_synthesized``; ``summary.json`` records
+``fill`` (``zero`` or ``synthesize``) and the synthesis model, and ``table.md``'s title names the fill.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -37,7 +49,12 @@ from nnunet_missingmod.inference.predict import (
     model_file_ending,
 )
 
+if TYPE_CHECKING:
+    from nnunet_missingmod.inference.synthesize import SynthesisModel
+
 METRICS = ("Dice", "HD95")
+#: How the channels outside a combination are filled.
+FILLS = ("zero", "synthesize")
 #: Marker order of the D²-Net table header.
 TABLE_ORDER = (3, 0, 1, 2)  # FLAIR, T1, T1ce, T2
 
@@ -103,11 +120,19 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      combinations: Sequence[Sequence[int]] | None = None, output: str | os.PathLike | None = None,
                      save_predictions: bool = False, checkpoint_name: str = "checkpoint_final.pth",
                      device: str = "cpu", tile_step_size: float = 0.5, use_mirroring: bool = True,
-                     case_filter: set[str] | None = None, batch_size: int = 5, progress: bool = True) -> Path:
+                     case_filter: set[str] | None = None, batch_size: int = 5, progress: bool = True,
+                     fill: str = "zero", synthesis_model: str | os.PathLike | SynthesisModel | None = None,
+                     synthesis_folds: Sequence[int | str] | None = None,
+                     synthesis_checkpoint: str = "checkpoint_final.pth", combine: str = "ssim") -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
 
     ``case_filter`` restricts the evaluation to the named cases of the split. ``batch_size`` combinations are
-    predicted per forward pass (1: nnU-Net's own sliding window, one combination at a time).
+    predicted per forward pass (1: nnU-Net's own sliding window, one combination at a time; with
+    ``fill="synthesize"`` every combination is its own input, so one at a time).
+
+    ``fill``: ``zero`` (default) or ``synthesize``, which needs ``synthesis_model`` (a model folder or a
+    :class:`~nnunet_missingmod.inference.synthesize.SynthesisModel`), with its ``synthesis_folds``,
+    ``synthesis_checkpoint`` and ``combine`` rule.
 
     Returns:
         The output folder.
@@ -118,9 +143,19 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
         InputImageError: a case's image or label is truncated, has NaN/Inf voxels or mismatching geometry.
         FileNotFoundError: a missing checkpoint, splits file or reference label.
     """
+    from nnunet_missingmod.inference import synthesize as synthesis
+
     model = Path(model)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    if fill == "synthesize" and synthesis_model is None:
+        raise ValueError("fill 'synthesize' needs a synthesis model (-m MODEL_FOLDER)")
+    if fill == "zero" and synthesis_model is not None:
+        raise ValueError("a synthesis model (-m) is only used with --fill synthesize")
+    if combine not in synthesis.COMBINE_RULES:
+        raise ValueError(f"combine rule must be one of {', '.join(synthesis.COMBINE_RULES)}, got {combine!r}")
     combinations = [tuple(sorted(c)) for c in (combinations or mods.all_combinations())]
     file_ending = model_file_ending(model)
     cases, label_folder = evaluation_cases(model, fold, split, file_ending)
@@ -128,24 +163,40 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     if case_filter is not None:
         cases = [c for c in cases if c.identifier in case_filter]
     check_evaluation_inputs(cases, label_folder, file_ending, combinations)
-    out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}"
+    if fill == "synthesize" and not isinstance(synthesis_model, synthesis.SynthesisModel):
+        synthesis.check_model_folder(synthesis_model, synthesis_folds, synthesis_checkpoint)
+    suffix = "_synthesized" if fill == "synthesize" else ""
+    out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}{suffix}"
     check_writable(out)
     predictor = MissingModalityPredictor(model, folds=[fold], checkpoint_name=checkpoint_name, device=device,
                                          tile_step_size=tile_step_size, use_mirroring=use_mirroring)
+    if fill == "synthesize" and not isinstance(synthesis_model, synthesis.SynthesisModel):
+        synthesis_model = synthesis.load_synthesis_model(synthesis_model, synthesis_folds, synthesis_checkpoint,
+                                                         device)
+    if fill == "synthesize" and type(predictor.reader) is not type(synthesis_model.reader):
+        raise ValueError(f"the segmentation model reads images with {type(predictor.reader).__name__}, the "
+                         f"synthesis model with {type(synthesis_model.reader).__name__}; they must agree")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
         # read and preprocessed once; combinations needing a modality the case really lacks are skipped
         image, properties = predictor.read_case(case, check=False)
-        data, data_properties = predictor.preprocess(image, properties)
         reference, _ = predictor.reader.read_seg(str(label_folder / f"{case.identifier}{predictor.file_ending}"))
         spacing = properties["spacing"]
         usable = [c for c in combinations if set(c) <= set(case.available)]
-        if batch_size > 1:
+        if fill == "synthesize":
+            filled = SynthesizedCombinations(synthesis_model, image, properties, case.available, combine)
+        else:
+            data, data_properties = predictor.preprocess(image, properties)
+        if batch_size > 1 and fill == "zero":
             all_logits = predictor.predict_logits_many(data, usable, batch_size, progress=progress)
         for index, combination in enumerate(tqdm(usable, desc=case.identifier, unit="combination",
                                                  disable=not progress, leave=False)):
-            logits = all_logits[index] if batch_size > 1 else predictor.predict_logits(data, combination)
+            if fill == "synthesize":
+                data, data_properties = predictor.preprocess(filled.image(combination), properties)
+                logits = predictor.predict_logits(data, range(mods.NUM_MODALITIES))
+            else:
+                logits = all_logits[index] if batch_size > 1 else predictor.predict_logits(data, combination)
             segmentation = predictor.logits_to_segmentation(logits, data_properties)
             metrics = region_metrics(reference[0], segmentation, spacing)
             rows.append({"case": case.identifier, "combination": mods.combination_name(combination),
@@ -161,9 +212,49 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                   f"{np.mean([r['WT_Dice'] for r in rows if r['case'] == case.identifier]):.3f}", flush=True)
     summary = summarise(rows, combinations)
     summary.update({"model": str(model), "fold": fold, "split": split, "num_cases": len(cases),
-                    "checkpoint": checkpoint_name, "mirroring": use_mirroring})
-    write_outputs(out, rows, summary, title=f"{model.name}, fold {fold}, {split} ({len(cases)} cases)")
+                    "checkpoint": checkpoint_name, "mirroring": use_mirroring, "fill": fill})
+    title = f"{model.name}, fold {fold}, {split} ({len(cases)} cases)"
+    if fill == "synthesize":
+        summary["synthesis"] = {"model": str(synthesis_model.folder or "in-memory model"),
+                                "folds": [str(f) for f in synthesis_folds] if synthesis_folds else "all",
+                                "checkpoint": synthesis_checkpoint, "combine": combine}
+        title += f", missing channels synthesized by {Path(summary['synthesis']['model']).name}"
+    write_outputs(out, rows, summary, title=title)
     return out
+
+
+class SynthesizedCombinations:
+    """One case with, for any combination of its sequences, the channels outside it synthesised from those in it.
+
+    The case is preprocessed once for the synthesis model with all its sequences, and each source -> target
+    translation is computed once (cached) and shared by every combination (see the module docstring).
+
+    Args:
+        model: a :class:`~nnunet_missingmod.inference.synthesize.SynthesisModel`.
+        image: (C, ...) the case's channels (missing ones zero), as read by the segmentation model's reader.
+        properties: the reader's properties.
+        available: the sequences the case really has.
+        combine: rule for several sources.
+    """
+
+    def __init__(self, model: SynthesisModel, image: np.ndarray, properties: dict, available: Sequence[int],
+                 combine: str) -> None:
+        self.model = model
+        self.image_all = image
+        self.combine = combine
+        self.prepared = model.prepare(image, properties, available)
+
+    def image(self, combination: Sequence[int]) -> np.ndarray:
+        """(C, ...) the real channels of ``combination`` and the others synthesised from them."""
+        combination = tuple(sorted(combination))
+        filled = np.zeros_like(self.image_all)
+        filled[list(combination)] = self.image_all[list(combination)]
+        targets = [c for c in range(mods.NUM_MODALITIES) if c not in combination]
+        if targets:
+            for target, (array, _) in self.model.synthesize_channels(self.prepared, combination, targets,
+                                                                     self.combine).items():
+                filled[target] = array
+        return filled
 
 
 def check_evaluation_inputs(cases: Sequence[CaseInput], label_folder: Path, file_ending: str,

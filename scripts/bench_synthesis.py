@@ -1,0 +1,490 @@
+"""UTAD-Net on the phantoms: teacher then student, image quality against both baselines, downstream Dice with
+synthesised vs zero-filled sequences, and the speed of ``synthesize``.
+
+    python scripts/bench_synthesis.py [--work-dir bench_work] [--regime {short,converged,smoke}]
+        [--epochs 40] [--iterations 50] [--batch-size 4] [--eval-cases 10] [--combinations {one-missing,all}]
+        [--speed-cases 5] [--dropout] [--step-size 1.0] [-device cpu] [--dry-run]
+
+Steps (every one resumable: a finished model, evaluation or timing is reused, an interrupted training goes on
+from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
+
+1. The regime's phantoms, nnU-Net's plans and 3d preprocessing (``bench_common.prepare``), then nnU-Net's ``2d``
+   preprocessing and a ``2d_cpu`` configuration (``add-cpu-config --parent 2d``: the planned 2d patch, features
+   16-128, batch ``--batch-size``).
+2. ``UTADNetTeacherTrainer`` then ``UTADNetStudentTrainer`` on ``2d_cpu``, fold 0, through ``nnUNetv2_train`` with
+   the budget ``--epochs`` x ``--iterations`` in an ``nnUNet_missingmod_config`` override file (both trainers the
+   same budget; the final validation writes ``synthesis_validation.json``).
+3. ``evaluate-synthesis`` of the student on the first ``--eval-cases`` held-out phantoms (zero-fill and
+   histogram-matching baselines in the same run).
+4. Downstream: a plain full-modality ``nnUNetTrainer`` (the regime's 3d_cpu budget, as in
+   ``bench_robustness.py``, whose model is reused when present), scored by ``evaluate-missing`` on the held-out
+   phantoms with the missing sequences zero-filled and synthesised by the student: ``--combinations one-missing``
+   (default: the BraSyn setting, the four combinations lacking exactly one sequence, plus all four real) or
+   ``all`` (the 15 combinations). ``--dropout`` adds ``ModalityDropoutTrainer`` (zero-fill) at the same budget.
+5. Speed: ``synthesize`` on ``--speed-cases`` held-out phantoms with one sequence missing (a different one per
+   case), and with only FLAIR acquired: slices per second (translation loop) and seconds per case (everything,
+   reading and writing included), model loading excluded.
+
+Outputs in ``<work-dir>/synthesis_<regime>``: ``report.md`` and ``report.json`` (budgets, plateau check of the
+validation SSIM, teacher vs student validation SSIM per pair, the image-quality table with the goal checks, the
+downstream Dice table with synthesis / all-real ratios, speed), and ``figures/``: ``learning_curves.png`` (the
+validation SSIM and every loss term per epoch of both trainers), ``synthesis_examples.png``, ``downstream.png``
+(Dice per combination and region, zero-fill vs synthesis vs all real). ``--dry-run`` prints the steps and what
+each would do (reuse, continue, run) without running anything; ``--regime smoke`` runs the whole pipeline at a
+tiny budget (4 mm phantoms, 1 epoch x 2 iterations) to check that it works, with figures that mean nothing.
+
+Budgets: ``--epochs 40 --iterations 50`` (2000 generator updates per trainer) is a first guess, not a measured
+plateau; read the plateau column of the report and raise it if it says "no".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import REGIMES, Regime, prepare, results_model_dir, train_with_budget  # noqa: E402
+from bench_robustness import evaluation_is_current, plateau_check, training_action  # noqa: E402
+
+from nnunet_missingmod import modalities as mods  # noqa: E402
+from nnunet_missingmod.config import OVERRIDE_ENV  # noqa: E402
+
+TEACHER, STUDENT = "UTADNetTeacherTrainer", "UTADNetStudentTrainer"
+SEGMENTATION, DROPOUT = "nnUNetTrainer", "ModalityDropoutTrainer"
+CONFIGURATION_2D = "2d_cpu"
+FEATURES_2D = (16, 32, 64, 128)
+#: A tiny regime that runs the whole pipeline in minutes (pipeline check only).
+SMOKE = Regime("smoke", 992, 4.0, (32, 32, 32), (8, 16, 32), 2, epochs=1, iterations=2, save_every=1,
+               note="pipeline check: figures mean nothing", num_cases=6, num_test=2)
+FULL = tuple(range(mods.NUM_MODALITIES))
+
+
+def one_missing() -> list[tuple[int, ...]]:
+    """The BraSyn setting: every combination lacking exactly one sequence, then all four real."""
+    return [c for c in mods.all_combinations() if len(c) == mods.NUM_MODALITIES - 1] + [FULL]
+
+
+def output_dir(work: Path, regime: Regime) -> Path:
+    return work / f"synthesis_{regime.name}"
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def prepare_2d(work: Path, regime: Regime, env: dict, batch_size: int, dry_run: bool) -> str:
+    """nnU-Net's 2d preprocessing and the ``2d_cpu`` configuration; returns what was done."""
+    from nnunet_missingmod.data.plans import add_cpu_configuration
+    from nnunet_missingmod.demo import _console_script, run_step
+
+    preprocessed = work / "nnUNet_preprocessed" / regime.dataset_name
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    done = (preprocessed / "nnUNetPlans_2d").is_dir()
+    if dry_run:
+        return "reuse 2d preprocessing" if done else "run nnUNetv2_preprocess -c 2d"
+    if not done:
+        run_step("nnU-Net 2d preprocessing", [_console_script("nnUNetv2_preprocess"), "-d", str(regime.dataset_id),
+                                              "-c", "2d", "-np", env["nnUNet_def_n_proc"]], env)
+    stride = 2 ** (len(FEATURES_2D) - 1)
+    patch = [max(stride, p - p % stride) for p in plans["configurations"]["2d"]["patch_size"]]
+    add_cpu_configuration(regime.dataset_id, name=CONFIGURATION_2D, parent="2d", patch_size=patch,
+                          features_per_stage=FEATURES_2D, batch_size=batch_size,
+                          preprocessed_folder=work / "nnUNet_preprocessed")
+    return f"2d_cpu: patch {patch}, features {list(FEATURES_2D)}, batch {batch_size}"
+
+
+def synthesis_model_dir(work: Path, regime: Regime, trainer: str) -> Path:
+    return results_model_dir(work / "nnUNet_results", trainer, dataclasses.replace(regime,
+                                                                                   configuration=CONFIGURATION_2D))
+
+
+def train_synthesis(work: Path, regime: Regime, env: dict, trainer: str, epochs: int, iterations: int, device: str,
+                    dry_run: bool, timings: dict) -> str:
+    """``nnUNetv2_train`` of a UTAD-Net trainer with the budget in an override file; resumable."""
+    from nnunet_missingmod.demo import _console_script, run_step
+
+    model = synthesis_model_dir(work, regime, trainer)
+    action = training_action(model / "fold_0")
+    validation = (model / "fold_0" / "synthesis_validation.json").is_file()
+    if dry_run:
+        return action if action != "reuse" or validation else "reuse (final validation missing: --val)"
+    budget = {"nnunet": {"num_epochs": epochs, "num_iterations_per_epoch": iterations,
+                         "num_val_iterations_per_epoch": max(1, iterations // 5),
+                         "save_every": max(1, min(5, epochs))}}
+    override = output_dir(work, regime) / f"budget_{trainer}.json"
+    override.parent.mkdir(parents=True, exist_ok=True)
+    override.write_text(json.dumps(budget))
+    command = [_console_script("nnUNetv2_train"), str(regime.dataset_id), CONFIGURATION_2D, "0", "-tr", trainer,
+               "-device", device]
+    if action == "reuse" and not validation:
+        command.append("--val")
+    elif action == "continue":
+        command.append("--c")
+    elif action == "reuse":
+        return "reuse"
+    seconds = run_step(f"{trainer}: {epochs} x {iterations}", command, {**env, OVERRIDE_ENV: str(override)})
+    timings[f"train_{trainer}_s"] = timings.get(f"train_{trainer}_s", 0.0) + seconds
+    return action
+
+
+def train_segmentation(work: Path, regime: Regime, trainer: str, device: str, dry_run: bool, timings: dict) -> str:
+    """A full-modality segmentation model at the regime's 3d budget (``bench_common.train_with_budget``)."""
+    action = training_action(results_model_dir(work / "nnUNet_results", trainer, regime) / "fold_0")
+    if dry_run or action == "reuse":
+        return action
+    start = time.perf_counter()
+    train_with_budget(trainer, regime.epochs, regime.iterations, device, regime=regime, seed=0,
+                      continue_training=action == "continue", save_every=regime.save_every)
+    timings[f"train_{trainer}_s"] = timings.get(f"train_{trainer}_s", 0.0) + time.perf_counter() - start
+    return action
+
+
+def test_cases(work: Path, regime: Regime, count: int) -> list[str]:
+    labels = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))
+    return [p.name[:-len(".nii.gz")] for p in labels][:count]
+
+
+def run_evaluate_synthesis(work: Path, regime: Regime, cases: int, device: str, dry_run: bool) -> str:
+    from nnunet_missingmod.evaluation.synthesis import evaluate_synthesis
+
+    out = output_dir(work, regime) / "evaluate_synthesis"
+    student = synthesis_model_dir(work, regime, STUDENT)
+    if evaluation_is_current_synthesis(out, student / "fold_0" / "checkpoint_final.pth", cases):
+        return "reuse"
+    if dry_run:
+        return "run"
+    raw = work / "nnUNet_raw" / regime.dataset_name
+    evaluate_synthesis(raw / "imagesTs", student, out, labels=raw / "labelsTs", num_cases=cases, device=device)
+    return "run"
+
+
+def evaluation_is_current_synthesis(out: Path, checkpoint: Path, cases: int) -> bool:
+    summary = out / "summary.json"
+    return (summary.is_file() and checkpoint.is_file() and summary.stat().st_mtime > checkpoint.stat().st_mtime
+            and json.loads(summary.read_text()).get("num_cases") == cases)
+
+
+def run_downstream(work: Path, regime: Regime, name: str, trainer: str, fill: str, combinations, cases: int,
+                   step_size: float, device: str, dry_run: bool) -> str:
+    from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
+
+    out = output_dir(work, regime) / f"downstream_{name}"
+    model = results_model_dir(work / "nnUNet_results", trainer, regime)
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    names = [mods.combination_name(c) for c in combinations]
+    student_checkpoint = synthesis_model_dir(work, regime, STUDENT) / "fold_0" / "checkpoint_final.pth"
+    current = evaluation_is_current(out, checkpoint, cases, names)
+    if current and fill == "synthesize":
+        current = evaluation_is_current(out, student_checkpoint, cases, names)
+    if current:
+        return "reuse"
+    if dry_run:
+        return "run"
+    extra = {"fill": fill, "synthesis_model": synthesis_model_dir(work, regime, STUDENT)} \
+        if fill == "synthesize" else {}
+    evaluate_missing(model, 0, split="test", combinations=combinations, output=out,
+                     case_filter=set(test_cases(work, regime, cases)), tile_step_size=step_size, use_mirroring=False,
+                     device=device, **extra)
+    return "run"
+
+
+def run_speed(work: Path, regime: Regime, cases: int, device: str, dry_run: bool) -> str:
+    """``synthesize`` on held-out cases with one sequence missing, and with only FLAIR: slices/s and s/case."""
+    from nnunet_missingmod.inference.synthesize import load_synthesis_model, synthesize
+
+    out = output_dir(work, regime) / "speed"
+    result_file = out / "speed.json"
+    student = synthesis_model_dir(work, regime, STUDENT) / "fold_0" / "checkpoint_final.pth"
+    if result_file.is_file() and student.is_file() and result_file.stat().st_mtime > student.stat().st_mtime \
+            and json.loads(result_file.read_text()).get("cases") == cases:
+        return "reuse"
+    if dry_run:
+        return "run"
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own folder
+    raw = work / "nnUNet_raw" / regime.dataset_name / "imagesTs"
+    names = test_cases(work, regime, cases)
+    scenarios = {"one_missing": {case: [c for c in range(mods.NUM_MODALITIES) if c != k % mods.NUM_MODALITIES]
+                                 for k, case in enumerate(names)},
+                 "flair_only": {case: [mods.modality_index("flair")] for case in names}}
+    start = time.perf_counter()
+    model = load_synthesis_model(student.parent.parent, device=device)
+    results = {"cases": cases, "device": device, "load_s": time.perf_counter() - start}
+    for scenario, kept in scenarios.items():
+        folder = out / f"input_{scenario}"
+        folder.mkdir(parents=True)
+        for case, channels in kept.items():
+            for channel in channels:
+                shutil.copyfile(raw / f"{case}_{channel:04d}.nii.gz", folder / f"{case}_{channel:04d}.nii.gz")
+        start = time.perf_counter()
+        stats = synthesize(folder, out / f"output_{scenario}", model, device=device)
+        wall = time.perf_counter() - start
+        results[scenario] = {"channels": stats["synthesized_channels"], "slices": stats["slices"],
+                             "translation_s": stats["seconds"], "wall_s": wall,
+                             "slices_per_s": stats["slices"] / stats["seconds"] if stats["seconds"] else None,
+                             "s_per_case": wall / len(kept)}
+    result_file.write_text(json.dumps(results, indent=2))
+    return "run"
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def learning_log(model: Path) -> dict | None:
+    """nnU-Net's per-epoch log of a trainer (final checkpoint, else the latest)."""
+    import torch
+
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        if (model / "fold_0" / name).is_file():
+            return torch.load(model / "fold_0" / name, map_location="cpu", weights_only=False)["logging"]
+    return None
+
+
+def plot_learning_curves(logs: dict[str, dict], png: Path) -> None:
+    """Validation SSIM (nnU-Net's pseudo-Dice slot) and every logged loss term per epoch, one column per trainer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("default"):  # nnU-Net's progress plots leave seaborn's large fonts behind
+        _learning_curves(plt, logs, png)
+
+
+def _learning_curves(plt, logs: dict[str, dict], png: Path) -> None:
+    fig, axes = plt.subplots(2, len(logs), figsize=(5 * len(logs), 6.5), squeeze=False)
+    for column, (trainer, log) in enumerate(logs.items()):
+        axes[0][column].plot(log["mean_fg_dice"], marker=".", label="validation SSIM")
+        axes[0][column].plot(log["ema_fg_dice"], marker=".", label="EMA")
+        axes[0][column].set_title(f"{trainer}: validation SSIM", fontsize=9)
+        axes[0][column].legend(fontsize=7)
+        for key in sorted(k for k in log if k.startswith("loss_")):
+            values = [float(v) for v in log[key]]
+            if values:
+                axes[1][column].plot(values, marker=".", label=key[5:])
+        axes[1][column].set_title("loss terms", fontsize=9)
+        axes[1][column].set_xlabel("epoch")
+        axes[1][column].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_downstream(summaries: dict[str, dict], png: Path) -> None:
+    """Dice per combination and region for each fill (bars side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.style.context("default"):
+        _downstream(plt, summaries, png)
+
+
+def _downstream(plt, summaries: dict[str, dict], png: Path) -> None:
+    names = list(next(iter(summaries.values()))["per_combination"])
+    regions = list(mods.REGIONS)
+    fig, axes = plt.subplots(1, len(regions), figsize=(4.5 * len(regions), 3.8), squeeze=False)
+    width = 0.8 / len(summaries)
+    for ax, region in zip(axes[0], regions, strict=True):
+        for k, (label, summary) in enumerate(summaries.items()):
+            values = [summary["per_combination"].get(n, {}).get(f"{region}_Dice", np.nan) for n in names]
+            ax.bar(np.arange(len(names)) + (k - (len(summaries) - 1) / 2) * width, values, width, label=label)
+        ax.set_xticks(range(len(names)), [n.replace("+", "\n+") for n in names], fontsize=6)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{region} Dice", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def ratio_table(zero: dict, synthesized: dict) -> tuple[list[str], list[dict]]:
+    """Dice of each combination with zero-fill and with synthesis, and the ratio of synthesis to all four real."""
+    full = mods.combination_name(FULL)
+    reference = synthesized["per_combination"].get(full) or zero["per_combination"].get(full)
+    lines, records = [], []
+    for name in synthesized["per_combination"]:
+        if name == full:
+            continue
+        record = {"combination": name}
+        cells = []
+        for region in mods.REGIONS:
+            z = zero["per_combination"].get(name, {}).get(f"{region}_Dice")
+            s = synthesized["per_combination"][name][f"{region}_Dice"]
+            r = reference[f"{region}_Dice"] if reference else None
+            ratio = s / r if r else None
+            record[region] = {"zero": z, "synthesized": s, "all_real": r, "ratio": ratio}
+            cells.append(f"{100 * z:.1f} / {100 * s:.1f} / {'–' if ratio is None else f'{ratio:.3f}'}"
+                         if z is not None else f"– / {100 * s:.1f} / –")
+        records.append(record)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines, records
+
+
+def validation_matrices(work: Path, regime: Regime) -> dict[str, np.ndarray | None]:
+    result = {}
+    for trainer in (TEACHER, STUDENT):
+        file = synthesis_model_dir(work, regime, trainer) / "fold_0" / "synthesis_validation.json"
+        result[trainer] = (np.array([[np.nan if v is None else v for v in row]
+                                     for row in json.loads(file.read_text())["ssim"]], dtype=float)
+                           if file.is_file() else None)
+    return result
+
+
+def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict) -> Path:
+    out = output_dir(work, regime)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    report: dict = {"regime": regime.name, "budget": {"epochs": args.epochs, "iterations": args.iterations},
+                    "steps": steps, "timings": timings}
+    lines = [f"# UTAD-Net synthesis benchmark ({regime.name} regime, {regime.spacing} mm phantoms)", "",
+             f"Teacher and student: {args.epochs} epochs x {args.iterations} iterations each on `{CONFIGURATION_2D}`; "
+             f"segmentation: {SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`.", ""]
+    logs = {t: learning_log(synthesis_model_dir(work, regime, t)) for t in (TEACHER, STUDENT)}
+    logs = {t: log for t, log in logs.items() if log}
+    if logs:
+        plot_learning_curves(logs, figures / "learning_curves.png")
+        lines += ["## Training", "", "| trainer | epochs | final validation SSIM (EMA) | plateaued (last quarter "
+                  "gains < 0.01) |", "|---|---|---|---|"]
+        for trainer, log in logs.items():
+            check = plateau_check([float(v) for v in log["ema_fg_dice"]])
+            report.setdefault("training", {})[trainer] = check
+            plateau = {True: "yes", False: "no", None: "too few epochs"}[check["plateaued"]]
+            lines.append(f"| {trainer} | {check['epochs']} | {float(log['ema_fg_dice'][-1]):.4f} | {plateau} |")
+        lines += ["", "![learning curves](figures/learning_curves.png)", ""]
+    matrices = validation_matrices(work, regime)
+    if all(m is not None for m in matrices.values()):
+        difference = matrices[STUDENT] - matrices[TEACHER]
+        report["validation_ssim"] = {t: m.tolist() for t, m in matrices.items()}
+        lines += ["## Teacher vs student (trainers' final validation SSIM, z-score space)", "",
+                  "| source → target | teacher | student | student − teacher |", "|---|---|---|---|"]
+        for s in range(mods.NUM_MODALITIES):
+            for t in range(mods.NUM_MODALITIES):
+                if s != t and np.isfinite(difference[s, t]):
+                    lines.append(f"| {mods.MODALITIES[s]} → {mods.MODALITIES[t]} | {matrices[TEACHER][s, t]:.4f} | "
+                                 f"{matrices[STUDENT][s, t]:.4f} | {difference[s, t]:+.4f} |")
+        worst = float(np.nanmin(difference))
+        lines += ["", f"Goal (student within 0.01 SSIM of its teacher on every pair): "
+                      f"{'met' if worst >= -0.01 else 'not met'} (largest shortfall {-min(worst, 0):.4f}).", ""]
+    evaluation = out / "evaluate_synthesis"
+    if (evaluation / "summary.json").is_file():
+        summary = json.loads((evaluation / "summary.json").read_text())
+        report["evaluate_synthesis"] = summary
+        failing = [pair for pair, methods in summary["per_pair"].items() if not pair.startswith("all->")
+                   and methods["synthesis"]["ssim_brain"] is not None
+                   and any(methods[b]["ssim_brain"] is not None and methods[b]["ssim_brain"] >=
+                           methods["synthesis"]["ssim_brain"] for b in ("histogram_matching", "zero_fill"))]
+        if (evaluation / "examples.png").is_file():
+            shutil.copyfile(evaluation / "examples.png", figures / "synthesis_examples.png")
+        lines += ["## Image quality (`evaluate-synthesis`, held-out phantoms)", "",
+                  (evaluation / "table.md").read_text().split("\n\n", 2)[-1], "",
+                  f"Goal (better SSIM over the brain than both baselines on every pair): "
+                  f"{'met' if not failing else 'not met on ' + ', '.join(failing)}.", "",
+                  "![examples](figures/synthesis_examples.png)", ""]
+    downstream = {name: out / f"downstream_{name}" / "summary.json" for name in ("zero", "synthesized", "dropout")}
+    summaries = {name: json.loads(file.read_text()) for name, file in downstream.items() if file.is_file()}
+    if "zero" in summaries and "synthesized" in summaries:
+        table, records = ratio_table(summaries["zero"], summaries["synthesized"])
+        report["downstream"] = records
+        plot_downstream({{"zero": "zero-fill", "synthesized": "synthesised", "dropout": DROPOUT}[k]: v
+                         for k, v in summaries.items()}, figures / "downstream.png")
+        below = [f"{r['combination']} {region}" for r in records for region in mods.REGIONS
+                 if r[region]["ratio"] is not None and r[region]["ratio"] < 0.95]
+        lines += ["## Downstream segmentation (plain nnUNetTrainer trained on all four sequences)", "",
+                  "Dice (%) zero-fill / synthesised / ratio synthesised ÷ all four real", "",
+                  "| combination | " + " | ".join(mods.REGIONS) + " |", "|---|" + "---|" * len(mods.REGIONS),
+                  *table, "", f"Goal (synthesised ≥ 0.95 × all real on WT, TC and ET, one sequence missing): "
+                              f"{'met' if not below else 'not met for ' + ', '.join(below)}.", "",
+                  "![downstream](figures/downstream.png)", ""]
+        if "dropout" in summaries:
+            average = summaries["dropout"]["average"]
+            lines += [f"{DROPOUT} (zero-fill) average over these combinations: " + ", ".join(
+                f"{r} {100 * average[f'{r}_Dice']:.1f}" for r in mods.REGIONS), ""]
+    speed_file = out / "speed" / "speed.json"
+    if speed_file.is_file():
+        speed = json.loads(speed_file.read_text())
+        report["speed"] = speed
+        lines += ["## Speed of `synthesize`", "", f"{speed['cases']} case(s), device {speed['device']}, model "
+                  f"loading {speed['load_s']:.1f} s (once).", "",
+                  "| scenario | channels written | slice translations | slices/s | s/case |", "|---|---|---|---|---|"]
+        for scenario in ("one_missing", "flair_only"):
+            values = speed[scenario]
+            lines.append(f"| {scenario.replace('_', ' ')} | {values['channels']} | {values['slices']} | "
+                         f"{values['slices_per_s']:.1f} | {values['s_per_case']:.2f} |")
+        lines += ["", "A slice translation is one forward pass of one slice from one acquired sequence to one missing "
+                  "one; slices/s counts them over the translation loop, s/case is the wall time per case (reading, "
+                  "preprocessing, translating, resampling back and writing).", ""]
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default="bench_work")
+    parser.add_argument("--regime", choices=(*REGIMES, "smoke"), default="short")
+    parser.add_argument("--epochs", type=int, default=None, help="teacher and student epochs (default 40; smoke 1)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="generator updates per epoch (default 50; smoke 2)")
+    parser.add_argument("--batch-size", type=int, default=4, help="2d_cpu batch size (at least 2)")
+    parser.add_argument("--eval-cases", type=int, default=None, help="held-out phantoms scored (default 10; smoke 2)")
+    parser.add_argument("--combinations", choices=("one-missing", "all"), default="one-missing")
+    parser.add_argument("--speed-cases", type=int, default=None, help="cases timed (default 5; smoke 2)")
+    parser.add_argument("--dropout", action="store_true", help="also ModalityDropoutTrainer (zero-fill)")
+    parser.add_argument("--step-size", type=float, default=1.0, help="sliding-window step of evaluate-missing")
+    parser.add_argument("-device", default="cpu")
+    parser.add_argument("--dry-run", action="store_true", help="print what each step would do, run nothing")
+    args = parser.parse_args(argv)
+    regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]
+    smoke = regime is SMOKE
+    args.epochs = args.epochs or (1 if smoke else 40)
+    args.iterations = args.iterations or (2 if smoke else 50)
+    cases = args.eval_cases or (2 if smoke else 10)
+    speed_cases = args.speed_cases or (2 if smoke else 5)
+    if args.batch_size < 2:
+        parser.error("--batch-size must be at least 2 (UTAD-Net pairs every sample with another of the batch)")
+    work = Path(args.work_dir).resolve()
+    if args.dry_run and not (work / "nnUNet_preprocessed" / regime.dataset_name / "nnUNetPlans.json").is_file():
+        print(f"would generate the {regime.name} phantoms, plan and preprocess in {work}, then run every step")
+        return
+    env = prepare(work, regime=regime)
+    timings_file = output_dir(work, regime) / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    combinations = one_missing() if args.combinations == "one-missing" else mods.all_combinations()
+    steps = {"2d configuration": prepare_2d(work, regime, env, args.batch_size, args.dry_run)}
+    for trainer in (TEACHER, STUDENT):
+        steps[trainer] = train_synthesis(work, regime, env, trainer, args.epochs, args.iterations, args.device,
+                                         args.dry_run, timings)
+    steps[SEGMENTATION] = train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings)
+    if args.dropout:
+        steps[DROPOUT] = train_segmentation(work, regime, DROPOUT, args.device, args.dry_run, timings)
+    steps["evaluate-synthesis"] = run_evaluate_synthesis(work, regime, cases, args.device, args.dry_run)
+    steps["downstream zero-fill"] = run_downstream(work, regime, "zero", SEGMENTATION, "zero", combinations, cases,
+                                                   args.step_size, args.device, args.dry_run)
+    steps["downstream synthesised"] = run_downstream(work, regime, "synthesized", SEGMENTATION, "synthesize",
+                                                     combinations, cases, args.step_size, args.device, args.dry_run)
+    if args.dropout:
+        steps["downstream dropout"] = run_downstream(work, regime, "dropout", DROPOUT, "zero", combinations, cases,
+                                                     args.step_size, args.device, args.dry_run)
+    steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run)
+    for step, action in steps.items():
+        print(f"{step}: {action}")
+    if args.dry_run:
+        return
+    timings_file.write_text(json.dumps(timings, indent=2))
+    print(f"report: {write_report(work, regime, args, steps, timings)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""evaluate-synthesis: metrics against hand computations, both baselines, the outputs, and bad input.
+
+The synthesis model is the stand-in of ``tests/inference/test_synthesize.py`` (``translate`` = a fixed affine map
+per target), so for a target whose map is increasing the synthesised image is an affine copy of its source, and
+every metric of that row can be computed independently from the two real images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from skimage.metrics import structural_similarity
+
+from nnunet_missingmod import cli
+from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.evaluation import synthesis as evaluation
+from nnunet_missingmod.evaluation.synthesis import (
+    bounding_box,
+    brasyn_percentile_clip,
+    evaluate_synthesis,
+    histogram_matched,
+    image_metrics,
+    scale_to_unit,
+)
+from nnunet_missingmod.inference import synthesize as synthesis
+from tests.inference.test_synthesize import (
+    SCALE,
+    SHIFT,
+    StandInSynthesisTrainer,
+    brain_mask,
+    make_model,
+    write_case,
+    write_labels,
+)
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """Linear-interpolation percentile written out (numpy's default method)."""
+    ordered = np.sort(values.ravel())
+    position = q / 100 * (len(ordered) - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, len(ordered) - 1)
+    return float(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
+
+
+def _unit(image, region):
+    low, high = _percentile(image[region], 0.5), _percentile(image[region], 99.5)
+    out = np.zeros(image.shape)
+    for index in zip(*np.nonzero(region), strict=True):
+        out[index] = (min(max(image[index], low), high) - low) / (high - low)
+    return out
+
+
+def _ssim_full(a, b):
+    return structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, full=True)[1]
+
+
+def _region_mean(values, region):
+    total, count = 0.0, 0
+    for index in zip(*np.nonzero(region), strict=True):
+        total += values[index]
+        count += 1
+    return total / count
+
+
+def _images(seed=0, pad=0):
+    """A noisy brain box and a related synthetic image (``pad`` voxels of background added on every side)."""
+    rng = np.random.default_rng(seed)
+    shape = (14 + 2 * pad, 16 + 2 * pad, 15 + 2 * pad)
+    brain = np.zeros(shape, dtype=bool)
+    brain[2 + pad:12 + pad, 3 + pad:14 + pad, 2 + pad:13 + pad] = True
+    real = np.where(brain, rng.normal(100, 20, shape), 0.0)
+    synthetic = np.where(brain, real * 0.8 + rng.normal(0, 10, shape) + 30, 0.0)
+    tumour = np.zeros(shape, dtype=bool)
+    tumour[6 + pad:9 + pad, 7 + pad:10 + pad, 5 + pad:7 + pad] = True
+    return real, synthetic, brain, tumour
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_scale_to_unit_against_a_written_out_percentile():
+    real, _, brain, _ = _images()
+    np.testing.assert_allclose(scale_to_unit(real, brain), _unit(real, brain), atol=1e-12)
+    assert not scale_to_unit(np.zeros_like(real), brain).any()  # a constant image gives zeros
+
+
+def test_brain_psnr_by_formula_and_ssim_over_the_brain():
+    real, synthetic, brain, tumour = _images()
+    metrics = image_metrics(real, synthetic, brain, tumour)
+    a, b = _unit(real, brain), _unit(synthetic, brain)
+    squared = [(a[i] - b[i]) ** 2 for i in zip(*np.nonzero(brain), strict=True)]
+    assert metrics["psnr_brain"] == pytest.approx(10 * math.log10(1.0 / (sum(squared) / len(squared))), rel=1e-4)
+    assert metrics["ssim_brain"] == pytest.approx(_region_mean(_ssim_full(a, b), brain), rel=1e-4)
+    same = image_metrics(real, real, brain, tumour)
+    assert same["ssim_brain"] == pytest.approx(1.0) and same["psnr_brain"] == math.inf
+    assert same["brasyn_ssim_tumour"] == pytest.approx(1.0) and same["ssim_wt_bbox"] == pytest.approx(1.0)
+
+
+def test_bounding_box_by_hand():
+    mask = np.zeros((30, 30, 12), dtype=bool)
+    mask[10:13, 4:20, 0:2] = True  # 3 x 16 x 2 voxels
+    # axis 0: widened to 11 around 10..12 -> 6..16; axis 1 kept; axis 2: from 0, cannot go below -> 0..10
+    assert bounding_box(mask) == (slice(6, 17), slice(4, 20), slice(0, 11))
+    mask[:] = False
+    mask[28:30, 5, 11] = True  # at the far edges
+    assert bounding_box(mask) == (slice(19, 30), slice(0, 11), slice(1, 12))
+    assert bounding_box(np.zeros((12, 12, 12), dtype=bool)) is None
+
+
+def test_local_metrics_in_the_whole_tumour_box():
+    real, synthetic, brain, tumour = _images()
+    metrics = image_metrics(real, synthetic, brain, tumour)
+    a, b = _unit(real, brain), _unit(synthetic, brain)
+    box = (slice(2, 13), slice(3, 14), slice(1, 12))  # 6..8 -> 2..12, 7..9 -> 3..13, 5..6 -> 1..11 (11 voxels)
+    assert bounding_box(tumour) == box
+    mse = np.mean((a[box] - b[box]) ** 2)
+    assert metrics["psnr_wt_bbox"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-4)
+    assert metrics["ssim_wt_bbox"] == pytest.approx(_ssim_full(a[box], b[box]).mean(), rel=1e-4)
+    no_tumour = image_metrics(real, synthetic, brain, np.zeros_like(tumour))
+    assert math.isnan(no_tumour["ssim_wt_bbox"]) and math.isnan(no_tumour["brasyn_ssim_tumour"])
+
+
+def test_brasyn_protocol_by_hand():
+    real, synthetic, brain, tumour = _images()
+    real = real - 5.0  # negative background: the lower bound is raised to 0
+    low, high = max(_percentile(real, 0.5), 0.0), _percentile(real, 99.5)
+    assert low == 0.0
+    expected_real = np.clip(real, low, high) / high
+    np.testing.assert_allclose(brasyn_percentile_clip(real), expected_real)
+    metrics = image_metrics(real, synthetic, brain, tumour)
+    r, s = expected_real, brasyn_percentile_clip(synthetic)
+    inside = tumour.astype(float)
+    assert metrics["brasyn_ssim_tumour"] == pytest.approx(_region_mean(_ssim_full(r * inside, s * inside), tumour),
+                                                          rel=1e-4)
+    outside = 1 - inside
+    assert metrics["brasyn_ssim_non_tumour"] == pytest.approx(
+        _region_mean(_ssim_full(r * outside, s * outside), ~tumour), rel=1e-4)
+
+
+def _reference_metrics(real, synthetic, brain, tumour):
+    """Every metric on the whole volumes, straight from the definitions (no cropping)."""
+    a, b = _unit(real, brain), _unit(synthetic, brain)
+    box = bounding_box(tumour)
+    r = np.clip(real, max(_percentile(real, 0.5), 0), _percentile(real, 99.5))
+    r = (r - max(_percentile(real, 0.5), 0)) / (_percentile(real, 99.5) - max(_percentile(real, 0.5), 0))
+    s = np.clip(synthetic, max(_percentile(synthetic, 0.5), 0), _percentile(synthetic, 99.5))
+    s = (s - max(_percentile(synthetic, 0.5), 0)) / (_percentile(synthetic, 99.5) - max(_percentile(synthetic, 0.5), 0))
+    inside = tumour.astype(float)
+    return {"ssim_brain": _region_mean(_ssim_full(a, b), brain),
+            "psnr_brain": 10 * math.log10(1 / np.mean((a[brain] - b[brain]) ** 2)),
+            "ssim_wt_bbox": _ssim_full(a[box], b[box]).mean(),
+            "psnr_wt_bbox": 10 * math.log10(1 / np.mean((a[box] - b[box]) ** 2)),
+            "brasyn_ssim_tumour": _region_mean(_ssim_full(r * inside, s * inside), tumour),
+            "brasyn_ssim_non_tumour": _region_mean(_ssim_full(r * (1 - inside), s * (1 - inside)), ~tumour)}
+
+
+def test_metrics_on_the_cropped_brain_equal_the_whole_volume():
+    """image_metrics works on the brain's box grown by the window radius; a wide empty margin changes nothing."""
+    real, synthetic, brain, tumour = _images(seed=1, pad=9)
+    metrics = image_metrics(real, synthetic, brain, tumour)
+    for name, value in _reference_metrics(real, synthetic, brain, tumour).items():
+        assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+def test_histogram_matching_takes_the_reference_histogram_and_keeps_the_order():
+    real, synthetic, brain, _ = _images()
+    reference = np.random.default_rng(3).gamma(2.0, 50.0, 5000)
+    matched = histogram_matched(synthetic, brain, reference)
+    assert not matched[~brain].any()
+    values, source = matched[brain], synthetic[brain]
+    order = np.argsort(source, kind="stable")
+    assert np.all(np.diff(values[order]) >= -1e-9)  # monotone in the source intensity
+    for q in (10, 50, 90):  # the matched values follow the reference's quantiles
+        assert _percentile(values, q) == pytest.approx(_percentile(reference, q), rel=0.05)
+
+
+def test_small_images_are_refused():
+    with pytest.raises(ValueError, match="smaller than the SSIM window"):
+        evaluation.ssim_map(np.zeros((5, 20, 20)), np.zeros((5, 20, 20)))
+
+
+# ---------------------------------------------------------------------------------------------- the evaluation
+
+
+@pytest.fixture
+def evaluation_setup(tmp_path):
+    images, labels = tmp_path / "raw" / "imagesTs", tmp_path / "raw" / "labelsTs"
+    arrays = {}
+    for index, case in enumerate(("E1", "E2", "E3")):
+        channels = (0, 1, 2, 3) if case != "E3" else (0, 1, 3)
+        arrays[case] = write_case(images, case, channels, seed=30 + index)
+        write_labels(labels / f"{case}.nii.gz")
+    model = synthesis.load_synthesis_model(make_model(tmp_path / "results"), trainer_class=StandInSynthesisTrainer)
+    return images, labels, arrays, model
+
+
+def _rows(out):
+    with open(out / "per_case.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluation_rows_metrics_and_baselines(evaluation_setup, tmp_path):
+    images, labels, arrays, model = evaluation_setup
+    out = evaluate_synthesis(images, model, tmp_path / "eval", progress=False)
+    rows = _rows(out)
+    brain = brain_mask()
+    tumour = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(str(labels / "E1.nii.gz"))), mods.REGIONS["WT"])
+    # per case: each acquired target from each other one (M (M - 1) pairs) and from all others (M rows)
+    for case, count in (("E1", 4), ("E2", 4), ("E3", 3)):
+        selected = [r for r in rows if r["case"] == case]
+        assert len([r for r in selected if r["method"] == "synthesis"]) == count * (count - 1) + count
+        assert len([r for r in selected if r["method"] == "histogram_matching"]) == count * (count - 1) + count
+        assert len([r for r in selected if r["method"] == "zero_fill"]) == count * (count - 1) + count
+    # t1 is the stand-in's identity target (scale 1, shift 0): t1ce -> t1 is an affine copy of t1ce
+    assert SCALE[0] == 1.0 and SHIFT[0] == 0.0
+    row = next(r for r in rows if r["case"] == "E1" and r["method"] == "synthesis" and r["source"] == "t1ce"
+               and r["target"] == "t1")
+    expected = image_metrics(arrays["E1"][0].astype(float), arrays["E1"][1].astype(float), brain, tumour)
+    for metric in ("ssim_brain", "psnr_brain", "ssim_wt_bbox", "psnr_wt_bbox"):
+        assert float(row[metric]) == pytest.approx(expected[metric], rel=1e-4), metric
+    # zero fill, by hand: every brain voxel of the scaled real image against 0
+    zero = next(r for r in rows if r["case"] == "E1" and r["method"] == "zero_fill" and r["target"] == "t2")
+    a = _unit(arrays["E1"][2].astype(float), brain)
+    assert float(zero["psnr_brain"]) == pytest.approx(10 * math.log10(1 / np.mean(a[brain] ** 2)), rel=1e-4)
+    # the matching baseline of the all -> target rows is the source with the best mean brain SSIM
+    for target in mods.MODALITIES:
+        single = [r for r in rows if r["method"] == "histogram_matching" and r["target"] == target
+                  and r["source"] != "all"]
+        means = {s: np.mean([float(r["ssim_brain"]) for r in single if r["source"] == s])
+                 for s in {r["source"] for r in single}}
+        best = max(means, key=means.get)
+        for row in (r for r in rows if r["method"] == "histogram_matching" and r["target"] == target
+                    and r["source"] == "all"):
+            source = best if best in [r["source"] for r in single if r["case"] == row["case"]] else None
+            if source:
+                assert row["matched_from"] == source
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == 3 and summary["histogram_reference"] == "leave-one-out pool"
+    pair = summary["per_pair"]["t1ce->t1"]["synthesis"]
+    values = [float(r["ssim_brain"]) for r in rows if r["method"] == "synthesis" and r["source"] == "t1ce"
+              and r["target"] == "t1"]
+    assert pair["ssim_brain"] == pytest.approx(np.mean(values)) and pair["num_cases"] == 3
+    single_pairs = [n for n in summary["per_pair"] if not n.startswith("all->")]
+    assert len(single_pairs) == 12
+    assert summary["average_over_pairs"]["zero_fill"]["psnr_brain"] == pytest.approx(
+        np.mean([summary["per_pair"][n]["zero_fill"]["psnr_brain"] for n in single_pairs]))
+    table = (out / "table.md").read_text()
+    assert "### BraSyn protocol" in table and "| **average over pairs** |" in table and "| t1ce → t1 |" in table
+    assert (out / "examples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_hidden_target_never_reaches_the_synthesis(evaluation_setup, tmp_path, monkeypatch):
+    images, _, _, model = evaluation_setup
+    seen = []
+    original = model.prepare
+
+    def prepare(image, properties, present):
+        seen.append(tuple(present))
+        return original(image, properties, present)
+
+    monkeypatch.setattr(model, "prepare", prepare)
+    evaluate_synthesis(images, model, tmp_path / "eval", num_cases=1, combined=False, examples=0, progress=False)
+    assert seen == [(1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2)]  # E1: each target hidden in turn
+    assert not (tmp_path / "eval" / "examples.png").exists()
+
+
+def test_single_case_uses_its_own_histogram(evaluation_setup, tmp_path):
+    images, _, _, model = evaluation_setup
+    out = evaluate_synthesis(images, model, tmp_path / "eval", num_cases=1, examples=1, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["histogram_reference"] == "oracle" and summary["skipped_cases"] == []
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _run(capsys, *argv):
+    try:
+        code = cli.main(["evaluate-synthesis", *argv, "-device", "cpu"])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr()
+
+
+def _one_line_error(err, text):
+    assert err.startswith("nnunet_missingmod evaluate-synthesis: error: ") and err.count("\n") == 1, err
+    assert text in err and "Traceback" not in err, err
+
+
+def test_cli_runs_and_reports(evaluation_setup, tmp_path, capsys, monkeypatch):
+    images, _, _, model = evaluation_setup
+    monkeypatch.setattr(synthesis, "find_trainer_class", lambda name: StandInSynthesisTrainer)
+    code, captured = _run(capsys, "-i", str(images), "-o", str(tmp_path / "eval"), "-m", str(model.folder),
+                          "--num-cases", "1", "--no-combined", "--examples", "0")
+    assert code == 0, captured.err
+    assert "### Over the brain" in captured.out
+    assert {r["source"] for r in _rows(tmp_path / "eval")} == {"t1", "t1ce", "t2", "flair"}  # no "all" rows
+
+
+def test_cli_errors_leave_nothing_behind(evaluation_setup, tmp_path, capsys):
+    images, labels, _, model = evaluation_setup
+    out = tmp_path / "eval"
+    (labels / "E2.nii.gz").unlink()
+    code, captured = _run(capsys, "-i", str(images), "-o", str(out), "-m", str(model.folder))
+    assert code == 2
+    _one_line_error(captured.err, f"case E2: no label file {labels / 'E2.nii.gz'}")
+    code, captured = _run(capsys, "-i", str(images), "-l", str(tmp_path / "nowhere"), "-o", str(out), "-m",
+                          str(model.folder))
+    _one_line_error(captured.err, f"label folder {tmp_path / 'nowhere'} not found")
+    code, captured = _run(capsys, "-i", str(images), "-o", str(out), "-m", str(model.folder), "--available", "t1")
+    _one_line_error(captured.err, "has two acquired sequences")
+    code, captured = _run(capsys, "-i", str(images), "-o", str(images / "eval"), "-m", str(model.folder))
+    _one_line_error(captured.err, "lies inside the input folder")
+    code, captured = _run(capsys, "-i", str(images), "-o", str(out), "-m", str(model.folder), "-chk", "x.pth")
+    _one_line_error(captured.err, f"checkpoint not found: {model.folder / 'fold_*' / 'x.pth'}")
+    assert not out.exists() and not (images / "eval").exists()
+
+
+def test_label_of_another_geometry_and_a_failure_midway(evaluation_setup, tmp_path, capsys):
+    import torch
+
+    from tests.inference.test_synthesize import write_image
+
+    images, labels, _, model = evaluation_setup
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(labels / "E1.nii.gz")))
+    write_image(labels / "E1.nii.gz", label, spacing=(1.0, 1.0, 3.0))
+    code, captured = _run(capsys, "-i", str(images), "-o", str(tmp_path / "eval"), "-m", str(model.folder))
+    assert code == 2
+    _one_line_error(captured.err, f"case E1: {labels / 'E1.nii.gz'} and E1_0000.nii.gz differ in spacing")
+    write_labels(labels / "E1.nii.gz")
+    with torch.no_grad():
+        model.networks[0].scale[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN/Inf voxels translating t1 to flair"):
+        evaluate_synthesis(images, model, tmp_path / "eval", progress=False)
+    assert not (tmp_path / "eval").exists()  # the folder this call created is removed again
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark's tables
+
+
+def test_benchmark_downstream_ratios_by_hand():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+
+    assert bench_synthesis.one_missing() == [(0, 1, 2), (0, 1, 3), (0, 2, 3), (1, 2, 3), (0, 1, 2, 3)]
+    full = {"WT_Dice": 0.8, "TC_Dice": 0.5, "ET_Dice": 0.4}
+    zero = {"per_combination": {"t1+t1ce+t2": {"WT_Dice": 0.2, "TC_Dice": 0.3, "ET_Dice": 0.1},
+                                "t1+t1ce+t2+flair": full}}
+    synthesized = {"per_combination": {"t1+t1ce+t2": {"WT_Dice": 0.76, "TC_Dice": 0.5, "ET_Dice": 0.2},
+                                       "t1+t1ce+t2+flair": full}}
+    lines, records = bench_synthesis.ratio_table(zero, synthesized)
+    assert len(records) == 1 and records[0]["combination"] == "t1+t1ce+t2"
+    assert records[0]["WT"]["ratio"] == pytest.approx(0.76 / 0.8) and records[0]["ET"]["ratio"] == pytest.approx(0.5)
+    assert lines == ["| t1+t1ce+t2 | 20.0 / 76.0 / 0.950 | 30.0 / 50.0 / 1.000 | 10.0 / 20.0 / 0.500 |"]
