@@ -56,6 +56,12 @@ fresh batch) per generator update. nnU-Net's deep supervision is off.
 
 Deviations from the paper, and why:
 
+* The local critic and the local adversarial and classification terms only use slices whose tumour mask is not
+  empty: nnU-Net's 2D loader draws many tumour-free slices, whose tumour image is blank; a critic asked to tell the
+  modality of a blank image learns nothing, and the generator would be pushed to put contrast where eq. 8 wants 0.
+  The paper's slices all contain tumour (its local metrics are computed in the tumour box of every image).
+  Tumour-free slices still train the global terms, L_rec, L_local and the student's L_dis (the generator must also
+  translate slices without a tumour).
 * The critics' real images are real slices of the target modality t from another sample (rolled batch), with
   eq. 3/4's classification on them (label t); the paper (like StarGAN) shows the critic the source images
   I_source (label s) and draws targets as a permutation of the batch's source labels. Both are unpaired; taking the
@@ -241,6 +247,8 @@ class UnpairedBatch:
     target_modality: torch.Tensor  # (V,) t
     real: torch.Tensor  # (V, 1, X, Y) real slice of modality t from the partner sample
     real_tumour: torch.Tensor  # (V, 1, X, Y) real x the partner's mask
+    source_has_tumour: torch.Tensor  # (V,) bool: the source slice's mask is not empty
+    real_has_tumour: torch.Tensor  # (V,) bool: the partner's mask is not empty
 
 
 class UTADNetTeacherTrainer(AdversarialTrainer):
@@ -356,9 +364,11 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         rows, partner = (torch.as_tensor(a, device=data.device) for a in (draw.rows, draw.partner))
         source_modality, target_modality = (torch.as_tensor(a, device=data.device) for a in (draw.source, draw.target))
         real = data[partner, target_modality][:, None]  # (V, 1, X, Y)
+        has_tumour = mask.flatten(1).any(1)  # (B,)
         return UnpairedBatch(source=data[rows, source_modality][:, None], source_mask=mask[rows],
                              source_modality=source_modality, target_modality=target_modality, real=real,
-                             real_tumour=real * mask[partner])
+                             real_tumour=real * mask[partner], source_has_tumour=has_tumour[rows],
+                             real_has_tumour=has_tumour[partner])
 
     def generate(self, image: torch.Tensor, mask: torch.Tensor, target_modality: torch.Tensor) -> GeneratorOutput:
         """G for the teacher: the local branch reads the tumour image ``image x mask``."""
@@ -380,14 +390,26 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             fake = self.generate(batch.source, batch.source_mask, batch.target_modality)
         lambda_gp = self.utad["lambda_gp"]
         losses: dict[str, torch.Tensor] = {}
-        for branch, real, generated in (("global", batch.real, fake.whole), ("local", batch.real_tumour, fake.tumour)):
-            scores, logits = self.discriminator(torch.cat((real, generated.detach())), branch)  # 2V samples
-            real_scores, fake_scores = scores.chunk(2)
+        # the local critic only sees tumour images of slices that have a tumour (an empty mask gives a blank image,
+        # whose modality cannot be told and which would pull the local output away from I_target x M = 0)
+        everything = torch.ones_like(batch.real_has_tumour)
+        for branch, real, generated, real_rows, fake_rows in (
+                ("global", batch.real, fake.whole, everything, everything),
+                ("local", batch.real_tumour, fake.tumour, batch.real_has_tumour, batch.source_has_tumour)):
+            real, real_modality, generated = real[real_rows], batch.target_modality[real_rows], generated[fake_rows]
+            if real.shape[0] == 0 or generated.shape[0] == 0:
+                zero = self._zero_losses(self.discriminator, ())["total"]
+                losses.update({f"d_adv_{branch}": zero, f"d_gp_{branch}": zero, f"d_cls_{branch}": zero})
+                continue
+            scores, logits = self.discriminator(torch.cat((real, generated.detach())), branch)
+            real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
             losses[f"d_adv_{branch}"] = wgan_critic_loss(real_scores, fake_scores)
+            pairs = min(real.shape[0], generated.shape[0])  # interpolates need a real and a fake each
             with torch.autocast(self.device.type, enabled=False):  # the double backward in float32
                 losses[f"d_gp_{branch}"] = gradient_penalty(
-                    lambda images, b=branch: self.discriminator(images, b)[0], real.float(), generated.float())
-            losses[f"d_cls_{branch}"] = modality_classification_loss(logits.chunk(2)[0], batch.target_modality)
+                    lambda images, b=branch: self.discriminator(images, b)[0], real[:pairs].float(),
+                    generated[:pairs].float())
+            losses[f"d_cls_{branch}"] = modality_classification_loss(logits[:real.shape[0]], real_modality)
         losses["total"] = sum(losses[f"d_adv_{b}"] + lambda_gp * losses[f"d_gp_{b}"] + losses[f"d_cls_{b}"]
                               for b in UTADDiscriminators.BRANCHES)
         return losses
@@ -399,10 +421,15 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             return self._zero_losses(self.network, self.generator_terms)
         fake = self.generate(batch.source, batch.source_mask, batch.target_modality)
         losses: dict[str, torch.Tensor] = {}
-        for branch, generated in (("global", fake.whole), ("local", fake.tumour)):
-            scores, logits = self.discriminator(generated, branch)
+        everything = torch.ones_like(batch.source_has_tumour)
+        for branch, generated, rows in (("global", fake.whole, everything),
+                                        ("local", fake.tumour, batch.source_has_tumour)):  # as in the critic step
+            if not bool(rows.any()):
+                losses[f"adv_{branch}"] = losses[f"cls_{branch}"] = generated.sum() * 0.0
+                continue
+            scores, logits = self.discriminator(generated[rows], branch)
             losses[f"adv_{branch}"] = wgan_generator_loss(scores)
-            losses[f"cls_{branch}"] = modality_classification_loss(logits, batch.target_modality)
+            losses[f"cls_{branch}"] = modality_classification_loss(logits, batch.target_modality[rows])
         # cycle back to the source modality; the local branch reads T'_target = I_target x M (teacher)
         cycle = self.generate(fake.whole, batch.source_mask, batch.source_modality)
         losses["rec"] = cycle_reconstruction_loss(batch.source, cycle.whole)

@@ -219,6 +219,43 @@ def test_batch_without_any_pair_gives_zero_losses(tmp_path, monkeypatch):
     assert all(float(v) == 0.0 for v in outputs.values())
 
 
+def test_tumour_free_slices_stay_out_of_the_local_critic_and_local_terms(tmp_path, monkeypatch):
+    """Blank tumour images (empty masks) never reach D_l; the global terms and L_rec still use every slice."""
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    no_tumour = _batch(5)
+    no_tumour["target"][:] = 0
+    np.random.seed(0)
+    critic = trainer.discriminator_losses(no_tumour["data"], no_tumour["target"])
+    generator = trainer.generator_losses(no_tumour["data"], no_tumour["target"])
+    for name in ("d_adv_local", "d_gp_local", "d_cls_local"):
+        assert float(critic[name].detach()) == 0.0, name
+    for name in ("adv_local", "cls_local"):
+        assert float(generator[name].detach()) == 0.0, name
+    assert float(critic["d_gp_global"]) > 0 and float(critic["d_cls_global"]) > 0 and float(generator["rec"]) > 0
+
+    # one slice with a tumour: the local classification term is the cross-entropy of that sample alone
+    one = _batch(5)
+    one["target"][1:] = 0
+    seen = []
+    discriminator = trainer.discriminator
+
+    def spy(images, branch):
+        if branch == "local":
+            seen.append(images.shape[0])
+        return discriminator(images, branch)
+    monkeypatch.setattr(trainer, "discriminator", spy)
+    np.random.seed(0)  # the same draw of sources, targets and partners in all three calls
+    batch = trainer.unpaired_batch(one["data"], one["target"])
+    np.random.seed(0)
+    trainer.discriminator_losses(one["data"], one["target"])
+    np.random.seed(0)
+    trainer.generator_losses(one["data"], one["target"])
+    real_rows, fake_rows = int(batch.real_has_tumour.sum()), int(batch.source_has_tumour.sum())
+    # critic: reals + fakes with a tumour, then the penalty's interpolates; generator: fakes with a tumour
+    expected_critic = [real_rows + fake_rows, min(real_rows, fake_rows)] if real_rows and fake_rows else []
+    assert seen == expected_critic + ([fake_rows] if fake_rows else [])
+
+
 def test_batch_size_one_is_refused(tmp_path, monkeypatch):
     trainer = make_tiny_trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch, **{**TINY, "batch_size": 1})
     with pytest.raises(ValueError, match="batch size must be at least 2"):
