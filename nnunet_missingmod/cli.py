@@ -140,11 +140,24 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
                            checkpoint_name=args.chk, device=device, tile_step_size=args.step_size,
                            use_mirroring=not args.disable_tta, batch_size=args.batch_size, fill=args.fill,
                            synthesis_model=args.m, synthesis_folds=args.synthesis_folds,
-                           synthesis_checkpoint=args.synthesis_chk, combine=args.combine)
+                           synthesis_checkpoint=args.synthesis_chk, combine=args.combine,
+                           num_parts=args.num_parts, part_id=args.part_id)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_table(summary, "Dice"))
     fill = "synthesised by " + args.m if args.fill == "synthesize" else "zero-filled"
     print(f"missing channels {fill}; per-case CSV, summary.json, table.md and heatmap.png in {out}")
+    if args.num_parts > 1:
+        print(f"part {args.part_id} of {args.num_parts}; when every part has finished, combine them with: "
+              f"nnunet_missingmod merge-evaluation {out.parent}")
+
+
+def _merge_evaluation(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.evaluation.missing_combinations import markdown_table, merge_parts
+
+    out = merge_parts(args.folder)
+    summary = json.loads((out / "summary.json").read_text())
+    print("\n" + markdown_table(summary, "Dice"))
+    print(f"merged {len(summary['merged_from'])} parts ({summary['num_cases']} cases) into {out}")
 
 
 def _synthesize(args: argparse.Namespace) -> None:
@@ -338,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all' (default), 'one-missing' (the four combinations lacking exactly one sequence, as in "
                         "BraSyn) or a comma-separated list such as t1ce+flair,flair,t1+t1ce+t2+flair")
     p.add_argument("--save-predictions", action="store_true", help="keep each combination's segmentation")
+    p.add_argument("-num_parts", type=positive_int, default=1,
+                   help="split the cases into this many parts (e.g. one per machine; default: 1)")
+    p.add_argument("-part_id", type=non_negative_int, default=0,
+                   help="which part this process evaluates (from 0); parts go to <output>/part_K_of_N, combined by "
+                        "merge-evaluation")
     p.add_argument("-o", default=None, help="output folder (default: in the fold folder)")
     p.add_argument("--batch-size", type=positive_int, default=5,
                    help="combinations per forward pass (default: 5; 1 uses nnU-Net's sliding window one at a time)")
@@ -400,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="slices per forward pass (default: 16)")
     p.add_argument("--examples", type=non_negative_int, default=4, help="example rows in examples.png (default: 4)")
     p.set_defaults(func=_evaluate_synthesis)
+
+    p = sub.add_parser("merge-evaluation", help="combine the parts of evaluate-missing -num_parts N into one result",
+                       description="Combine the part_K_of_N folders that evaluate-missing -num_parts N -part_id K "
+                                   "wrote into FOLDER: per_case.csv, summary.json, table.md and heatmap.png as one "
+                                   "run over all cases would write them. Refuses missing parts, parts evaluated with "
+                                   "other settings and cases evaluated twice.")
+    p.add_argument("folder", help="the evaluation's output folder (holding the part_K_of_N folders)")
+    p.set_defaults(func=_merge_evaluation)
 
     p = sub.add_parser("compare", help="several evaluate-missing results side by side (Markdown + bar chart)",
                        description="Average Dice and HD95 over the modality combinations of several evaluate-missing "

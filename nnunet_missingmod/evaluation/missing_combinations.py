@@ -123,8 +123,13 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      case_filter: set[str] | None = None, batch_size: int = 5, progress: bool = True,
                      fill: str = "zero", synthesis_model: str | os.PathLike | SynthesisModel | None = None,
                      synthesis_folds: Sequence[int | str] | None = None,
-                     synthesis_checkpoint: str = "checkpoint_final.pth", combine: str = "ssim") -> Path:
+                     synthesis_checkpoint: str = "checkpoint_final.pth", combine: str = "ssim",
+                     num_parts: int = 1, part_id: int = 0) -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
+
+    ``num_parts`` / ``part_id`` split the cases as ``nnUNetv2_predict`` does (every ``num_parts``-th case, starting
+    at ``part_id``), so a cohort can be evaluated on several machines; each part writes its outputs to
+    ``<output>/part_<part_id>_of_<num_parts>``, and :func:`merge_parts` combines the parts into ``<output>``.
 
     ``case_filter`` restricts the evaluation to the named cases of the split. ``batch_size`` combinations are
     predicted per forward pass (1: nnU-Net's own sliding window, one combination at a time; with
@@ -148,6 +153,9 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     model = Path(model)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id must lie in 0..num_parts-1 and num_parts be at least 1, got part_id {part_id} "
+                         f"of num_parts {num_parts}")
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     if fill == "synthesize" and synthesis_model is None:
@@ -162,11 +170,17 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     check_checkpoints(model, [fold], checkpoint_name)
     if case_filter is not None:
         cases = [c for c in cases if c.identifier in case_filter]
+    if num_parts > 1:
+        cases = sorted(cases, key=lambda c: c.identifier)[part_id::num_parts]
+        if not cases:
+            raise ValueError(f"part {part_id} of {num_parts} has no case: the split has fewer cases than parts")
     check_evaluation_inputs(cases, label_folder, file_ending, combinations)
     if fill == "synthesize" and not isinstance(synthesis_model, synthesis.SynthesisModel):
         synthesis.check_model_folder(synthesis_model, synthesis_folds, synthesis_checkpoint)
     suffix = "_synthesized" if fill == "synthesize" else ""
     out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}{suffix}"
+    if num_parts > 1:
+        out = out / part_folder_name(part_id, num_parts)
     check_writable(out)
     predictor = MissingModalityPredictor(model, folds=[fold], checkpoint_name=checkpoint_name, device=device,
                                          tile_step_size=tile_step_size, use_mirroring=use_mirroring)
@@ -212,7 +226,10 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                   f"{np.mean([r['WT_Dice'] for r in rows if r['case'] == case.identifier]):.3f}", flush=True)
     summary = summarise(rows, combinations)
     summary.update({"model": str(model), "fold": fold, "split": split, "num_cases": len(cases),
-                    "checkpoint": checkpoint_name, "mirroring": use_mirroring, "fill": fill})
+                    "checkpoint": checkpoint_name, "mirroring": use_mirroring, "fill": fill,
+                    "combinations": [mods.combination_name(c) for c in combinations]})
+    if num_parts > 1:
+        summary["part"] = {"part_id": part_id, "num_parts": num_parts}
     title = f"{model.name}, fold {fold}, {split} ({len(cases)} cases)"
     if fill == "synthesize":
         summary["synthesis"] = {"model": str(synthesis_model.folder or "in-memory model"),
@@ -221,6 +238,81 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
         title += f", missing channels synthesized by {Path(summary['synthesis']['model']).name}"
     write_outputs(out, rows, summary, title=title)
     return out
+
+
+def part_folder_name(part_id: int, num_parts: int) -> str:
+    """Folder of one part of a split evaluation, inside the evaluation's output folder."""
+    return f"part_{part_id}_of_{num_parts}"
+
+
+#: Settings every part of one evaluation must share (``summary.json`` keys).
+SHARED_SETTINGS = ("model", "fold", "split", "checkpoint", "mirroring", "fill", "combinations", "synthesis")
+
+
+def merge_parts(folder: str | os.PathLike) -> Path:
+    """Combine the parts of a split evaluation (``evaluate-missing -num_parts N -part_id K``) into ``folder``.
+
+    ``folder`` holds ``part_<k>_of_<N>`` for every k in 0..N-1, each with ``per_case.csv`` and ``summary.json``.
+    The merged ``per_case.csv``, ``summary.json``, ``table.md`` and ``heatmap.png`` are those a single run over all
+    cases would write; the part folders are kept.
+
+    Raises:
+        FileNotFoundError: no part folder, or a part (or its files) is missing; the message lists them.
+        ValueError: parts of different splits into parts, or evaluated with different settings (model, fold,
+            split, checkpoint, mirroring, fill, combinations), or a case evaluated in two parts.
+    """
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    parts = {}
+    for entry in sorted(folder.iterdir()):
+        match = re.fullmatch(r"part_(\d+)_of_(\d+)", entry.name)
+        if match and entry.is_dir():
+            parts[entry] = (int(match.group(1)), int(match.group(2)))
+    if not parts:
+        raise FileNotFoundError(f"{folder} holds no part_<k>_of_<N> folder written by evaluate-missing -num_parts")
+    counts = sorted({n for _, n in parts.values()})
+    if len(counts) > 1:
+        raise ValueError(f"{folder} holds parts of different splits ({', '.join(f'of {n}' for n in counts)}); "
+                         f"remove the folders of the split you do not want")
+    num_parts = counts[0]
+    missing = [part_folder_name(k, num_parts) for k in range(num_parts) if (k, num_parts) not in parts.values()]
+    incomplete = [p.name for p in parts if not ((p / "per_case.csv").is_file() and (p / "summary.json").is_file())]
+    if missing or incomplete:
+        raise FileNotFoundError(f"cannot merge {folder}: " + "; ".join(
+            ([f"missing part(s) {missing}"] if missing else []) +
+            ([f"part(s) {incomplete} have no per_case.csv or summary.json (still running, or failed?)"]
+             if incomplete else [])))
+    summaries, rows = {}, []
+    for part in sorted(parts, key=lambda p: parts[p][0]):
+        summaries[part] = _read_summary(part)
+        with open(part / "per_case.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                rows.append({k: (v if k in ("case", "combination") else float(v)) for k, v in row.items()})
+    first = next(iter(summaries.values()))
+    for part, summary in summaries.items():
+        different = [k for k in SHARED_SETTINGS if summary.get(k) != first.get(k)]
+        if different:
+            raise ValueError(f"{part.name} was evaluated with other settings than {next(iter(summaries)).name} "
+                             f"({', '.join(different)}); the parts cannot be merged")
+    owners: dict[str, str] = {}
+    for part in summaries:
+        with open(part / "per_case.csv", newline="") as f:
+            for case in {row["case"] for row in csv.DictReader(f)}:
+                if case in owners:
+                    raise ValueError(f"case {case} was evaluated in {owners[case]} and in {part.name}")
+                owners[case] = part.name
+    names = first.get("combinations") or sorted({r["combination"] for r in rows})
+    combinations = [mods.parse_modalities(name.replace("+", ",")) for name in names]
+    summary = summarise(rows, combinations)
+    settings = {k: first[k] for k in SHARED_SETTINGS if k in first}
+    summary.update({**settings, "num_cases": len(owners), "merged_from": [p.name for p in summaries]})
+    title = (f"{Path(first['model']).name}, fold {first['fold']}, {first['split']} ({len(owners)} cases, "
+             f"{num_parts} parts)")
+    write_outputs(folder, rows, summary, title=title)
+    return folder
 
 
 class SynthesizedCombinations:
