@@ -1,7 +1,7 @@
 """Median time and peak memory of a training iteration per trainer, as ratios to plain nnUNetTrainer.
 
     python scripts/bench_train_step.py [--work-dir bench_work] [--trainers nnUNetTrainer ModalityDropoutTrainer
-        SharedLatentTrainer D2NetTrainer] [--steps 15] [--rounds 5] [--device cpu]
+        SharedLatentTrainer D2NetTrainer CMFTPretrainer CMFFTrainer] [--steps 15] [--rounds 5] [--device cpu]
 
 Same plans (3d_cpu on the phantoms) and the same batch for every trainer: one batch is drawn once
 from nnU-Net's data loader and saved, then each trainer runs in a fresh process, builds its network,
@@ -16,6 +16,11 @@ by one per round, so no trainer is always first), and every ratio is taken withi
 reports the median of the per-round ratios and their range (min-max). ModalityDropoutTrainer is always
 measured: its network and ``train_step`` are nnUNetTrainer's, so its step and inference ratios check
 the method (1.00 should lie within their range).
+
+GAN trainers (CMFTPretrainer): a step is one discriminator and one generator update, and "inference" is
+the forward pass of ``build_network_architecture`` (both translations, no cycle). CMFFTrainer is timed
+from its random initialisation (the benchmark never calls ``on_train_start``, where the CMFT weights are
+loaded); the weights do not change the cost.
 """
 
 from __future__ import annotations
@@ -159,7 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="bench_work")
     parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "ModalityDropoutTrainer",
-                                                          "SharedLatentTrainer", "D2NetTrainer"])
+                                                          "SharedLatentTrainer", "D2NetTrainer", "CMFTPretrainer",
+                                                          "CMFFTrainer"])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every trainer (default: 5)")
     parser.add_argument("--device", default="cpu")
