@@ -5,12 +5,16 @@ Each function cites the equation it implements; tests compare them with naive re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
 
 # ---- WGAN-GP and classification terms (UTAD-Net, StarGAN-style) ----------------------------------------------
 # UTAD-Net (Huang, Wei, Li), eq. 1-13, with WGAN-GP (Gulrajani et al. 2017) and StarGAN's classification terms.
 # E[.] is a mean over every element (patch scores, pixels, samples), as in the authors' code (torch.mean).
-# The imports below belong at the top of the file; they follow the first function because the file's sections are
-# edited separately (a statement before them would break the blank-line rules of the import block above).
 def wgan_critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
     """The critic's adversarial part of eq. 11, ``-(E[D_src(real)] - E[D_src(fake)])`` (eq. 1/2 without the penalty).
 
@@ -21,10 +25,7 @@ def wgan_critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> to
     return fake_scores.mean() - real_scores.mean()
 
 
-from collections.abc import Callable  # noqa: E402
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 
 def wgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,6 @@ def distillation_loss(teacher_feature: torch.Tensor, student_feature: torch.Tens
 # Every E[.] is a mean over the samples of a batch (each sample's patch map or voxels averaged first); an optional
 # (B,) boolean ``sample_mask`` restricts it to some samples (those whose modalities are all acquired), and a
 # batch without any such sample gives 0 (still connected to the graph, so backward passes work).
-from torch import Tensor  # noqa: E402 (this section keeps its imports: the file has one section per author)
 
 
 def _sample_mean(values: Tensor, sample_mask: Tensor | None) -> Tensor:

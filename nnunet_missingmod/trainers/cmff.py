@@ -68,7 +68,12 @@ Ablations of Table 2 as variants that only change the config: ``CMFFTrainer_noMa
 Deviations (besides the networks'): the CycleGAN image pool (a history of generated images for the
 discriminator) is not used; the paper does not mention one. Only region-based datasets (``regions_class_order``
 in ``dataset.json``, as this package's BraTS datasets) are accepted by CMFFTrainer: the attention masks are the
-branches' per-region sigmoids.
+branches' per-region sigmoids. CMFFTrainer trains with modality dropout (``modality_dropout``; the issue asks for
+robustness to missing sequences), where the paper trains on complete inputs: with the default ``uniform_subset``
+scheme a pair is wholly absent in about a fifth of the samples (use ``p_keep_all`` for a share of complete
+samples). CMFTPretrainer keeps nnU-Net's intensity augmentation (the UTAD-Net trainers switch it off, because it
+moves what the critic learns as real; not yet measured here). Patches follow nnU-Net's sampling (33% foreground
+oversampling, the plans' batch size) where the paper samples in the tumour with batch 1.
 """
 
 from __future__ import annotations
@@ -406,14 +411,24 @@ class CMFFTrainer(MultiTermLossTrainer):
         return _pairs(self.trainer_config["cmff"]["network"], self.num_modalities, "cmff.network")
 
     def _build_loss(self):
-        """nnU-Net's region loss: deep supervision over every stage for S_A / S_B, over S_F's levels for S_F."""
-        branch_loss = super()._build_loss()
-        self.branch_loss = branch_loss
+        """nnU-Net's region loss: deep supervision over every stage for S_A / S_B, over S_F's levels for S_F.
+
+        The branch losses are built as on one process (no gathering of batch-Dice statistics across DDP ranks):
+        they only count the samples whose pair is present, which differ between ranks, and a rank with none
+        skips the loss, so a collective there would mismatch or hang.
+        """
+        fused_loss = super()._build_loss()
+        is_ddp = self.is_ddp
+        self.is_ddp = False  # nnU-Net's _build_loss reads it for the Dice term's 'ddp' setting
+        try:
+            self.branch_loss = super()._build_loss()
+        finally:
+            self.is_ddp = is_ddp
         if not self.enable_deep_supervision:
-            return branch_loss
+            return fused_loss
         levels = self._network_module().fusion.levels
         weights = np.array([1 / 2 ** i for i in range(levels)])
-        return DeepSupervisionWrapper(branch_loss.loss, weights / weights.sum())
+        return DeepSupervisionWrapper(fused_loss.loss, weights / weights.sum())
 
     def configure_optimizers(self):
         name = self.trainer_config["cmff"]["optimizer"]
