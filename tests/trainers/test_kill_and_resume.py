@@ -26,13 +26,18 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pr
 
 EPOCHS = 3
 #: trainer -> loss terms it logs besides nnU-Net's own (read from the class, so new terms are covered)
-TRAINERS = ["ModalityDropoutTrainer", "SharedLatentTrainer", "D2NetTrainer"]
+TRAINERS = ["ModalityDropoutTrainer", "SharedLatentTrainer", "D2NetTrainer", "CMFTPretrainer"]
+#: per-trainer additions to the override file (which is strict: only keys the trainer has)
+EXTRA_SETTINGS = {"CMFTPretrainer": {"cmft": {"final_validation": False}}}
 
 
 def _loss_terms(trainer_name: str) -> tuple[str, ...]:
     import nnunet_missingmod.trainers as trainers
 
-    return tuple(getattr(getattr(trainers, trainer_name), "loss_terms", ()) or ())
+    trainer_class = getattr(trainers, trainer_name)
+    if hasattr(trainer_class, "discriminator_terms"):  # GAN trainers: generator and discriminator terms
+        return (*trainer_class.generator_terms, *trainer_class.discriminator_terms)
+    return tuple(getattr(trainer_class, "loss_terms", ()) or ())
 
 
 def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log) -> None:
@@ -52,7 +57,8 @@ def test_sigkill_mid_epoch_then_continue(trainer_name, trained_model, tmp_path):
     override = tmp_path / "override.json"
     override.write_text(json.dumps({"nnunet": {"num_epochs": EPOCHS, "num_iterations_per_epoch": 3,
                                                "num_val_iterations_per_epoch": 1, "save_every": 1},
-                                    "inference": {"test_time_mirroring": False}}))
+                                    "inference": {"test_time_mirroring": False},
+                                    **EXTRA_SETTINGS.get(trainer_name, {})}))
     env = {**env, "nnUNet_results": str(tmp_path / "results"), "nnUNet_missingmod_config": str(override)}
     command = [nnunet_script("nnUNetv2_train"), str(E2E_DATASET), "3d_cpu", "0", "-tr", trainer_name,
                "-device", "cpu"]
@@ -91,3 +97,6 @@ def test_sigkill_mid_epoch_then_continue(trainer_name, trained_model, tmp_path):
     logs = sorted(fold.glob("training_log_*.txt"))
     assert len(logs) >= 1 and any("Epoch 2" in p.read_text() for p in logs)
     assert json.loads((fold / "trainer_config.json").read_text())["trainer"] == trainer_name
+    if trainer_name == "CMFTPretrainer":  # a GAN: its discriminator and optimiser went through the kill
+        state = checkpoint["missingmod_state"]
+        assert state["discriminator_weights"] and state["discriminator_optimizer_state"]["state"]
