@@ -53,6 +53,13 @@ from os.path import join
 import matplotlib
 import numpy as np
 import torch
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
@@ -63,6 +70,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_missingmod.trainers.base import MissingModTrainerBase
+
+#: nnU-Net's intensity augmentations. A GAN trainer may leave them out: noise, blur, brightness, contrast, low
+#: resolution and gamma applied to the real images move what the critic learns as "real".
+INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
+                        ContrastTransform, SimulateLowResolutionTransform, GammaTransform)
+
+
+def without_intensity_augmentation(transforms):
+    """nnU-Net's training transforms with its intensity augmentations (:data:`INTENSITY_TRANSFORMS`) removed."""
+    transforms.transforms = [t for t in transforms.transforms
+                             if not (isinstance(t, RandomTransform) and isinstance(t.transform, INTENSITY_TRANSFORMS))]
+    return transforms
 
 
 class ConstantThenLinearLR(_LRScheduler):

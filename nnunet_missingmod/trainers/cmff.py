@@ -71,9 +71,9 @@ in ``dataset.json``, as this package's BraTS datasets) are accepted by CMFFTrain
 branches' per-region sigmoids. CMFFTrainer trains with modality dropout (``modality_dropout``; the issue asks for
 robustness to missing sequences), where the paper trains on complete inputs: with the default ``uniform_subset``
 scheme a pair is wholly absent in about a fifth of the samples (use ``p_keep_all`` for a share of complete
-samples). CMFTPretrainer keeps nnU-Net's intensity augmentation (the UTAD-Net trainers switch it off, because it
-moves what the critic learns as real; not yet measured here). Patches follow nnU-Net's sampling (33% foreground
-oversampling, the plans' batch size) where the paper samples in the tumour with batch 1.
+samples). CMFTPretrainer leaves out nnU-Net's intensity augmentation (``cmft.intensity_augmentation: false``, as
+the UTAD-Net trainers do): it would move what the critics learn as real. Patches follow nnU-Net's sampling
+(33% foreground oversampling, the plans' batch size) where the paper samples in the tumour with batch 1.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ from nnunet_missingmod.networks.cmff import (
     scaled_arch_kwargs,
     transfer_generator_weights,
 )
-from nnunet_missingmod.trainers.adversarial import AdversarialTrainer
+from nnunet_missingmod.trainers.adversarial import AdversarialTrainer, without_intensity_augmentation
 from nnunet_missingmod.trainers.base import MultiTermLossTrainer
 from nnunet_missingmod.transforms.missing_modalities import acquired_modalities
 
@@ -228,6 +228,22 @@ class CMFTPretrainer(AdversarialTrainer):
                               arch_kwargs=scaled_arch_kwargs(configuration_manager.network_arch_init_kwargs,
                                                              settings["feature_fraction"]),
                               arch_kwargs_req_import=configuration_manager.network_arch_init_kwargs_req_import)
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        """The base's transforms, without nnU-Net's intensity augmentations unless ``cmft.intensity_augmentation``.
+
+        The real images of one pair are what the other pair's generator learns to produce; intensity noise on them
+        would become part of that target (as in the UTAD-Net trainers).
+        """
+        transforms = super().get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        if not self.trainer_config["cmft"].get("intensity_augmentation", False):
+            transforms = without_intensity_augmentation(transforms)
+        return transforms
 
     def build_discriminator(self) -> nn.Module:
         return CMFTDiscriminators(self.pairs, self.configuration_manager.patch_size,

@@ -96,13 +96,6 @@ import numpy as np
 import torch
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
-from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
-from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
-from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
-from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
-from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
-from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
-from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -128,7 +121,11 @@ from nnunet_missingmod.networks.utad import (
     discriminator_features,
     discriminator_layers,
 )
-from nnunet_missingmod.trainers.adversarial import AdversarialTrainer
+from nnunet_missingmod.trainers.adversarial import (  # noqa: F401 (INTENSITY_TRANSFORMS: re-exported)
+    INTENSITY_TRANSFORMS,
+    AdversarialTrainer,
+    without_intensity_augmentation,
+)
 from nnunet_missingmod.transforms.missing_modalities import acquired_modalities
 
 __all__ = ["UTADNetTeacherTrainer", "UTADNetStudentTrainer"]
@@ -136,9 +133,6 @@ __all__ = ["UTADNetTeacherTrainer", "UTADNetStudentTrainer"]
 #: File written by the final validation in the fold folder (the ``synthesize`` command reads it).
 SYNTHESIS_VALIDATION_FILE = "synthesis_validation.json"
 SYNTHESIS_HEATMAP_FILE = "synthesis_validation_ssim.png"
-#: nnU-Net's intensity augmentations, left out unless ``utad.intensity_augmentation`` is true.
-INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
-                        ContrastTransform, SimulateLowResolutionTransform, GammaTransform)
 #: Slices translated at once in the final validation.
 FINAL_VALIDATION_BATCH = 16
 
@@ -341,9 +335,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
             regions=regions, ignore_label=ignore_label)
         if not self.utad["intensity_augmentation"]:
-            transforms.transforms = [t for t in transforms.transforms
-                                     if not (isinstance(t, RandomTransform) and
-                                             isinstance(t.transform, INTENSITY_TRANSFORMS))]
+            transforms = without_intensity_augmentation(transforms)
         return transforms
 
     # ------------------------------------------------------------------ batches

@@ -437,3 +437,25 @@ def test_label_based_dataset_is_refused(tmp_path, monkeypatch):
     trainer.label_manager._has_regions = False
     with pytest.raises(ValueError, match="region-based"):
         trainer.initialize()
+
+
+def test_pretrainer_leaves_out_intensity_augmentation_unless_asked_for(tmp_path, monkeypatch):
+    """Noise or contrast changes on the real images would become part of what the generators must produce."""
+    import json
+
+    from nnunet_missingmod.config import OVERRIDE_ENV
+    from nnunet_missingmod.trainers import CMFTPretrainer
+    from nnunet_missingmod.trainers.adversarial import INTENSITY_TRANSFORMS
+    from tests.conftest import make_tiny_trainer
+
+    def kinds(trainer):
+        transforms = trainer.get_training_transforms(np.array([16, 16, 16]), 0.0, None, (0, 1, 2), False,
+                                                     regions=trainer.label_manager.foreground_regions)
+        return {type(getattr(t, "transform", t)) for t in transforms.transforms}
+    off = kinds(make_tiny_trainer(CMFTPretrainer, tmp_path, monkeypatch))
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"cmft": {"intensity_augmentation": True}}))
+    monkeypatch.setenv(OVERRIDE_ENV, str(override))
+    on = kinds(make_tiny_trainer(CMFTPretrainer, tmp_path, monkeypatch))
+    assert not off & set(INTENSITY_TRANSFORMS) and set(INTENSITY_TRANSFORMS) <= on
+    assert {k.__name__ for k in off} >= {"SpatialTransform", "MirrorTransform"}
