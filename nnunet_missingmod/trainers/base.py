@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
@@ -300,6 +301,16 @@ class MultiTermLossTrainer(MissingModTrainerBase):
     def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
                        ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def sgd_or_adam(self, name: str, key: str):
+        """nnU-Net's SGD (``name == "sgd"``) or Adam, both with nnU-Net's ``initial_lr``, ``weight_decay`` and poly
+        schedule; ``key`` names the config key in the error for anything else."""
+        if name == "sgd":
+            return super().configure_optimizers()
+        if name != "adam":
+            raise ValueError(f"{key} must be 'adam' or 'sgd', got {name!r}")
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def loss_for_backward(self, total: torch.Tensor) -> torch.Tensor:
         """The total loss, plus ``0 * sum(p)`` over every trainable parameter when training with DDP.

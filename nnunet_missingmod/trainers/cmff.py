@@ -88,7 +88,6 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -447,13 +446,7 @@ class CMFFTrainer(MultiTermLossTrainer):
         return DeepSupervisionWrapper(fused_loss.loss, weights / weights.sum())
 
     def configure_optimizers(self):
-        name = self.trainer_config["cmff"]["optimizer"]
-        if name == "sgd":
-            return super().configure_optimizers()
-        if name != "adam":
-            raise ValueError(f"cmff.optimizer must be 'adam' or 'sgd', got {name!r}")
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return self.sgd_or_adam(self.trainer_config["cmff"]["optimizer"], "cmff.optimizer")
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self._network_module().set_deep_supervision(enabled)

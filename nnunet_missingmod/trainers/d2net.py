@@ -54,7 +54,6 @@ from os.path import join
 import matplotlib
 import numpy as np
 import torch
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo import OptimizedModule
 
@@ -123,13 +122,7 @@ class D2NetTrainer(MultiTermLossTrainer):
         self.print_to_log_file(f"D2Net teacher decodes to full resolution: {full}")
 
     def configure_optimizers(self):
-        name = self.trainer_config["d2net"]["optimizer"]
-        if name == "sgd":
-            return super().configure_optimizers()
-        if name != "adam":
-            raise ValueError(f"d2net.optimizer must be 'sgd' or 'adam', got {name!r}")
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return self.sgd_or_adam(self.trainer_config["d2net"]["optimizer"], "d2net.optimizer")
 
     def auxiliary_ramp(self) -> float:
         """r(e): the factor on λ1 and λ2 in epoch e (linear warm-up over ``warmup_epochs``, then 1)."""
