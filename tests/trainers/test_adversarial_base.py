@@ -19,8 +19,12 @@ from torch import nn
 from nnunet_missingmod.trainers import base as base_module
 from nnunet_missingmod.trainers.adversarial import AdversarialTrainer, ConstantThenLinearLR
 from tests.conftest import make_tiny_trainer
-
-TIMESTAMP_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps")
+from tests.trainers.resume_checks import (
+    assert_same_logs,
+    assert_same_modules,
+    assert_same_optimizer_state,
+    logs_without_timestamps,
+)
 
 
 class ToyGANTrainer(AdversarialTrainer):
@@ -150,24 +154,12 @@ def test_resumed_run_restores_the_discriminator_and_its_optimiser(tmp_path, monk
     assert resumed.current_epoch == 2
     _run_epochs(resumed, 3)
 
-    logs_a = {k: v for k, v in uninterrupted.logger.local_logger.my_fantastic_logging.items()
-              if k not in TIMESTAMP_KEYS}
-    logs_b = {k: v for k, v in resumed.logger.local_logger.my_fantastic_logging.items() if k not in TIMESTAMP_KEYS}
+    logs_a, logs_b = logs_without_timestamps(uninterrupted), logs_without_timestamps(resumed)
     assert logs_a.keys() == logs_b.keys() >= {"loss_adv", "loss_l1", "loss_real", "loss_fake", "val_l1",
                                               "val_neg_l1", "lrs_discriminator"}
-    for key in logs_a:
-        assert len(logs_b[key]) == 3, key
-        np.testing.assert_allclose(np.asarray(logs_b[key], float), np.asarray(logs_a[key], float), rtol=1e-5,
-                                   err_msg=key)
-    for module in ("network", "discriminator"):
-        for (name, a), b in zip(getattr(uninterrupted, module).state_dict().items(),
-                                getattr(resumed, module).state_dict().values(), strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{module}.{name}")
-    moments_a = [s["exp_avg"] for s in uninterrupted.optimizer_d.state_dict()["state"].values()]
-    moments_b = [s["exp_avg"] for s in resumed.optimizer_d.state_dict()["state"].values()]
-    assert len(moments_a) == len(moments_b) > 0
-    for a, b in zip(moments_a, moments_b, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_same_logs(logs_a, logs_b, rtol=1e-5, length=3)
+    assert_same_modules(uninterrupted, resumed, ("network", "discriminator"), rtol=1e-5, atol=1e-6)
+    assert_same_optimizer_state(uninterrupted, resumed, ("optimizer_d",), "exp_avg", rtol=1e-5, atol=1e-6)
     # nnU-Net's pseudo-Dice slot holds the first validation metric
     np.testing.assert_allclose(logs_b["mean_fg_dice"], logs_b["val_neg_l1"])
     np.testing.assert_allclose(logs_b["val_losses"], logs_b["val_l1"])

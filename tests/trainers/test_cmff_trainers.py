@@ -24,12 +24,17 @@ from nnunet_missingmod.trainers.cmff import (
     translation_ssim,
 )
 from tests.conftest import E2E_DATASET, E2E_NAME, make_tiny_trainer, nnunet_script, run_checked
+from tests.trainers.resume_checks import (
+    assert_same_logs,
+    assert_same_modules,
+    assert_same_optimizer_state,
+    logs_without_timestamps,
+)
 
 SHORT_RUN = {"nnunet": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1},
              "inference": {"test_time_mirroring": False}}
 CMFT_TERMS = ("adv_ab", "adv_ba", "cycle", "disc_a", "disc_b")
 CMFF_TERMS = ("seg_a", "seg_b", "seg_fused")
-TIMESTAMP_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps")
 
 
 def _override(tmp_path: Path, monkeypatch, settings: dict, name: str = "override.json") -> None:
@@ -210,23 +215,12 @@ def test_cmft_resume_restores_discriminators_and_optimisers(tmp_path, monkeypatc
     assert resumed.current_epoch == 2
     _run_epochs(resumed, 3)
 
-    logs_a = {k: v for k, v in uninterrupted.logger.local_logger.my_fantastic_logging.items()
-              if k not in TIMESTAMP_KEYS}
-    logs_b = {k: v for k, v in resumed.logger.local_logger.my_fantastic_logging.items() if k not in TIMESTAMP_KEYS}
+    logs_a, logs_b = logs_without_timestamps(uninterrupted), logs_without_timestamps(resumed)
     assert logs_a.keys() == logs_b.keys() >= {f"loss_{t}" for t in CMFT_TERMS} | {"val_ssim", "val_l1"}
-    for key in logs_a:
-        np.testing.assert_allclose(np.asarray(logs_b[key], float), np.asarray(logs_a[key], float), rtol=1e-4,
-                                   atol=1e-6, err_msg=key)
-    for module in ("network", "discriminator"):
-        for (name, a), b in zip(getattr(uninterrupted, module).state_dict().items(),
-                                getattr(resumed, module).state_dict().values(), strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=f"{module}.{name}")
-    for optimizer in ("optimizer", "optimizer_d"):
-        moments_a = [s["exp_avg"] for s in getattr(uninterrupted, optimizer).state_dict()["state"].values()]
-        moments_b = [s["exp_avg"] for s in getattr(resumed, optimizer).state_dict()["state"].values()]
-        assert len(moments_a) == len(moments_b) > 0
-        for a, b in zip(moments_a, moments_b, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert_same_logs(logs_a, logs_b, rtol=1e-4, atol=1e-6)
+    assert_same_modules(uninterrupted, resumed, ("network", "discriminator"), rtol=1e-4, atol=1e-6)
+    assert_same_optimizer_state(uninterrupted, resumed, ("optimizer", "optimizer_d"), "exp_avg", rtol=1e-4,
+                                atol=1e-6)
     examples = Path(resumed.output_folder) / "examples"
     assert sorted(p.name for p in examples.iterdir()) == ["epoch_0000.png", "epoch_0001.png", "epoch_0002.png"]
 

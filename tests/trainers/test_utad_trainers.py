@@ -29,10 +29,10 @@ from nnunet_missingmod.trainers.utad import (
     synthesis_matrices,
 )
 from tests.conftest import SYNTHESIS_CONFIGURATION, SYNTHESIS_NAME, make_tiny_trainer
+from tests.trainers.resume_checks import assert_same_modules, assert_same_optimizer_state
 
 TEACHER_TERMS = {"adv_global", "adv_local", "cls_global", "cls_local", "rec", "local"}
 CRITIC_TERMS = {"d_adv_global", "d_gp_global", "d_cls_global", "d_adv_local", "d_gp_local", "d_cls_local"}
-TIMESTAMP_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps")
 TINY = {"patch_size": (32, 32), "features_per_stage": (4, 8, 16), "batch_size": 3}
 
 
@@ -343,16 +343,9 @@ def test_resume_restores_discriminators_and_optimisers(trainer_class, tmp_path, 
     assert resumed.current_epoch == 1
     _run_epochs(resumed, 2)
 
-    for module in ("network", "discriminator"):
-        for (name, a), b in zip(getattr(uninterrupted, module).state_dict().items(),
-                                getattr(resumed, module).state_dict().values(), strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{module}.{name}")
-    for optimizer in ("optimizer", "optimizer_d"):
-        moments_a = [s["exp_avg_sq"] for s in getattr(uninterrupted, optimizer).state_dict()["state"].values()]
-        moments_b = [s["exp_avg_sq"] for s in getattr(resumed, optimizer).state_dict()["state"].values()]
-        assert len(moments_a) == len(moments_b) > 0
-        for a, b in zip(moments_a, moments_b, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
+    assert_same_modules(uninterrupted, resumed, ("network", "discriminator"), rtol=1e-5, atol=1e-6)
+    assert_same_optimizer_state(uninterrupted, resumed, ("optimizer", "optimizer_d"), "exp_avg_sq", rtol=1e-5,
+                                atol=1e-9)
     logs_a = uninterrupted.logger.local_logger.my_fantastic_logging
     logs_b = resumed.logger.local_logger.my_fantastic_logging
     for term in trainer_class.generator_terms + trainer_class.discriminator_terms:
