@@ -23,6 +23,12 @@ loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep"
 ``nnUNet_missingmod_config`` override file) and evaluated on its own combination only. ``--epochs-for``
 gives one group (a trainer name, or ``dedicated``) another number of epochs, e.g. one that has not plateaued.
 
+Two-phase trainers (``PRETRAINERS``): ``--trainers CMFFTrainer CMFFTrainer_random`` compares CMFF with and
+without the cross-modality transition pretraining. Before each ``CMFFTrainer`` run, ``CMFTPretrainer`` is
+trained (or continued, or reused) with the same seed into the run's own ``nnUNet_results``, where CMFFTrainer's
+``cmff.pretrained_checkpoint: "auto"`` finds it; ``--epochs-for CMFTPretrainer=E`` sets its epochs, and its time
+is reported apart ("+N first phase"). ``--retrain CMFTPretrainer`` deletes the first phases too.
+
 Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted one continues from its
 ``checkpoint_latest.pth`` (written every few epochs) as ``nnUNetv2_train --c`` does, and an evaluation newer
 than its model on the same cases and combinations is reused; so the tables can be built over several
@@ -68,6 +74,11 @@ DEDICATED_TRAINER = "ModalityDropoutTrainer"
 #: Plateau criterion: the last quarter of training improves the EMA pseudo-Dice by less than this.
 PLATEAU_GAIN = 0.01
 DEFAULT_TRAINERS = ["nnUNetTrainer", "ModalityDropoutTrainer", "SharedLatentTrainer", "D2NetTrainer"]
+#: Two-phase trainers: they start from the final checkpoint of another trainer in the same ``nnUNet_results``
+#: folder (CMFFTrainer's ``cmff.pretrained_checkpoint: "auto"``). The first phase trains just before, with the
+#: run's seed, and is reused like any model; it is not evaluated. ``CMFFTrainer_random`` has no first phase.
+PRETRAINERS = {"CMFFTrainer": "CMFTPretrainer", "CMFFTrainer_noMaskGuidance": "CMFTPretrainer",
+               "CMFFTrainer_channelAttention": "CMFTPretrainer"}
 REGIONS = list(mods.REGIONS)
 FULL_INPUT = mods.combination_name(tuple(range(mods.NUM_MODALITIES)))
 
@@ -86,6 +97,7 @@ class Run:
         model: nnU-Net's model folder (``results/<dataset>/<trainer>__nnUNetPlans__<configuration>``).
         evaluation: the evaluate-missing output folder.
         combination: channel indices a dedicated model keeps (None: every combination).
+        pretrainer: the trainer of the first phase (:data:`PRETRAINERS`), trained into ``results`` first.
     """
 
     name: str
@@ -96,10 +108,15 @@ class Run:
     model: Path
     evaluation: Path
     combination: tuple[int, ...] | None = None
+    pretrainer: str | None = None
 
     @property
     def fold(self) -> Path:
         return self.model / "fold_0"
+
+    def pretraining_fold(self, regime: Regime) -> Path | None:
+        """The first phase's fold folder (None for a one-phase run)."""
+        return None if self.pretrainer is None else results_model_dir(self.results, self.pretrainer, regime) / "fold_0"
 
 
 def output_dir(work: Path, regime: Regime) -> Path:
@@ -119,7 +136,7 @@ def plan_runs(work: Path, regime: Regime, trainers: Sequence[str], seeds: int, d
                 name = f"{trainer}__seed{seed}"
                 results, evaluation = out / "models" / name / "nnUNet_results", out / "eval" / name
             runs.append(Run(name, trainer, trainer, seed, results, results_model_dir(results, trainer, regime),
-                            evaluation))
+                            evaluation, pretrainer=PRETRAINERS.get(trainer)))
     for combination in mods.all_combinations():
         for seed in range(dedicated_seeds):
             name = f"{DEDICATED}_{mods.combination_name(combination)}__seed{seed}"
@@ -354,6 +371,8 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -
         gain = "–" if check["gain"] is None else f"{100 * check['gain']:+.2f}"
         final = "–" if not row["curve"] else f"{row['curve'][-1]:.3f}"
         train = "–" if row.get("train_s") is None else f"{row['train_s']:.0f}"
+        if row.get("pretrain_s") is not None:
+            train += f" (+{row['pretrain_s']:.0f} first phase)"
         epochs = "–" if row.get("epochs_s") is None else f"{row['epochs_s']:.0f}"
         evaluate = "–" if row.get("evaluate_s") is None else f"{row['evaluate_s']:.0f}"
         lines.append(f"| {row['name']} | {check['epochs']} x {row['iterations']} | {final} | {gain} | {plateau} | "
@@ -478,7 +497,9 @@ def main() -> None:
     out = output_dir(work, regime)
     if args.dry_run:
         for run in runs:
-            print(f"{run.name:<48} {training_action(run.fold):<9} {run.model}")
+            pretraining = run.pretraining_fold(regime)
+            first = "" if pretraining is None else f" (first phase {run.pretrainer}: {training_action(pretraining)})"
+            print(f"{run.name:<48} {training_action(run.fold):<9} {run.model}{first}")
         return
     env = prepare(work, regime=regime)
     cases = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
@@ -486,10 +507,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}  # reused runs keep their times
+    if args.retrain is not None:  # all deletions first: two-phase runs of one folder share their first phase
+        for run in runs:
+            if (not args.retrain or run.group in args.retrain) and run.model.exists():
+                shutil.rmtree(run.model)
+            pretraining = run.pretraining_fold(regime)
+            if pretraining is not None and (not args.retrain or run.pretrainer in args.retrain) and \
+                    pretraining.parent.exists():
+                shutil.rmtree(pretraining.parent)
     for run in runs:
-        if args.retrain is not None and (not args.retrain or run.group in args.retrain) and run.model.exists():
-            shutil.rmtree(run.model)
-        train_run(run, regime, epochs_for.get(run.group, args.epochs), args, env, timings)
+        train_run(run, regime, epochs_for.get(run.group, args.epochs), args, env, timings,
+                  pretrain_epochs=epochs_for.get(run.pretrainer) if run.pretrainer else None)
         timings_file.write_text(json.dumps(timings, indent=2))
         evaluate_run(run, cases, case_names, args, timings)
         timings_file.write_text(json.dumps(timings, indent=2))
@@ -497,17 +525,37 @@ def main() -> None:
 
 
 def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, env: dict[str, str],
-              timings: dict) -> None:
-    """Train, continue or reuse one run (see :func:`training_action`); training seconds add up over sittings."""
+              timings: dict, pretrain_epochs: int | None = None) -> None:
+    """Train, continue or reuse one run (see :func:`training_action`); training seconds add up over sittings.
+
+    A two-phase run first trains, continues or reuses its first phase (``pretrain_epochs``, default ``epochs``)
+    in the same ``nnUNet_results`` folder; its seconds are kept apart as ``pretrain_s``.
+    """
     action = training_action(run.fold)
     if action == "reuse":
         print(f"=== reusing {run.name} ({run.model})", flush=True)
         return
+    run_env = dict(env, nnUNet_results=str(run.results))
+    common = ["--regime", regime.name, "--iterations", str(args.iterations), "--device", args.device,
+              "--seed", str(run.seed)]
+    entry = timings.setdefault(run.name, {})
+    pretraining = run.pretraining_fold(regime)
+    if pretraining is not None and action == "train":
+        pre_action = training_action(pretraining)
+        if pre_action == "reuse":
+            print(f"=== reusing the first phase of {run.name} ({pretraining.parent})", flush=True)
+        else:
+            pre_epochs = pretrain_epochs or epochs
+            print(f"=== {'continuing' if pre_action == 'continue' else 'training'} the first phase of {run.name} "
+                  f"({run.pretrainer}): {pre_epochs} epochs x {args.iterations} iterations, seed {run.seed}",
+                  flush=True)
+            result = run_worker(__file__, ["--worker", run.pretrainer, "--epochs", str(pre_epochs), *common,
+                                           *(["--resume"] if pre_action == "continue" else [])], run_env)
+            entry["pretrain_s"] = (entry.get("pretrain_s", 0.0) if pre_action == "continue" else 0.0) + \
+                result["train_s"]
     print(f"=== {'continuing' if action == 'continue' else 'training'} {run.name}: {epochs} epochs x "
           f"{args.iterations} iterations, seed {run.seed}", flush=True)
-    run_env = dict(env, nnUNet_results=str(run.results))
-    worker_args = ["--worker", run.trainer, "--regime", regime.name, "--epochs", str(epochs), "--iterations",
-                   str(args.iterations), "--device", args.device, "--seed", str(run.seed)]
+    worker_args = ["--worker", run.trainer, "--epochs", str(epochs), *common]
     if action == "continue":
         worker_args.append("--resume")
     if run.combination is not None:
@@ -517,7 +565,6 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
         run_env[OVERRIDE_ENV] = str(override)
         worker_args += ["--keep", *map(str, run.combination)]
     result = run_worker(__file__, worker_args, run_env)
-    entry = timings.setdefault(run.name, {})
     entry["train_s"] = (entry.get("train_s", 0.0) if action == "continue" else 0.0) + result["train_s"]
     entry["sittings"] = (entry.get("sittings", 0) if action == "continue" else 0) + 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -142,6 +143,47 @@ def test_resuming_trains_continues_or_reuses_each_run(tmp_path, monkeypatch):
     assert dedicated[dedicated.index("--keep") + 1:] == ["0"]  # t1 alone: the first combination
     override = json.loads(Path(env3[OVERRIDE_ENV]).read_text())
     assert override == {"modality_dropout": {"scheme": "fixed", "keep": ["t1"], "p_keep_all": 0.0}}
+
+
+def test_two_phase_run_trains_its_pretraining_first_in_the_same_results(tmp_path, monkeypatch):
+    """CMFFTrainer: CMFTPretrainer first (same seed, same nnUNet_results), reused once finished; _random: none."""
+    regime = REGIMES["converged"]
+    with_pretraining, random_init = robustness.plan_runs(tmp_path, regime, ["CMFFTrainer", "CMFFTrainer_random"],
+                                                         seeds=1)
+    assert with_pretraining.pretrainer == "CMFTPretrainer" and random_init.pretrainer is None
+    pretraining = with_pretraining.pretraining_fold(regime)
+    assert pretraining.parent.parent == with_pretraining.model.parent  # where cmff "auto" looks
+    assert pretraining.parent.name == "CMFTPretrainer__nnUNetPlans__3d_cpu"
+
+    calls = []
+
+    def fake_worker(script, args, env):
+        calls.append((args, env))
+        trainer = args[args.index("--worker") + 1]
+        fold = Path(env["nnUNet_results"]) / regime.dataset_name / f"{trainer}__nnUNetPlans__3d_cpu" / "fold_0"
+        fold.mkdir(parents=True, exist_ok=True)
+        (fold / "checkpoint_final.pth").write_bytes(b"x")
+        return {"train_s": 7.0 if trainer == "CMFTPretrainer" else 20.0}
+
+    monkeypatch.setattr(robustness, "run_worker", fake_worker)
+    args = type("Args", (), {"iterations": 40, "device": "cpu"})()
+    timings = {}
+    robustness.train_run(with_pretraining, regime, 30, args, {}, timings, pretrain_epochs=12)
+    robustness.train_run(random_init, regime, 30, args, {}, timings)
+    trainers = [a[a.index("--worker") + 1] for a, _ in calls]
+    assert trainers == ["CMFTPretrainer", "CMFFTrainer", "CMFFTrainer_random"]
+    (pre_args, pre_env), (cmff_args, cmff_env) = calls[:2]
+    assert pre_env["nnUNet_results"] == cmff_env["nnUNet_results"] == str(with_pretraining.results)
+    assert pre_args[pre_args.index("--epochs") + 1] == "12" and cmff_args[cmff_args.index("--epochs") + 1] == "30"
+    assert pre_args[pre_args.index("--seed") + 1] == cmff_args[cmff_args.index("--seed") + 1] == "0"
+    assert timings[with_pretraining.name] == {"pretrain_s": 7.0, "train_s": 20.0, "sittings": 1}
+    assert "pretrain_s" not in timings[random_init.name]
+
+    # a later CMFF run in a folder whose first phase is finished reuses it
+    shutil.rmtree(with_pretraining.model)
+    calls.clear()
+    robustness.train_run(with_pretraining, regime, 30, args, {}, timings, pretrain_epochs=12)
+    assert [a[a.index("--worker") + 1] for a, _ in calls] == ["CMFFTrainer"]
 
 
 @pytest.mark.parametrize("combination", mods.all_combinations(), ids=mods.combination_name)
