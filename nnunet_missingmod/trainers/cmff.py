@@ -17,7 +17,7 @@ generators minimise eq. 6: L_adv(G_A→B) + L_adv(G_B→A) + λ L_cyc with λ = 
 lr 1e-4 on both sides (``adversarial`` section; CycleGAN's betas 0.5, 0.999; constant rate). Logged every epoch:
 ``adv_ab``, ``adv_ba``, ``cycle`` (generator) and ``disc_a``, ``disc_b`` (discriminators), drawn in
 ``progress_adversarial.png``. The validation batches report, instead of Dice, the mean absolute error (``l1``)
-and SSIM (``ssim``: scikit-image's definition, computed with torch, see :func:`translation_ssim`) of each
+over the brain and SSIM (``ssim``: scikit-image's definition, computed with torch, see :func:`translation_ssim`) of each
 translation against the real images of the other pair (``l1_ab``: G_A→B(A) vs B, ``l1_ba``, ``ssim_ab``,
 ``ssim_ba``); ``ssim`` (mean of both directions) fills nnU-Net's pseudo-Dice slot, so ``checkpoint_best.pth`` has
 the best SSIM. ``examples/epoch_XXXX.png`` shows, for one validation patch, every modality of both pairs: real,
@@ -288,14 +288,21 @@ class CMFTPretrainer(AdversarialTrainer):
         self._example = None
 
     def validation_metrics(self, data: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
-        """Per sample: L1 and SSIM of G_A→B(A) against B and of G_B→A(B) against A (NaN for incomplete samples)."""
+        """Per sample: L1 and SSIM of G_A→B(A) against B and of G_B→A(B) against A (NaN for incomplete samples).
+
+        L1 is the mean over the brain (voxels where any input channel is nonzero, as in :meth:`final_validation`),
+        so the background, where any generator easily outputs zero, does not dilute it; NaN without brain voxels.
+        """
         complete = _complete_samples(data, self.pairs).cpu().numpy()
         generated = self.network(data, cycle=False)
         real_a, real_b = self._real(data)
         pairs = {"ab": (generated["fake_b"], real_b), "ba": (generated["fake_a"], real_a)}
+        brain = data.ne(0).any(1, keepdim=True).float()  # (B, 1, ...)
+        brain_voxels = brain.flatten(1).sum(1)
         metrics: dict[str, np.ndarray] = {}
         for direction, (fake, real) in pairs.items():  # (B, C, ...) each
-            l1 = (fake.float() - real.float()).abs().flatten(1).mean(1).cpu().numpy()
+            error = ((fake.float() - real.float()).abs() * brain).flatten(1).sum(1) / (fake.shape[1] * brain_voxels)
+            l1 = np.where(brain_voxels.cpu().numpy() > 0, error.cpu().numpy(), np.nan)
             ssim = np.array([np.nanmean([translation_ssim(f, r) for f, r in zip(fs, rs, strict=True)])
                              if ok else np.nan for fs, rs, ok in zip(fake, real, complete, strict=True)])
             metrics[f"l1_{direction}"] = np.where(complete, l1, np.nan)
