@@ -55,6 +55,8 @@ from nnunet_missingmod.transforms.missing_modalities import RecordAvailabilityTr
 from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
 
 CONFIG_FILE_NAME = "trainer_config.json"
+#: Below this, SGD with nnU-Net's momentum 0.99 and poly schedule barely trains: a warning names the setting.
+SGD_MIN_SENSIBLE_LR = 1e-3
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -306,6 +308,10 @@ class MultiTermLossTrainer(MissingModTrainerBase):
         """nnU-Net's SGD (``name == "sgd"``) or Adam, both with nnU-Net's ``initial_lr``, ``weight_decay`` and poly
         schedule; ``key`` names the config key in the error for anything else."""
         if name == "sgd":
+            if self.initial_lr < SGD_MIN_SENSIBLE_LR:  # e.g. an Adam config's 1e-4 kept after switching to SGD
+                self.print_to_log_file(f"WARNING: {key} is 'sgd' with nnunet.initial_lr {self.initial_lr:g}, far below "
+                                       f"nnU-Net's SGD default of 1e-2 (an Adam learning rate?): training will barely "
+                                       f"move; set nnunet.initial_lr with the optimizer", also_print_to_console=True)
             return super().configure_optimizers()
         if name != "adam":
             raise ValueError(f"{key} must be 'adam' or 'sgd', got {name!r}")

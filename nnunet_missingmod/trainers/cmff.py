@@ -37,7 +37,8 @@ Modality dropout (config ``modality_dropout``, as ModalityDropoutTrainer) is dra
 whose pair A (or B) is wholly missing after dropout gets that branch's features and masks zeroed in S_F (see the
 network) and does not enter L_seg(S_A) (or L_seg(S_B)): a branch without its input has nothing to learn from it.
 Optimiser: the paper's Adam with lr 1e-4 (``cmff.optimizer: "adam"``, ``nnunet.initial_lr``; nnU-Net's weight
-decay and poly schedule), or nnU-Net's SGD (``"sgd"``).
+decay and poly schedule), or nnU-Net's SGD (``"sgd"``; set ``nnunet.initial_lr`` with it, e.g. nnU-Net's 1e-2:
+the log warns when SGD runs with a rate below 1e-3, such as the Adam 1e-4 of this config).
 
 Initialisation from the pretraining (Sec. 4.1): when training starts (epoch 0, not on ``--c``), S_A gets every
 weight of G_A→B and S_B of G_B→A except the output layers; the fusion branch and the segmentation heads start

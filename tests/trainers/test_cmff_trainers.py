@@ -350,6 +350,16 @@ def test_total_loss_is_equation_7_and_a_missing_pair_leaves_its_branch_out(tmp_p
     losses["total"].backward()
 
 
+@pytest.mark.parametrize("initial_lr, warned", [(None, True), (1e-2, False)])
+def test_sgd_with_the_adam_learning_rate_is_warned_about(initial_lr, warned, tmp_path, monkeypatch, capsys):
+    """Switching cmff.optimizer to SGD keeps the config's Adam rate (1e-4) unless initial_lr is set with it."""
+    settings = {"cmff": {"optimizer": "sgd"}, **({"nnunet": {"initial_lr": initial_lr}} if initial_lr else {})}
+    trainer = _cmff(tmp_path, monkeypatch, settings=settings)
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(initial_lr or 1e-4)
+    assert ("WARNING: cmff.optimizer is 'sgd' with nnunet.initial_lr 0.0001" in capsys.readouterr().out) == warned
+
+
 def test_modality_dropout_is_drawn_in_the_training_step(tmp_path, monkeypatch):
     trainer = _cmff(tmp_path, monkeypatch, settings={"modality_dropout": {"scheme": "fixed", "keep": ["t2", "flair"]}})
     seen = []
