@@ -3,7 +3,8 @@
     python scripts/bench_robustness.py [--work-dir bench_work] [--regime {short,converged}]
         [--trainers nnUNetTrainer ModalityDropoutTrainer SharedLatentTrainer D2NetTrainer] [--seeds 1]
         [--dedicated] [--dedicated-seeds 1] [--epochs E] [--iterations I] [--epochs-for GROUP=EPOCHS ...]
-        [--eval-cases 10] [--step-size 1.0] [--device cpu] [--retrain [GROUP ...]] [--dry-run]
+        [--variant LABEL TRAINER SETTINGS.json ...] [--eval-cases 10] [--step-size 1.0] [--device cpu]
+        [--retrain [GROUP ...]] [--dry-run]
 
 Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterations`` override them):
 
@@ -22,6 +23,12 @@ combination, each trained with the ``fixed`` dropout scheme (``ModalityDropoutTr
 loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep": [...]}}`` in the
 ``nnUNet_missingmod_config`` override file) and evaluated on its own combination only. ``--epochs-for``
 gives one group (a trainer name, or ``dedicated``) another number of epochs, e.g. one that has not plateaued.
+
+Variants: ``--variant LABEL TRAINER SETTINGS.json`` (repeatable) adds a group ``LABEL`` that trains ``TRAINER``
+with the settings of ``SETTINGS.json`` as its ``nnUNet_missingmod_config`` override file (e.g.
+``--variant MD_keepAll25 ModalityDropoutTrainer keep_all.json`` with ``{"modality_dropout": {"p_keep_all":
+0.25}}``, or D²-Net with other loss weights), with ``--seeds`` runs like the trainers. A copy of the settings is
+kept with each run; resuming with other settings than that copy is refused.
 
 Two-phase trainers (``PRETRAINERS``): ``--trainers CMFFTrainer CMFFTrainer_random`` compares CMFF with and
 without the cross-modality transition pretraining. Before each ``CMFFTrainer`` run, ``CMFTPretrainer`` is
@@ -98,6 +105,7 @@ class Run:
         evaluation: the evaluate-missing output folder.
         combination: channel indices a dedicated model keeps (None: every combination).
         pretrainer: the trainer of the first phase (:data:`PRETRAINERS`), trained into ``results`` first.
+        settings: a variant's ``nnUNet_missingmod_config`` override (None: the trainer's own configuration).
     """
 
     name: str
@@ -109,6 +117,7 @@ class Run:
     evaluation: Path
     combination: tuple[int, ...] | None = None
     pretrainer: str | None = None
+    settings: Mapping | None = None
 
     @property
     def fold(self) -> Path:
@@ -123,11 +132,15 @@ def output_dir(work: Path, regime: Regime) -> Path:
     return work / ("robustness" if regime.name == "short" else f"robustness_{regime.name}")
 
 
-def plan_runs(work: Path, regime: Regime, trainers: Sequence[str], seeds: int, dedicated_seeds: int = 0
-              ) -> list[Run]:
-    """Every run of the benchmark: ``seeds`` per trainer, then ``dedicated_seeds`` per modality combination."""
+def plan_runs(work: Path, regime: Regime, trainers: Sequence[str], seeds: int, dedicated_seeds: int = 0,
+              variants: Sequence[tuple[str, str, Mapping]] = ()) -> list[Run]:
+    """Every run of the benchmark: ``seeds`` per trainer and per variant ``(label, trainer, settings)``, then
+    ``dedicated_seeds`` per modality combination."""
     out = output_dir(work, regime)
     runs = []
+    labels = [*trainers, *(label for label, _, _ in variants)]
+    if len(set(labels)) != len(labels) or DEDICATED in labels:
+        raise ValueError(f"group labels must be unique and not {DEDICATED!r}, got {labels}")
     for trainer in trainers:
         for seed in range(seeds):
             if regime.name == "short" and seed == 0:  # the original layout, so existing models are reused
@@ -137,6 +150,12 @@ def plan_runs(work: Path, regime: Regime, trainers: Sequence[str], seeds: int, d
                 results, evaluation = out / "models" / name / "nnUNet_results", out / "eval" / name
             runs.append(Run(name, trainer, trainer, seed, results, results_model_dir(results, trainer, regime),
                             evaluation, pretrainer=PRETRAINERS.get(trainer)))
+    for label, trainer, settings in variants:
+        for seed in range(seeds):
+            name = f"{label}__seed{seed}"
+            results = out / "models" / name / "nnUNet_results"
+            runs.append(Run(name, label, trainer, seed, results, results_model_dir(results, trainer, regime),
+                            out / "eval" / name, pretrainer=PRETRAINERS.get(trainer), settings=settings))
     for combination in mods.all_combinations():
         for seed in range(dedicated_seeds):
             name = f"{DEDICATED}_{mods.combination_name(combination)}__seed{seed}"
@@ -431,6 +450,26 @@ def _parse_epochs_for(items: Sequence[str]) -> dict[str, int]:
     return epochs
 
 
+def read_variants(items: Sequence[Sequence[str]]) -> list[tuple[str, str, dict]]:
+    """``--variant LABEL TRAINER SETTINGS.json`` arguments as ``(label, trainer, settings)``.
+
+    Raises:
+        ValueError: a settings file that is missing, not JSON, or not a JSON object (named in the message).
+    """
+    variants = []
+    for label, trainer, path in items:
+        try:
+            settings = json.loads(Path(path).read_text())
+        except OSError as error:
+            raise ValueError(f"--variant {label}: cannot read {path}: {error.strerror}") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--variant {label}: {path} is not valid JSON ({error})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"--variant {label}: {path} must hold a JSON object of settings")
+        variants.append((label, trainer, settings))
+    return variants
+
+
 def _worker(args: argparse.Namespace) -> None:
     """Train one run in this process (nnUNet_results and the override file come from the environment)."""
     regime = REGIMES[args.regime]
@@ -472,6 +511,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None, help="default: the regime's")
     parser.add_argument("--epochs-for", nargs="+", default=[], metavar="GROUP=EPOCHS",
                         help="epochs for one trainer (or 'dedicated'), e.g. D2NetTrainer=120")
+    parser.add_argument("--variant", nargs=3, action="append", default=[], metavar=("LABEL", "TRAINER", "SETTINGS"),
+                        help="a group LABEL training TRAINER with the override file SETTINGS (JSON); repeatable")
     parser.add_argument("--eval-cases", type=int, default=10)
     parser.add_argument("--step-size", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
@@ -493,7 +534,11 @@ def main() -> None:
         raise SystemExit("--seeds and --dedicated-seeds must be at least 1")
     work = Path(args.work_dir).resolve()
     epochs_for = _parse_epochs_for(args.epochs_for)
-    runs = plan_runs(work, regime, args.trainers, args.seeds, args.dedicated_seeds if args.dedicated else 0)
+    try:
+        runs = plan_runs(work, regime, args.trainers, args.seeds, args.dedicated_seeds if args.dedicated else 0,
+                         read_variants(args.variant))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     out = output_dir(work, regime)
     if args.dry_run:
         for run in runs:
@@ -558,12 +603,17 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
     worker_args = ["--worker", run.trainer, "--epochs", str(epochs), *common]
     if action == "continue":
         worker_args.append("--resume")
-    if run.combination is not None:
+    if run.combination is not None or run.settings is not None:
+        settings = dedicated_override(run.combination) if run.combination is not None else dict(run.settings)
         override = run.results.parent / "override.json"
+        if action == "continue" and override.is_file() and json.loads(override.read_text()) != settings:
+            raise SystemExit(f"{run.name} was started with the settings of {override}; they differ from the ones "
+                             f"given now: use the same file, another label, or --retrain {run.group}")
         override.parent.mkdir(parents=True, exist_ok=True)
-        override.write_text(json.dumps(dedicated_override(run.combination), indent=2))
+        override.write_text(json.dumps(settings, indent=2))
         run_env[OVERRIDE_ENV] = str(override)
-        worker_args += ["--keep", *map(str, run.combination)]
+        if run.combination is not None:
+            worker_args += ["--keep", *map(str, run.combination)]
     result = run_worker(__file__, worker_args, run_env)
     entry["train_s"] = (entry.get("train_s", 0.0) if action == "continue" else 0.0) + result["train_s"]
     entry["sittings"] = (entry.get("sittings", 0) if action == "continue" else 0) + 1

@@ -186,6 +186,60 @@ def test_two_phase_run_trains_its_pretraining_first_in_the_same_results(tmp_path
     assert [a[a.index("--worker") + 1] for a, _ in calls] == ["CMFFTrainer"]
 
 
+def test_variant_trains_its_trainer_with_its_settings_and_refuses_other_settings_on_resume(tmp_path, monkeypatch):
+    regime = REGIMES["converged"]
+    settings_file = tmp_path / "keep_all.json"
+    settings_file.write_text(json.dumps({"modality_dropout": {"p_keep_all": 0.25}}))
+    variants = robustness.read_variants([["MD_keepAll25", "ModalityDropoutTrainer", str(settings_file)]])
+    runs = robustness.plan_runs(tmp_path, regime, ["ModalityDropoutTrainer"], seeds=2, variants=variants)
+    assert [(r.name, r.group, r.trainer) for r in runs] == [
+        ("ModalityDropoutTrainer__seed0", "ModalityDropoutTrainer", "ModalityDropoutTrainer"),
+        ("ModalityDropoutTrainer__seed1", "ModalityDropoutTrainer", "ModalityDropoutTrainer"),
+        ("MD_keepAll25__seed0", "MD_keepAll25", "ModalityDropoutTrainer"),
+        ("MD_keepAll25__seed1", "MD_keepAll25", "ModalityDropoutTrainer")]
+    assert runs[2].results != runs[0].results  # its own model folder
+
+    calls = []
+    monkeypatch.setattr(robustness, "run_worker", lambda script, args, env: calls.append((args, env)) or
+                        {"train_s": 1.0})
+    args = type("Args", (), {"iterations": 40, "device": "cpu"})()
+    robustness.train_run(runs[0], regime, 30, args, {}, {})
+    robustness.train_run(runs[2], regime, 30, args, {}, {})
+    assert OVERRIDE_ENV not in calls[0][1]
+    override = Path(calls[1][1][OVERRIDE_ENV])
+    assert json.loads(override.read_text()) == {"modality_dropout": {"p_keep_all": 0.25}}
+    assert "--keep" not in calls[1][0]
+    # the settings the override file received are really applied to the trainer's configuration
+    monkeypatch.setenv(OVERRIDE_ENV, str(override))
+    assert load_trainer_config(ModalityDropoutTrainer)["modality_dropout"]["p_keep_all"] == 0.25
+
+    # an interrupted variant resumed with other settings is refused; with the same ones it continues
+    runs[2].fold.mkdir(parents=True)
+    (runs[2].fold / "checkpoint_latest.pth").write_bytes(b"x")
+    other = robustness.plan_runs(tmp_path, regime, [], seeds=1,
+                                 variants=[("MD_keepAll25", "ModalityDropoutTrainer", {"modality_dropout": {}})])[0]
+    with pytest.raises(SystemExit, match="MD_keepAll25__seed0 was started with the settings"):
+        robustness.train_run(other, regime, 30, args, {}, {})
+    robustness.train_run(runs[2], regime, 30, args, {}, {})
+    assert "--resume" in calls[-1][0]
+
+
+@pytest.mark.parametrize("content, message", [(None, "cannot read"), ("{", "is not valid JSON"),
+                                              ("[1]", "must hold a JSON object")])
+def test_variant_settings_errors_name_the_file(content, message, tmp_path):
+    path = tmp_path / "settings.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=f"--variant V: .*{message}"):
+        robustness.read_variants([["V", "ModalityDropoutTrainer", str(path)]])
+
+
+def test_variant_labels_must_be_unique(tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        robustness.plan_runs(tmp_path, REGIMES["converged"], ["ModalityDropoutTrainer"], seeds=1,
+                             variants=[("ModalityDropoutTrainer", "ModalityDropoutTrainer", {})])
+
+
 @pytest.mark.parametrize("combination", mods.all_combinations(), ids=mods.combination_name)
 def test_dedicated_override_selects_its_combination(combination, tmp_path, monkeypatch):
     override = tmp_path / "override.json"
