@@ -69,7 +69,7 @@ Ablations of Table 2 as variants that only change the config: ``CMFFTrainer_noMa
 Deviations (besides the networks'): the CycleGAN image pool (a history of generated images for the
 discriminator) is not used; the paper does not mention one. Only region-based datasets (``regions_class_order``
 in ``dataset.json``, as this package's BraTS datasets) are accepted by CMFFTrainer: the attention masks are the
-branches' per-region sigmoids. CMFFTrainer trains with modality dropout (``modality_dropout``; the issue asks for
+branches' per-region sigmoids. CMFFTrainer trains with modality dropout (``modality_dropout``; this package is built for
 robustness to missing sequences), where the paper trains on complete inputs: with the default ``uniform_subset``
 scheme a pair is wholly absent in about a fifth of the samples (use ``p_keep_all`` for a share of complete
 samples). CMFTPretrainer leaves out nnU-Net's intensity augmentation (``cmft.intensity_augmentation: false``, as
