@@ -2,8 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+
+
+def run_epochs(trainer, stop: int, make_batch: Callable[[int], dict], seed_each_step: bool = False) -> None:
+    """nnU-Net's ``run_training`` loop from ``trainer.current_epoch`` to ``stop`` on ``make_batch(seed)`` batches.
+
+    Step ``i`` of epoch ``e`` trains on ``make_batch(1000 e + i)`` and validates on ``make_batch(77 + e)``, so two
+    runs see the same batches; ``seed_each_step`` also seeds torch and numpy with that number before each step
+    (trainers that draw inside the step).
+    """
+    for epoch in range(trainer.current_epoch, stop):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = []
+        for i in range(trainer.num_iterations_per_epoch):
+            if seed_each_step:
+                torch.manual_seed(1000 * epoch + i)
+                np.random.seed(1000 * epoch + i)
+            outputs.append(trainer.train_step(make_batch(1000 * epoch + i)))
+        trainer.on_train_epoch_end(outputs)
+        trainer.on_validation_epoch_start()
+        if seed_each_step:
+            np.random.seed(77 + epoch)
+        with torch.no_grad():
+            trainer.on_validation_epoch_end([trainer.validation_step(make_batch(77 + epoch))])
+        trainer.on_epoch_end()
+
 
 #: Logged wall-clock times: the only entries that differ between a resumed and an uninterrupted run.
 TIMESTAMP_KEYS = ("epoch_start_timestamps", "epoch_end_timestamps")

@@ -24,6 +24,7 @@ from tests.trainers.resume_checks import (
     assert_same_modules,
     assert_same_optimizer_state,
     logs_without_timestamps,
+    run_epochs,
 )
 
 
@@ -84,18 +85,6 @@ def _trainer(tmp_path, monkeypatch, iterations: int = 1, n_critic: int = 1):
     return trainer
 
 
-def _run_epochs(trainer, stop: int) -> None:
-    for epoch in range(trainer.current_epoch, stop):
-        trainer.on_epoch_start()
-        trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(_batch(1000 * epoch + i)) for i in range(trainer.num_iterations_per_epoch)]
-        trainer.on_train_epoch_end(outputs)
-        trainer.on_validation_epoch_start()
-        with torch.no_grad():
-            trainer.on_validation_epoch_end([trainer.validation_step(_batch(77 + epoch))])
-        trainer.on_epoch_end()
-
-
 def test_each_update_moves_only_its_own_network(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, monkeypatch)
     g_before = [p.detach().clone() for p in trainer.network.parameters()]
@@ -144,15 +133,15 @@ def test_n_critic_updates_use_fresh_batches(tmp_path, monkeypatch):
 
 def test_resumed_run_restores_the_discriminator_and_its_optimiser(tmp_path, monkeypatch):
     uninterrupted = _trainer(tmp_path, monkeypatch)
-    _run_epochs(uninterrupted, 2)
+    run_epochs(uninterrupted, 2, _batch)
     checkpoint = str(tmp_path / "killed.pth")
     shutil.copyfile(uninterrupted.output_folder + "/checkpoint_latest.pth", checkpoint)
-    _run_epochs(uninterrupted, 3)
+    run_epochs(uninterrupted, 3, _batch)
 
     resumed = _trainer(tmp_path, monkeypatch)
     resumed.load_checkpoint(checkpoint)
     assert resumed.current_epoch == 2
-    _run_epochs(resumed, 3)
+    run_epochs(resumed, 3, _batch)
 
     logs_a, logs_b = logs_without_timestamps(uninterrupted), logs_without_timestamps(resumed)
     assert logs_a.keys() == logs_b.keys() >= {"loss_adv", "loss_l1", "loss_real", "loss_fake", "val_l1",
@@ -170,7 +159,7 @@ def test_resumed_run_restores_the_discriminator_and_its_optimiser(tmp_path, monk
 
 def test_checkpoint_without_discriminator_state_is_refused(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, monkeypatch)
-    _run_epochs(trainer, 1)
+    run_epochs(trainer, 1, _batch)
     checkpoint = torch.load(trainer.output_folder + "/checkpoint_latest.pth", weights_only=False)
     del checkpoint["missingmod_state"]
     torch.save(checkpoint, tmp_path / "old.pth")

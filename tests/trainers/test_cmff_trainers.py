@@ -29,6 +29,7 @@ from tests.trainers.resume_checks import (
     assert_same_modules,
     assert_same_optimizer_state,
     logs_without_timestamps,
+    run_epochs,
 )
 
 SHORT_RUN = {"nnunet": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1},
@@ -195,29 +196,17 @@ def test_translation_ssim_is_scikit_images(shape):
     assert np.isnan(translation_ssim(torch.zeros(8, 2, 8), torch.randn(8, 2, 8)))  # thinner than 3 voxels
 
 
-def _run_epochs(trainer, stop: int) -> None:
-    for epoch in range(trainer.current_epoch, stop):
-        trainer.on_epoch_start()
-        trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(_batch(1000 * epoch + i)) for i in range(trainer.num_iterations_per_epoch)]
-        trainer.on_train_epoch_end(outputs)
-        trainer.on_validation_epoch_start()
-        with torch.no_grad():
-            trainer.on_validation_epoch_end([trainer.validation_step(_batch(77 + epoch))])
-        trainer.on_epoch_end()
-
-
 def test_cmft_resume_restores_discriminators_and_optimisers(tmp_path, monkeypatch):
     uninterrupted = _cmft(tmp_path, monkeypatch)
-    _run_epochs(uninterrupted, 2)
+    run_epochs(uninterrupted, 2, _batch)
     checkpoint = str(tmp_path / "killed.pth")
     shutil.copyfile(uninterrupted.output_folder + "/checkpoint_latest.pth", checkpoint)
-    _run_epochs(uninterrupted, 3)
+    run_epochs(uninterrupted, 3, _batch)
 
     resumed = _cmft(tmp_path, monkeypatch)
     resumed.load_checkpoint(checkpoint)
     assert resumed.current_epoch == 2
-    _run_epochs(resumed, 3)
+    run_epochs(resumed, 3, _batch)
 
     logs_a, logs_b = logs_without_timestamps(uninterrupted), logs_without_timestamps(resumed)
     assert logs_a.keys() == logs_b.keys() >= {f"loss_{t}" for t in CMFT_TERMS} | {"val_ssim", "val_l1"}

@@ -29,7 +29,7 @@ from nnunet_missingmod.trainers.utad import (
     synthesis_matrices,
 )
 from tests.conftest import SYNTHESIS_CONFIGURATION, SYNTHESIS_NAME, make_tiny_trainer
-from tests.trainers.resume_checks import assert_same_modules, assert_same_optimizer_state
+from tests.trainers.resume_checks import assert_same_modules, assert_same_optimizer_state, run_epochs
 
 TEACHER_TERMS = {"adv_global", "adv_local", "cls_global", "cls_local", "rec", "local"}
 CRITIC_TERMS = {"d_adv_global", "d_gp_global", "d_cls_global", "d_adv_local", "d_gp_local", "d_cls_local"}
@@ -80,24 +80,6 @@ def _teacher_checkpoint(tmp_path, monkeypatch, **plans_kwargs) -> Path:
     path = Path(teacher.output_folder) / "checkpoint_final.pth"
     teacher.save_checkpoint(str(path))
     return path
-
-
-def _run_epochs(trainer, stop: int) -> None:
-    """nnU-Net's run_training loop on synthetic batches, seeded per step so that two runs take identical steps."""
-    for epoch in range(trainer.current_epoch, stop):
-        trainer.on_epoch_start()
-        trainer.on_train_epoch_start()
-        outputs = []
-        for i in range(trainer.num_iterations_per_epoch):
-            torch.manual_seed(1000 * epoch + i)
-            np.random.seed(1000 * epoch + i)
-            outputs.append(trainer.train_step(_batch(1000 * epoch + i)))
-        trainer.on_train_epoch_end(outputs)
-        trainer.on_validation_epoch_start()
-        np.random.seed(77 + epoch)
-        with torch.no_grad():
-            trainer.on_validation_epoch_end([trainer.validation_step(_batch(77 + epoch))])
-        trainer.on_epoch_end()
 
 
 # ---------------------------------------------------------------------------------------------- pair drawing
@@ -333,15 +315,15 @@ def test_resume_restores_discriminators_and_optimisers(trainer_class, tmp_path, 
     if trainer_class is UTADNetStudentTrainer:
         _teacher_checkpoint(tmp_path, monkeypatch)
     uninterrupted = _trainer(trainer_class, tmp_path, monkeypatch)
-    _run_epochs(uninterrupted, 1)
+    run_epochs(uninterrupted, 1, _batch, seed_each_step=True)
     checkpoint = str(tmp_path / "killed.pth")
     shutil.copyfile(uninterrupted.output_folder + "/checkpoint_latest.pth", checkpoint)
-    _run_epochs(uninterrupted, 2)
+    run_epochs(uninterrupted, 2, _batch, seed_each_step=True)
 
     resumed = _trainer(trainer_class, tmp_path, monkeypatch)
     resumed.load_checkpoint(checkpoint)
     assert resumed.current_epoch == 1
-    _run_epochs(resumed, 2)
+    run_epochs(resumed, 2, _batch, seed_each_step=True)
 
     assert_same_modules(uninterrupted, resumed, ("network", "discriminator"), rtol=1e-5, atol=1e-6)
     assert_same_optimizer_state(uninterrupted, resumed, ("optimizer", "optimizer_d"), "exp_avg_sq", rtol=1e-5,
