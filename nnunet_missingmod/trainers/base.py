@@ -304,6 +304,17 @@ class MultiTermLossTrainer(MissingModTrainerBase):
                        ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def require_region_labels(self, why: str) -> None:
+        """Stop with a clear error on a label-based dataset; ``why`` says what needs one sigmoid per region.
+
+        Raises:
+            ValueError: dataset.json defines plain labels (no ``regions_class_order``).
+        """
+        if not self.label_manager.has_regions:
+            raise ValueError(f"{type(self).__name__} needs region-based training ({why}), but dataset.json of "
+                             f"{self.plans_manager.dataset_name} defines plain labels; add 'regions_class_order' "
+                             "and region labels as in nnU-Net's Dataset137_BraTS21")
+
     def sgd_or_adam(self, name: str, key: str):
         """nnU-Net's SGD (``name == "sgd"``) or Adam, both with nnU-Net's ``initial_lr``, ``weight_decay`` and poly
         schedule; ``key`` names the config key in the error for anything else."""

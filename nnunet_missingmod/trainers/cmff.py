@@ -419,10 +419,7 @@ class CMFFTrainer(MultiTermLossTrainer):
                        fusion_levels=settings["fusion_levels"])
 
     def initialize(self) -> None:
-        if not self.label_manager.has_regions:
-            raise ValueError(f"{type(self).__name__} needs region-based training (its attention masks are one sigmoid "
-                             f"per tumour region), but dataset.json of {self.plans_manager.dataset_name} defines plain "
-                             "labels; add 'regions_class_order' and region labels as in nnU-Net's Dataset137_BraTS21")
+        self.require_region_labels("its attention masks are one sigmoid per tumour region")
         super().initialize()
 
     def _network_module(self) -> CMFFNet:

@@ -107,10 +107,7 @@ class D2NetTrainer(MultiTermLossTrainer):
                      reconstruction_feature_fraction=settings["reconstruction_feature_fraction"])
 
     def initialize(self) -> None:
-        if not self.label_manager.has_regions:
-            raise ValueError(f"{type(self).__name__} needs region-based training (one sigmoid per tumour region), "
-                             f"but dataset.json of {self.plans_manager.dataset_name} defines plain labels; add "
-                             "'regions_class_order' and region labels as in nnU-Net's Dataset137_BraTS21")
+        self.require_region_labels("one sigmoid per tumour region")
         if not self.enable_deep_supervision:
             raise ValueError(f"{type(self).__name__} trains its teacher and distillation through deep supervision; "
                              "enable_deep_supervision must stay True")
