@@ -165,9 +165,39 @@ def train_with_budget(trainer: str, epochs: int, iterations: int, device: str = 
     instance.run_training()
 
 
-def run_worker(script: str, args: list[str], env: dict[str, str]) -> dict:
-    """Run ``script --worker ...`` in a fresh interpreter; its last stdout line is a JSON result."""
-    completed = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(args)} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+def run_worker(script: str, args: list[str], env: dict[str, str], log: Path | None = None) -> dict:
+    """Run ``script --worker ...`` in a fresh interpreter; its last stdout line is a JSON result.
+
+    With ``log``, the worker's output (stdout and stderr, e.g. nnU-Net's per-epoch lines) is appended to that file
+    as it comes, so a long run can be followed with ``tail -f``; without, it is captured.
+    """
+    command = [sys.executable, script, *args]
+    if log is None:
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise RuntimeError(f"worker {' '.join(args)} failed:\n{completed.stdout[-2000:]}\n"
+                               f"{completed.stderr[-4000:]}")
+        return _last_json(completed.stdout)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as stream:
+        start = stream.tell()
+        stream.write(f"\n$ {' '.join(command)}\n")
+        stream.flush()
+        returncode = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
+    with log.open() as stream:
+        stream.seek(start)
+        output = stream.read()
+    if returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed (exit {returncode}); the end of {log}:\n{output[-4000:]}")
+    return _last_json(output)
+
+
+def _last_json(output: str) -> dict:
+    """The last line of a worker's output that is a JSON object (warnings printed at shutdown may follow it)."""
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise RuntimeError(f"the worker printed no JSON result; its output ended with:\n{output[-2000:]}")

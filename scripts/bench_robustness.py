@@ -4,7 +4,7 @@
         [--trainers nnUNetTrainer ModalityDropoutTrainer SharedLatentTrainer D2NetTrainer] [--seeds 1]
         [--dedicated] [--dedicated-seeds 1] [--epochs E] [--iterations I] [--epochs-for GROUP=EPOCHS ...]
         [--variant LABEL TRAINER SETTINGS.json ...] [--eval-cases 10] [--step-size 1.0] [--device cpu]
-        [--retrain [GROUP ...]] [--dry-run]
+        [--retrain [GROUP ...]] [--archive DIR] [--dry-run]
 
 Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterations`` override them):
 
@@ -39,8 +39,17 @@ is reported apart ("+N first phase"). ``--retrain CMFTPretrainer`` deletes the f
 Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted one continues from its
 ``checkpoint_latest.pth`` (written every few epochs) as ``nnUNetv2_train --c`` does, and an evaluation newer
 than its model on the same cases and combinations is reused; so the tables can be built over several
-sittings. ``--retrain`` (all groups, or the named ones) deletes models first; ``--dry-run`` prints what
-would be done.
+sittings. ``--retrain`` (all groups, or the named ones) deletes models (and their archived records) first;
+``--dry-run`` prints what would be done. Each training's output (nnU-Net's per-epoch lines) goes to
+``models/<run>/train_<trainer>.log``.
+
+Across machines: model folders stay on the machine that trained them, so ``--archive DIR`` keeps each finished,
+evaluated run as small text in ``DIR/<run>/`` (``run.json``: settings, budget, cases, learning curve, timings;
+and the evaluation's ``summary.json``, ``per_case.csv``, ``table.md``), meant to be committed. A later sitting on
+another machine with the same ``--archive`` takes those runs from it instead of training them again, and the
+report counts them with the runs trained there. A run archived with other settings (epochs, iterations, seed,
+override, held-out cases, step size) is refused rather than mixed in; ``--retrain GROUP`` deletes its record.
+The converged regime's runs are archived in ``docs/converged/runs``.
 
 Each model is scored by ``evaluate-missing`` on the first ``eval-cases`` held-out phantoms without mirroring
 TTA. Outputs in the regime's folder:
@@ -197,6 +206,71 @@ def dedicated_override(combination: Sequence[int]) -> dict:
     """The ``nnUNet_missingmod_config`` override that trains a model on ``combination`` only."""
     return {"modality_dropout": {"scheme": "fixed", "keep": [mods.MODALITIES[c] for c in combination],
                                  "p_keep_all": 0.0}}
+
+
+# ---------------------------------------------------------------- the archive: finished runs kept in the repository
+
+#: Files of an evaluate-missing output that the archive keeps (small text; the heat map is left out).
+ARCHIVE_FILES = ("summary.json", "per_case.csv", "table.md")
+#: The record keys a run must match to be taken from the archive instead of trained.
+ARCHIVE_KEYS = ("regime", "trainer", "seed", "combination", "settings", "epochs", "iterations", "pretrain_epochs",
+                "cases", "step_size")
+
+
+def run_settings(run: Run) -> dict | None:
+    """The ``nnUNet_missingmod_config`` override a run trains with (None: the trainer's own configuration)."""
+    if run.combination is not None:
+        return dedicated_override(run.combination)
+    return None if run.settings is None else dict(run.settings)
+
+
+def archive_identity(run: Run, regime: Regime, epochs: int, iterations: int, pretrain_epochs: int | None,
+                     cases: Sequence[str], step_size: float) -> dict:
+    """What defines a run's result: an archived record is reused only if all of it is the same."""
+    return {"regime": regime.name, "trainer": run.trainer, "seed": run.seed,
+            "combination": None if run.combination is None else list(run.combination),
+            "settings": run_settings(run), "epochs": epochs, "iterations": iterations,
+            "pretrain_epochs": (pretrain_epochs or epochs) if run.pretrainer else None,
+            "cases": sorted(cases), "step_size": step_size}
+
+
+def read_archive(folder: Path) -> dict | None:
+    """An archived run's ``run.json`` (None when the run is not archived)."""
+    record = folder / "run.json"
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def archive_mismatch(record: dict, identity: dict) -> list[str]:
+    """``key: archived != asked`` for every key of :data:`ARCHIVE_KEYS` that differs."""
+    return [f"{key}: archived {record.get(key)!r}, asked {identity[key]!r}" for key in ARCHIVE_KEYS
+            if record.get(key) != identity[key]]
+
+
+def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None:
+    """Keep a finished, evaluated run in ``folder``: its evaluation files, learning curve, timings and identity.
+
+    A model folder lives on one machine; the archive is small text meant to be committed, so that the tables can
+    be built over several sittings on different machines. Written to a temporary folder, then renamed.
+    """
+    log = read_learning_curve(run.fold)
+    if log is None or len(log["ema_fg_dice"]) != identity["epochs"]:
+        raise SystemExit(f"{run.name}: the model in {run.fold} has {0 if log is None else len(log['ema_fg_dice'])} "
+                         f"epochs, not the {identity['epochs']} asked for; not archived (--retrain {run.group})")
+    if not (run.evaluation / "summary.json").is_file():
+        raise SystemExit(f"{run.name}: no evaluation in {run.evaluation}; not archived")
+    record = {"name": run.name, "group": run.group, **identity, "curve": log, "timings": timings.get(run.name, {}),
+              "archived": time.strftime("%Y-%m-%d %H:%M:%S")}
+    staging = folder.with_name(folder.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for name in ARCHIVE_FILES:
+        if (run.evaluation / name).is_file():
+            shutil.copy2(run.evaluation / name, staging / name)
+    (staging / "run.json").write_text(json.dumps(record, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 # ---------------------------------------------------------------- learning curves and the plateau check
@@ -518,6 +592,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--retrain", nargs="*", default=None, metavar="GROUP",
                         help="delete the models of these groups (all without names) and train again")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help="keep each finished run's evaluation, learning curve and timings in DIR/<run> (small "
+                             "text files, meant to be committed); a run archived there with the same settings is "
+                             "not trained again, also on another machine")
     parser.add_argument("--dry-run", action="store_true", help="print each run's action and exit")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -540,11 +618,15 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     out = output_dir(work, regime)
+    archive = Path(args.archive).resolve() if args.archive else None
     if args.dry_run:
         for run in runs:
             pretraining = run.pretraining_fold(regime)
             first = "" if pretraining is None else f" (first phase {run.pretrainer}: {training_action(pretraining)})"
-            print(f"{run.name:<48} {training_action(run.fold):<9} {run.model}{first}")
+            action = training_action(run.fold)
+            if action != "reuse" and archive is not None and read_archive(archive / run.name) is not None:
+                action, first = "archived", f" ({archive / run.name})"
+            print(f"{run.name:<48} {action:<9} {run.model}{first}")
         return
     env = prepare(work, regime=regime)
     cases = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
@@ -560,13 +642,42 @@ def main() -> None:
             if pretraining is not None and (not args.retrain or run.pretrainer in args.retrain) and \
                     pretraining.parent.exists():
                 shutil.rmtree(pretraining.parent)
+            if archive is not None and (not args.retrain or run.group in args.retrain) and \
+                    (archive / run.name).exists():
+                shutil.rmtree(archive / run.name)
     for run in runs:
-        train_run(run, regime, epochs_for.get(run.group, args.epochs), args, env, timings,
-                  pretrain_epochs=epochs_for.get(run.pretrainer) if run.pretrainer else None)
+        epochs = epochs_for.get(run.group, args.epochs)
+        pretrain_epochs = epochs_for.get(run.pretrainer) if run.pretrainer else None
+        identity = archive_identity(run, regime, epochs, args.iterations, pretrain_epochs, case_names, args.step_size)
+        if archive is not None and archived_run(run, archive / run.name, identity):
+            continue
+        train_run(run, regime, epochs, args, env, timings, pretrain_epochs=pretrain_epochs)
         timings_file.write_text(json.dumps(timings, indent=2))
         evaluate_run(run, cases, case_names, args, timings)
         timings_file.write_text(json.dumps(timings, indent=2))
-    write_report(runs, regime, out, timings, args.iterations)
+        if archive is not None:
+            write_archive(run, archive / run.name, identity, timings)
+    write_report(runs, regime, out, timings, args.iterations, archive)
+
+
+def archived_run(run: Run, folder: Path, identity: dict) -> bool:
+    """Whether ``run`` is taken from the archive (archived, and its model is not on this machine).
+
+    Raises:
+        SystemExit: the run is archived with other settings (named in the message), whether or not its model is
+            here: a finished model would otherwise be archived under settings it was not trained with.
+    """
+    record = read_archive(folder)
+    if record is None:
+        return False
+    differences = archive_mismatch(record, identity)
+    if differences:
+        raise SystemExit(f"{run.name} is archived in {folder} with other settings ({'; '.join(differences)}): ask "
+                         f"for the same ones, use another --archive, or --retrain {run.group}")
+    if training_action(run.fold) == "reuse":
+        return False  # the model is here: reuse it, evaluate if needed and refresh the archive
+    print(f"=== archived: {run.name} ({folder})", flush=True)
+    return True
 
 
 def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, env: dict[str, str],
@@ -595,11 +706,13 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
                   f"({run.pretrainer}): {pre_epochs} epochs x {args.iterations} iterations, seed {run.seed}",
                   flush=True)
             result = run_worker(__file__, ["--worker", run.pretrainer, "--epochs", str(pre_epochs), *common,
-                                           *(["--resume"] if pre_action == "continue" else [])], run_env)
+                                           *(["--resume"] if pre_action == "continue" else [])], run_env,
+                                log=run.results.parent / f"train_{run.pretrainer}.log")
             entry["pretrain_s"] = (entry.get("pretrain_s", 0.0) if pre_action == "continue" else 0.0) + \
                 result["train_s"]
+    log = run.results.parent / f"train_{run.trainer}.log"
     print(f"=== {'continuing' if action == 'continue' else 'training'} {run.name}: {epochs} epochs x "
-          f"{args.iterations} iterations, seed {run.seed}", flush=True)
+          f"{args.iterations} iterations, seed {run.seed} (progress: tail -f {log})", flush=True)
     worker_args = ["--worker", run.trainer, "--epochs", str(epochs), *common]
     if action == "continue":
         worker_args.append("--resume")
@@ -614,7 +727,7 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
         run_env[OVERRIDE_ENV] = str(override)
         if run.combination is not None:
             worker_args += ["--keep", *map(str, run.combination)]
-    result = run_worker(__file__, worker_args, run_env)
+    result = run_worker(__file__, worker_args, run_env, log=log)
     entry["train_s"] = (entry.get("train_s", 0.0) if action == "continue" else 0.0) + result["train_s"]
     entry["sittings"] = (entry.get("sittings", 0) if action == "continue" else 0) + 1
 
@@ -636,22 +749,31 @@ def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argpar
     timings.setdefault(run.name, {})["evaluate_s"] = time.perf_counter() - start
 
 
-def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, iterations: int) -> None:
-    """comparison.md/.png, report.md/.json and learning_curves.png of the finished runs."""
+def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, iterations: int,
+                 archive: Path | None = None) -> None:
+    """comparison.md/.png, report.md/.json and learning_curves.png of the finished runs.
+
+    A run whose model or evaluation is not on this machine is taken from ``archive`` when it is there.
+    """
     from nnunet_missingmod.evaluation.missing_combinations import compare
 
     summaries: dict[str, dict[int, list[dict]]] = {}
-    rows, curves = [], {}
+    rows, curves, evaluations = [], {}, {}
     for run in runs:
-        log = read_learning_curve(run.fold)
+        record = read_archive(archive / run.name) if archive is not None else None
+        log = read_learning_curve(run.fold) or (record or {}).get("curve")
         curve = log["ema_fg_dice"] if log else []
         curves[run.name] = (run.group, curve)
-        rows.append({"name": run.name, "group": run.group, "seed": run.seed, "iterations": iterations,
+        rows.append({"name": run.name, "group": run.group, "seed": run.seed,
+                     "iterations": record["iterations"] if record and not run.fold.is_dir() else iterations,
                      "curve": curve, "plateau": plateau_check(curve), "epochs_s": sum(log["epoch_s"]) if log else None,
-                     **timings.get(run.name, {})})
-        summary_file = run.evaluation / "summary.json"
-        if summary_file.is_file():
-            summaries.setdefault(run.group, {}).setdefault(run.seed, []).append(json.loads(summary_file.read_text()))
+                     **(timings.get(run.name) or (record or {}).get("timings", {}))})
+        for folder in (run.evaluation, *([archive / run.name] if record else [])):
+            if (folder / "summary.json").is_file():
+                evaluations[run.name] = folder
+                summaries.setdefault(run.group, {}).setdefault(run.seed, []).append(
+                    json.loads((folder / "summary.json").read_text()))
+                break
     groups = {label: [s for per_seed in by_seed.values() for s in per_seed]
               for label, by_seed in summaries.items() if label != DEDICATED}
     complete = [dedicated_summary(per_seed) for per_seed in summaries.get(DEDICATED, {}).values()
@@ -660,8 +782,8 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
     (out / "report.md").write_text(report_markdown(aggregate, rows, regime))
     (out / "report.json").write_text(json.dumps({"regime": regime.name, "runs": rows, **aggregate}, indent=2))
     plot_learning_curves(curves, out / "learning_curves.png")
-    trainer_groups = {label: [r.evaluation for r in runs if r.group == label and (r.evaluation / "summary.json")
-                              .is_file()] for label in groups}
+    trainer_groups = {label: [evaluations[r.name] for r in runs if r.group == label and r.name in evaluations]
+                      for label in groups}
     if trainer_groups:
         markdown, _ = compare(list(trainer_groups.values()), out, labels=list(trainer_groups))
         print(markdown.read_text())

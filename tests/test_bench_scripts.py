@@ -118,10 +118,11 @@ def test_resuming_trains_continues_or_reuses_each_run(tmp_path, monkeypatch):
     (runs[1].fold / "checkpoint_latest.pth").write_bytes(b"x")
     assert [robustness.training_action(r.fold) for r in runs[:4]] == ["reuse", "continue", "train", "train"]
 
-    calls = []
+    calls, logs = [], []
 
-    def fake_worker(script, args, env):
+    def fake_worker(script, args, env, log=None):
         calls.append((args, env))
+        logs.append(log)
         return {"train_s": 10.0}
 
     monkeypatch.setattr(robustness, "run_worker", fake_worker)
@@ -132,6 +133,7 @@ def test_resuming_trains_continues_or_reuses_each_run(tmp_path, monkeypatch):
     assert len(calls) == 3, "the finished run was trained again"
     (continued, env1), (fresh, env2), (dedicated, env3) = calls
     assert "--resume" in continued and "--resume" not in fresh
+    assert logs[0] == runs[1].results.parent / "train_nnUNetTrainer.log"  # the worker's progress, one log per run
     assert continued[continued.index("--seed") + 1] == "1" and continued[continued.index("--worker") + 1] == \
         "nnUNetTrainer"
     assert env1["nnUNet_results"] == str(runs[1].results) and env2["nnUNet_results"] == str(runs[2].results)
@@ -157,7 +159,7 @@ def test_two_phase_run_trains_its_pretraining_first_in_the_same_results(tmp_path
 
     calls = []
 
-    def fake_worker(script, args, env):
+    def fake_worker(script, args, env, log=None):
         calls.append((args, env))
         trainer = args[args.index("--worker") + 1]
         fold = Path(env["nnUNet_results"]) / regime.dataset_name / f"{trainer}__nnUNetPlans__3d_cpu" / "fold_0"
@@ -200,7 +202,7 @@ def test_variant_trains_its_trainer_with_its_settings_and_refuses_other_settings
     assert runs[2].results != runs[0].results  # its own model folder
 
     calls = []
-    monkeypatch.setattr(robustness, "run_worker", lambda script, args, env: calls.append((args, env)) or
+    monkeypatch.setattr(robustness, "run_worker", lambda script, args, env, log=None: calls.append((args, env)) or
                         {"train_s": 1.0})
     args = type("Args", (), {"iterations": 40, "device": "cpu"})()
     robustness.train_run(runs[0], regime, 30, args, {}, {})
@@ -342,6 +344,95 @@ def test_report_tables(tmp_path):
     assert "| ModalityDropoutTrainer | 3 | 70.0 ± 10.0 [45.2, 94.8] |" in text  # 70 ± 24.84
     assert "| **average** |" in text and "0.875 / 1.000 / 1.000" in text
     assert "## Full input (t1+t1ce+t2+flair) ÷ nnUNetTrainer" in text
+
+
+# ---------------------------------------------------------------- the archive: runs kept across machines
+
+
+def _finished_run(run, epochs: int, evaluation: dict) -> None:
+    """A trained and evaluated run: a final checkpoint with ``epochs`` logged epochs and an evaluation folder."""
+    _fake_checkpoint(run.fold / "checkpoint_final.pth", [(i + 1) / (10 * epochs) for i in range(epochs)])
+    run.evaluation.mkdir(parents=True)
+    (run.evaluation / "summary.json").write_text(json.dumps(evaluation))
+    (run.evaluation / "per_case.csv").write_text("case,combination,WT_Dice\n")
+    (run.evaluation / "heatmap.png").write_bytes(b"\x89PNG")
+
+
+def test_archived_runs_stand_in_for_their_models_on_another_machine(tmp_path):
+    regime = REGIMES["converged"]
+    archive = tmp_path / "repository" / "runs"
+    cases = ["phantom_011", "phantom_010"]
+    first = robustness.plan_runs(tmp_path / "machine1", regime, ["nnUNetTrainer", "ModalityDropoutTrainer"], seeds=1)
+    for run, evaluation in zip(first, (uniform(0.5, full=0.9), uniform(0.6, full=0.8)), strict=True):
+        _finished_run(run, 4, evaluation)
+        identity = robustness.archive_identity(run, regime, 4, 40, None, cases, 1.0)
+        assert not robustness.archived_run(run, archive / run.name, identity)  # nothing archived yet
+        robustness.write_archive(run, archive / run.name, identity, {run.name: {"train_s": 60.0, "sittings": 1}})
+        # archived, but the model is on this machine: it is reused (and re-archived), not skipped
+        assert not robustness.archived_run(run, archive / run.name, identity)
+    assert sorted(p.name for p in (archive / first[0].name).iterdir()) == ["per_case.csv", "run.json", "summary.json"]
+    assert not list(archive.glob("*.partial"))
+
+    second = robustness.plan_runs(tmp_path / "machine2", regime, ["nnUNetTrainer", "ModalityDropoutTrainer"], seeds=1)
+    for run in second:
+        assert not run.model.exists()
+        identity = robustness.archive_identity(run, regime, 4, 40, None, cases[::-1], 1.0)  # case order is free
+        assert robustness.archived_run(run, archive / run.name, identity)
+    out = tmp_path / "machine2" / "report"
+    out.mkdir(parents=True)
+    robustness.write_report(second, regime, out, {}, 40, archive)
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["name"]: row for row in report["runs"]}
+    assert rows["nnUNetTrainer__seed0"]["curve"] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert rows["nnUNetTrainer__seed0"]["train_s"] == 60.0 and rows["nnUNetTrainer__seed0"]["iterations"] == 40
+    assert report["ratios"]["ModalityDropoutTrainer"]["full_input_to_baseline"]["WT"] == pytest.approx(0.8 / 0.9)
+    # dropout's 15-combination average: 14 combinations at 0.6, full input 0.8
+    assert report["groups"]["ModalityDropoutTrainer"]["average"]["WT_Dice"]["mean"] == pytest.approx(
+        (14 * 0.6 + 0.8) / 15)
+    assert "| nnUNetTrainer__seed0 | 4 x 40 | 0.100 |" in (out / "report.md").read_text()
+    assert "ModalityDropoutTrainer" in (out / "comparison.md").read_text()
+
+
+def test_archive_refuses_other_settings_and_a_model_of_another_budget(tmp_path):
+    regime = REGIMES["converged"]
+    run = robustness.plan_runs(tmp_path, regime, [], seeds=1, dedicated_seeds=1)[0]  # the dedicated t1 model
+    folder = tmp_path / "runs" / run.name
+    _finished_run(run, 4, uniform(0.5))
+    identity = robustness.archive_identity(run, regime, 4, 40, None, ["phantom_010"], 1.0)
+    assert identity["settings"] == {"modality_dropout": {"scheme": "fixed", "keep": ["t1"], "p_keep_all": 0.0}}
+    with pytest.raises(SystemExit, match="has 4 epochs, not the 8 asked for"):
+        robustness.write_archive(run, folder, {**identity, "epochs": 8}, {})
+    assert not folder.parent.exists() or not list(folder.parent.iterdir())  # nothing half-written
+    robustness.write_archive(run, folder, identity, {})
+    shutil.rmtree(run.model)
+    longer = robustness.archive_identity(run, regime, 8, 40, None, ["phantom_010"], 1.0)
+    with pytest.raises(SystemExit, match=r"archived in .*dedicated_t1__seed0 with other settings \(epochs: archived "
+                                         r"4, asked 8\)"):
+        robustness.archived_run(run, folder, longer)
+    other_cases = robustness.archive_identity(run, regime, 4, 40, None, ["phantom_011"], 1.0)
+    with pytest.raises(SystemExit, match="cases: archived"):
+        robustness.archived_run(run, folder, other_cases)
+    variant = robustness.plan_runs(tmp_path, regime, [], seeds=1, variants=[("MD", "ModalityDropoutTrainer",
+                                                                             {"modality_dropout": {"p_keep_all": 1}})])
+    with pytest.raises(SystemExit, match="settings: archived"):
+        robustness.archived_run(run, folder, robustness.archive_identity(variant[0], regime, 4, 40, None,
+                                                                         ["phantom_010"], 1.0))
+
+
+def test_worker_output_goes_to_its_log_and_the_result_is_its_last_json_line(tmp_path):
+    from bench_common import run_worker
+
+    script = tmp_path / "worker.py"
+    script.write_text("import json, sys\nprint('epoch 1 of 2', flush=True)\nprint(json.dumps({'train_s': 1.5}))\n"
+                      "sys.stdout.flush()\nprint('a warning at shutdown', file=sys.stderr)\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    log = tmp_path / "logs" / "train.log"
+    assert run_worker(str(script), ["0"], dict(os.environ), log=log) == {"train_s": 1.5}
+    assert run_worker(str(script), ["0"], dict(os.environ)) == {"train_s": 1.5}  # captured
+    assert "epoch 1 of 2" in log.read_text()
+    with pytest.raises(RuntimeError, match=r"exit 3\); the end of .*train.log:\n(.|\n)*epoch 1 of 2"):
+        run_worker(str(script), ["3"], dict(os.environ), log=log)
+    assert log.read_text().count("epoch 1 of 2") == 2  # appended, a sitting after another
 
 
 # ---------------------------------------------------------------- interleaved timing
