@@ -17,10 +17,11 @@ from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
 3. ``evaluate-synthesis`` of the student on the first ``--eval-cases`` held-out phantoms (zero-fill and
    histogram-matching baselines in the same run).
 4. Downstream: a plain full-modality ``nnUNetTrainer`` (the regime's 3d_cpu budget, as in
-   ``bench_robustness.py``, whose model is reused when present), scored by ``evaluate-missing`` on the held-out
-   phantoms with the missing sequences zero-filled and synthesised by the student: ``--combinations one-missing``
-   (default: the BraSyn setting, the four combinations lacking exactly one sequence, plus all four real) or
-   ``all`` (the 15 combinations). ``--dropout`` adds ``ModalityDropoutTrainer`` (zero-fill) at the same budget.
+   ``bench_robustness.py``, whose finished seed-0 model in the same work folder is used when present), scored
+   by ``evaluate-missing`` on the held-out phantoms with the missing sequences zero-filled and synthesised by
+   the student: ``--combinations one-missing`` (default: the BraSyn setting, the four combinations lacking
+   exactly one sequence, plus all four real) or ``all`` (the 15 combinations). ``--dropout`` adds
+   ``ModalityDropoutTrainer`` (zero-fill) at the same budget.
 5. Speed: ``synthesize`` on ``--speed-cases`` held-out phantoms with one sequence missing (a different one per
    case), and with only FLAIR acquired: slices per second (translation loop) and seconds per case (everything,
    reading and writing included), model loading excluded.
@@ -135,11 +136,29 @@ def train_synthesis(work: Path, regime: Regime, env: dict, trainer: str, epochs:
     return action
 
 
+def segmentation_model(work: Path, regime: Regime, trainer: str) -> Path:
+    """The model folder of a full-modality segmentation trainer in this work folder.
+
+    The robustness benchmark's seed-0 run of the same regime (``bench_robustness.py``: same phantoms, same
+    configuration, seed 0, at least the regime's budget) when it has finished, so that one model serves both
+    benchmarks; else this benchmark's own, in ``<work>/nnUNet_results``.
+    """
+    from bench_robustness import output_dir as robustness_output
+
+    shared = results_model_dir(robustness_output(work, regime) / "models" / f"{trainer}__seed0" / "nnUNet_results",
+                               trainer, regime)
+    if (shared / "fold_0" / "checkpoint_final.pth").is_file():
+        return shared
+    return results_model_dir(work / "nnUNet_results", trainer, regime)
+
+
 def train_segmentation(work: Path, regime: Regime, trainer: str, device: str, dry_run: bool, timings: dict) -> str:
-    """A full-modality segmentation model at the regime's 3d budget (``bench_common.train_with_budget``)."""
-    action = training_action(results_model_dir(work / "nnUNet_results", trainer, regime) / "fold_0")
+    """A full-modality segmentation model at the regime's 3d budget (``bench_common.train_with_budget``), unless
+    :func:`segmentation_model` finds one."""
+    model = segmentation_model(work, regime, trainer)
+    action = training_action(model / "fold_0")
     if dry_run or action == "reuse":
-        return action
+        return action if action != "reuse" else f"reuse {model}"
     start = time.perf_counter()
     train_with_budget(trainer, regime.epochs, regime.iterations, device, regime=regime, seed=0,
                       continue_training=action == "continue", save_every=regime.save_every)
@@ -177,7 +196,7 @@ def run_downstream(work: Path, regime: Regime, name: str, trainer: str, fill: st
     from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
 
     out = output_dir(work, regime) / f"downstream_{name}"
-    model = results_model_dir(work / "nnUNet_results", trainer, regime)
+    model = segmentation_model(work, regime, trainer)
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     names = [mods.combination_name(c) for c in combinations]
     student_checkpoint = synthesis_model_dir(work, regime, STUDENT) / "fold_0" / "checkpoint_final.pth"

@@ -362,3 +362,25 @@ def test_benchmark_downstream_ratios_by_hand():
     assert len(records) == 1 and records[0]["combination"] == "t1+t1ce+t2"
     assert records[0]["WT"]["ratio"] == pytest.approx(0.76 / 0.8) and records[0]["ET"]["ratio"] == pytest.approx(0.5)
     assert lines == ["| t1+t1ce+t2 | 20.0 / 76.0 / 0.950 | 30.0 / 50.0 / 1.000 | 10.0 / 20.0 / 0.500 |"]
+
+
+def test_benchmark_downstream_uses_the_robustness_benchmarks_finished_model(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    regime = REGIMES["converged"]
+    own = tmp_path / "nnUNet_results" / regime.dataset_name / "nnUNetTrainer__nnUNetPlans__3d_cpu"
+    shared = (tmp_path / "robustness_converged" / "models" / "nnUNetTrainer__seed0" / "nnUNet_results" /
+              regime.dataset_name / "nnUNetTrainer__nnUNetPlans__3d_cpu")
+    assert bench_synthesis.segmentation_model(tmp_path, regime, "nnUNetTrainer") == own
+    (shared / "fold_0").mkdir(parents=True)
+    (shared / "fold_0" / "checkpoint_latest.pth").write_bytes(b"x")  # still training there: not used
+    assert bench_synthesis.segmentation_model(tmp_path, regime, "nnUNetTrainer") == own
+    (shared / "fold_0" / "checkpoint_final.pth").write_bytes(b"x")
+    assert bench_synthesis.segmentation_model(tmp_path, regime, "nnUNetTrainer") == shared
+    assert bench_synthesis.segmentation_model(tmp_path, regime, "ModalityDropoutTrainer").is_relative_to(
+        tmp_path / "nnUNet_results")
