@@ -186,6 +186,7 @@ class AdversarialTrainer(MissingModTrainerBase):
         self.examples_every = int(settings.get("examples_every", 1))
         self.enable_deep_supervision = False  # generators output images, not segmentation pyramids
         self.discriminator: nn.Module | None = None
+        self.batch_keys = None  # case identifiers of the batch being processed (set by _to_device)
         self.optimizer_d: torch.optim.Optimizer | None = None
         self.lr_scheduler_d: _LRScheduler | None = None
         self.grad_scaler_d = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
@@ -259,6 +260,9 @@ class AdversarialTrainer(MissingModTrainerBase):
         self.logger.log("lrs_discriminator", self.optimizer_d.param_groups[0]["lr"], self.current_epoch)
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's data and target on the device; its case identifiers (nnU-Net's ``keys``, or None) are kept
+        in ``self.batch_keys`` for the loss functions, which receive tensors only."""
+        self.batch_keys = batch.get("keys")
         target = batch["target"]
         if isinstance(target, list):
             target = target[0]

@@ -66,9 +66,9 @@ Deviations from the paper, and why:
   eq. 3/4's classification on them (label t); the paper (like StarGAN) shows the critic the source images
   I_source (label s) and draws targets as a permutation of the batch's source labels. Both are unpaired; taking the
   real side in modality t keeps real and fake modality distributions equal for any availability pattern, where a
-  permutation of source labels would ask for modalities the batch does not have. The partner is another sample of
-  the batch, which nnU-Net's loader usually draws from another case (the same case only by chance: the losses do
-  not see case identifiers).
+  permutation of source labels would ask for modalities the batch does not have. The partner is the next sample
+  of the batch that comes from another case (nnU-Net's loader draws cases with replacement, so two samples of a
+  batch can share one; the batch's ``keys`` say which); a sample whose batch holds no other case is left out.
 * Samples with no usable (source, target) pair are left out of a step; a batch without any gives zero losses
   (kept in the autograd graph) for that update. ``batch_size`` must be at least 2 (unpaired partner).
 * Images are z-scored (nnU-Net's 2d preprocessing), not scaled to [-1, 1]; the tumour image is the image times
@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from os.path import isdir, isfile, join
 
@@ -153,24 +154,33 @@ def _rng(rng: np.random.Generator | None) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng(np.random.randint(0, 2 ** 31))
 
 
-def draw_unpaired_pairs(acquired: np.ndarray, rng: np.random.Generator | None = None) -> PairDraw:
+def draw_unpaired_pairs(acquired: np.ndarray, rng: np.random.Generator | None = None,
+                        cases: Sequence | None = None) -> PairDraw:
     """Source modality of each sample and a target modality of its partner sample (the batch rolled by one).
 
-    Sample i's source s is drawn uniformly among its acquired channels that leave the partner j = (i + 1) mod B
-    some other acquired channel; the target t is drawn uniformly among the partner's acquired channels except s.
-    Samples without such a pair (and every sample of a batch of one) are left out.
+    Sample i's partner j is the next sample of the batch, (i + 1) mod B, or with ``cases`` the first of
+    (i + 1), (i + 2), ... mod B that comes from another case. Its source s is drawn uniformly among its acquired
+    channels that leave the partner some other acquired channel; the target t is drawn uniformly among the
+    partner's acquired channels except s. Samples without such a pair (and every sample of a batch of one, or of
+    a batch from one case) are left out.
 
     Args:
         acquired: (B, M) boolean, channel c of sample b is not all zero.
         rng: numpy generator (default: seeded from numpy's global stream).
+        cases: (B,) the case of each sample (nnU-Net's batch ``keys``), or None.
     """
     rng = _rng(rng)
     batch, num_modalities = acquired.shape
+    if cases is not None and len(cases) != batch:
+        raise ValueError(f"{len(cases)} case identifiers for a batch of {batch}")
     draws = []
     for i in range(batch):
-        j = (i + 1) % batch
-        if j == i:
+        others = [(i + k) % batch for k in range(1, batch)]
+        if cases is not None:
+            others = [j for j in others if cases[j] != cases[i]]
+        if not others:
             continue
+        j = others[0]
         sources = [s for s in np.flatnonzero(acquired[i]) if np.any(np.delete(acquired[j], s))]
         if not sources:
             continue
@@ -349,7 +359,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
     def unpaired_batch(self, data: torch.Tensor, target: torch.Tensor) -> UnpairedBatch | None:
         """Draw the sources, targets and partners of one step (None if no sample has a pair)."""
         acquired = acquired_modalities(data, self.num_modalities, batched=True).cpu().numpy()
-        draw = draw_unpaired_pairs(acquired)
+        cases = self.batch_keys if self.batch_keys is not None and len(self.batch_keys) == len(data) else None
+        draw = draw_unpaired_pairs(acquired, cases=cases)
         if draw.rows.size == 0:
             return None
         mask = self.tumour_mask(target)

@@ -101,6 +101,44 @@ def test_unpaired_pairs_use_only_acquired_channels_of_another_sample():
     assert draw_unpaired_pairs(np.ones((1, 4), bool), rng).rows.size == 0  # a batch of one has no partner
 
 
+def test_unpaired_partner_comes_from_another_case():
+    """nnU-Net draws cases with replacement: a batch can hold two slices of one case; the partner skips them."""
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        cases = [f"case_{k}" for k in rng.integers(0, 3, size=5)]
+        acquired = rng.random((5, 4)) < 0.7
+        draw = draw_unpaired_pairs(acquired, rng, cases=cases)
+        for i, s, t, j in zip(draw.rows, draw.source, draw.target, draw.partner, strict=True):
+            # naive: walk the batch from i + 1 on, the first slice of another case
+            expected = next(k % 5 for k in range(i + 1, i + 5) if cases[k % 5] != cases[i])
+            assert j == expected and cases[j] != cases[i]
+            assert acquired[i, s] and acquired[j, t] and s != t
+    same_case = draw_unpaired_pairs(np.ones((3, 4), bool), rng, cases=["case_7"] * 3)
+    assert same_case.rows.size == 0  # no other case in the batch: no unpaired partner
+    with pytest.raises(ValueError, match="2 case identifiers for a batch of 3"):
+        draw_unpaired_pairs(np.ones((3, 4), bool), rng, cases=["a", "b"])
+
+
+def test_teacher_step_draws_partners_from_the_batch_keys(tmp_path, monkeypatch):
+    """The case identifiers of nnU-Net's batch (``keys``) reach the pair draw of every critic and generator update."""
+    import nnunet_missingmod.trainers.utad as utad
+
+    seen = []
+    original = utad.draw_unpaired_pairs
+    monkeypatch.setattr(utad, "draw_unpaired_pairs", lambda acquired, rng=None, cases=None:
+                        seen.append(None if cases is None else list(cases)) or original(acquired, rng, cases))
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    trainer.n_critic = 2
+    trainer.dataloader_train = iter([{**_batch(7), "keys": ["case_b", "case_b", "case_c"]}])
+    trainer.on_train_epoch_start()
+    trainer.train_step({**_batch(6), "keys": ["case_a", "case_a", "case_a"]})
+    # critic update 1 (the step's batch: one case, so no pair: zero losses), critic update 2 and the generator
+    # update (the fresh batch)
+    assert seen == [["case_a"] * 3, ["case_b", "case_b", "case_c"], ["case_b", "case_b", "case_c"]]
+    trainer._to_device(_batch(9))  # a batch without keys (not from nnU-Net's loader): the batch is rolled
+    assert trainer.batch_keys is None
+
+
 def test_paired_pairs_take_two_channels_of_the_same_slice():
     rng = np.random.default_rng(1)
     for _ in range(200):
