@@ -81,14 +81,19 @@ def region_dice(reference_folder: Path, prediction_folder: Path, dataset_json: d
 
 def prepare_phantom_dataset(work: Path, env: dict[str, str], *, dataset_id: int = 990, num_cases: int = 40,
                             num_test: int = 10, seed: int = 0, configuration: str = "3d_cpu",
-                            patch_size: tuple[int, int, int] = (48, 48, 48),
-                            num_processes: int = 2) -> dict[str, float]:
+                            patch_size: tuple[int, int, int] = (48, 48, 48), num_processes: int = 2,
+                            spacing: float | None = None, features_per_stage: tuple[int, ...] | None = None,
+                            batch_size: int | None = None, preview: bool = True) -> dict[str, float]:
     """Phantoms, nnU-Net planning/preprocessing and the CPU configuration in ``work`` (finished steps are reused).
+
+    ``spacing`` (mm, default the phantoms' 2 mm), ``features_per_stage`` and ``batch_size`` (default
+    ``add_cpu_configuration``'s) set the phantoms and the CPU configuration of the benchmark regimes;
+    ``preview`` writes ``work/phantom_preview.png``.
 
     Returns:
         Wall times in seconds of the steps that ran.
     """
-    from nnunet_missingmod.data.phantom import make_phantom_dataset, render_preview
+    from nnunet_missingmod.data.phantom import PhantomConfig, make_phantom_dataset, render_preview
     from nnunet_missingmod.data.plans import add_cpu_configuration
 
     timings = {}
@@ -96,10 +101,13 @@ def prepare_phantom_dataset(work: Path, env: dict[str, str], *, dataset_id: int 
     raw = work / "nnUNet_raw" / dataset_name
     start = time.perf_counter()
     if not (raw / "dataset.json").is_file():
-        print(f"=== generating {num_cases + num_test} phantoms", flush=True)
+        print(f"=== generating {num_cases + num_test} phantoms" + (f" at {spacing:g} mm" if spacing else ""),
+              flush=True)
         make_phantom_dataset(dataset_id, num_cases=num_cases, num_test=num_test, seed=seed,
+                             config=PhantomConfig() if spacing is None else PhantomConfig(spacing=spacing),
                              raw_folder=work / "nnUNet_raw", num_processes=num_processes)
-    render_preview(raw, work / "phantom_preview.png")
+    if preview:
+        render_preview(raw, work / "phantom_preview.png")
     timings["phantoms"] = time.perf_counter() - start
 
     plans = work / "nnUNet_preprocessed" / dataset_name / "nnUNetPlans.json"
@@ -108,8 +116,10 @@ def prepare_phantom_dataset(work: Path, env: dict[str, str], *, dataset_id: int 
             "nnU-Net planning and preprocessing",
             [_console_script("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
              "-np", str(num_processes), "--verify_dataset_integrity"], env)
+    sizes = {key: value for key, value in (("features_per_stage", features_per_stage), ("batch_size", batch_size))
+             if value is not None}
     add_cpu_configuration(dataset_id, name=configuration, patch_size=patch_size,
-                          preprocessed_folder=work / "nnUNet_preprocessed")
+                          preprocessed_folder=work / "nnUNet_preprocessed", **sizes)
     print(f"added configuration {configuration} (patch {list(patch_size)}) to {plans}")
     return timings
 

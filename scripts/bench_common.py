@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_missingmod.demo import nnunet_environment, run_step
+from nnunet_missingmod.demo import nnunet_environment
 
 DATASET_ID = 990
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_BraTSPhantom"
@@ -78,40 +78,26 @@ REGIMES: dict[str, Regime] = {
 }
 
 
-def _console_script(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def prepare(work: Path, *, num_cases: int | None = None, num_test: int | None = None,
             regime: Regime = REGIMES["short"]) -> dict[str, str]:
     """Phantoms + plans + the regime's CPU configuration in ``work`` (finished steps are reused).
 
-    Sets the nnU-Net variables in this process and returns the environment for child processes.
+    The demo's preparation (``demo.prepare_phantom_dataset``) with the regime's spacing, patch, features and
+    batch. Sets the nnU-Net variables in this process and returns the environment for child processes.
     """
-    from nnunet_missingmod.data.phantom import PhantomConfig, make_phantom_dataset
-    from nnunet_missingmod.data.plans import add_cpu_configuration
+    from nnunet_missingmod.demo import prepare_phantom_dataset
 
     work.mkdir(parents=True, exist_ok=True)
     env = nnunet_environment(work)
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
                                             "nnUNet_extTrainer", "nnUNet_def_n_proc", "nnUNet_n_proc_DA",
                                             "nnUNet_compile")})
-    num_cases = regime.num_cases if num_cases is None else num_cases
-    num_test = regime.num_test if num_test is None else num_test
-    if not (work / "nnUNet_raw" / regime.dataset_name / "dataset.json").is_file():
-        print(f"=== generating {num_cases + num_test} phantoms at {regime.spacing} mm", flush=True)
-        make_phantom_dataset(regime.dataset_id, num_cases=num_cases, num_test=num_test, seed=0,
-                             config=PhantomConfig(spacing=regime.spacing), raw_folder=work / "nnUNet_raw",
-                             num_processes=int(env["nnUNet_def_n_proc"]))
-    plans = work / "nnUNet_preprocessed" / regime.dataset_name / "nnUNetPlans.json"
-    if not plans.is_file() or not (plans.parent / "nnUNetPlans_3d_fullres").is_dir():
-        run_step("nnU-Net planning and preprocessing",
-                 [_console_script("nnUNetv2_plan_and_preprocess"), "-d", str(regime.dataset_id), "-c", "3d_fullres",
-                  "-np", env["nnUNet_def_n_proc"], "--verify_dataset_integrity"], env)
-    add_cpu_configuration(regime.dataset_id, name=regime.configuration, patch_size=regime.patch_size,
-                          features_per_stage=regime.features, batch_size=regime.batch_size,
-                          preprocessed_folder=work / "nnUNet_preprocessed")
+    prepare_phantom_dataset(work, env, dataset_id=regime.dataset_id,
+                            num_cases=regime.num_cases if num_cases is None else num_cases,
+                            num_test=regime.num_test if num_test is None else num_test, seed=0,
+                            configuration=regime.configuration, patch_size=regime.patch_size,
+                            num_processes=int(env["nnUNet_def_n_proc"]), spacing=regime.spacing,
+                            features_per_stage=regime.features, batch_size=regime.batch_size, preview=False)
     return env
 
 
