@@ -226,6 +226,22 @@ def test_variant_trains_its_trainer_with_its_settings_and_refuses_other_settings
     assert "--resume" in calls[-1][0]
 
 
+VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "variants").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.name)
+def test_shipped_variant_files_apply_to_their_trainer(path, monkeypatch):
+    """Every override file in scripts/variants names only keys its trainer has, and changes something."""
+    from nnunet_missingmod.trainers import D2NetTrainer
+
+    trainer = D2NetTrainer if path.name.startswith("d2net_") else ModalityDropoutTrainer
+    assert path.name.startswith(("d2net_", "md_")), "name variant files after their trainer (d2net_, md_)"
+    assert path.name in (path.parent / "README.md").read_text(), "describe the file in scripts/variants/README.md"
+    shipped = load_trainer_config(trainer)
+    monkeypatch.setenv(OVERRIDE_ENV, str(path))
+    assert load_trainer_config(trainer) != shipped  # strict merge: an unknown key raises KeyError
+
+
 @pytest.mark.parametrize("content, message", [(None, "cannot read"), ("{", "is not valid JSON"),
                                               ("[1]", "must hold a JSON object")])
 def test_variant_settings_errors_name_the_file(content, message, tmp_path):
