@@ -10,8 +10,9 @@ One training step, per sample of an nnU-Net 2D batch (data (B, M, X, Y), region 
 
 * the source modality s is drawn among the channels the sample has (a channel that is exactly zero after
   augmentation is missing: never a source, never a real target); the source slice is I_source = data[i, s];
-* training is **unpaired**: the real slice the critics compare with comes from another sample of the batch
-  (the batch rolled by one, partner j = i + 1 mod B), in a modality t != s that the partner has;
+* training is **unpaired**: the real slice the critics compare with comes from another sample of the batch, of
+  another case (partner j: the first of i + 1, i + 2, ... mod B whose case differs, by the batch's ``keys``), in a
+  modality t != s that the partner has;
   I_target = G(I_source, T_source, t) is never compared with a real image of the same slice;
 * the tumour mask M is nnU-Net's region target of ``utad.mask_region`` (WT, TC or ET; default WT);
   T_source = I_source x M_i, the real tumour image is data[j, t] x M_j.
@@ -69,6 +70,9 @@ Deviations from the paper, and why:
   permutation of source labels would ask for modalities the batch does not have. The partner is the next sample
   of the batch that comes from another case (nnU-Net's loader draws cases with replacement, so two samples of a
   batch can share one; the batch's ``keys`` say which); a sample whose batch holds no other case is left out.
+* Every modality of every training case serves as a source and as a real target. The paper (Sec. IV-A-1) uses
+  each training subject in one modality only; no loss here compares a generated slice with a real slice of its
+  own case, so the setting stays unpaired, but the model sees more images per modality than in the paper.
 * Samples with no usable (source, target) pair are left out of a step; a batch without any gives zero losses
   (kept in the autograd graph) for that update. ``batch_size`` must be at least 2 (unpaired partner).
 * Images are z-scored (nnU-Net's 2d preprocessing), not scaled to [-1, 1]; the tumour image is the image times
