@@ -393,7 +393,10 @@ class AdversarialTrainer(MissingModTrainerBase):
 
 def plot_adversarial_progress(history: dict, generator_terms, discriminator_terms, metric_names,
                               filename: str) -> None:
-    """Generator terms, discriminator terms and validation metrics per epoch, side by side, in ``filename``."""
+    """Generator terms, discriminator terms and validation metrics per epoch, side by side, in ``filename``.
+
+    Validation metrics in decibels (PSNR) go on a second axis, so that SSIM and L1 keep their own scale.
+    """
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
@@ -401,16 +404,22 @@ def plot_adversarial_progress(history: dict, generator_terms, discriminator_term
               ("discriminator terms (unweighted)", [f"loss_{t}" for t in discriminator_terms]),
               ("validation", [f"val_{m}" for m in metric_names])]
     sizes = {"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8}
-    with plt.rc_context(sizes):
+    with plt.style.context("default"), plt.rc_context(sizes):  # nnU-Net leaves seaborn at font_scale 2.5
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
         for ax, (title, keys) in zip(axes, panels, strict=False):
-            for key in keys:
+            decibels = ax.twinx() if any(k.endswith("psnr") for k in keys) else None
+            lines = []
+            for index, key in enumerate(keys):
                 values = np.asarray(history.get(key, []), dtype=float)
                 if values.size:
-                    ax.plot(np.arange(values.size), values, label=key.split("_", 1)[1], linewidth=2)
+                    axis = decibels if decibels is not None and key.endswith("psnr") else ax
+                    lines += axis.plot(np.arange(values.size), values, label=key.split("_", 1)[1], linewidth=2,
+                                       color=f"C{index}")
             ax.set(title=title, xlabel="epoch")
-            if keys:
-                ax.legend(loc="best", ncol=2)
+            if decibels is not None:
+                decibels.set_ylabel("PSNR (dB)")
+            if lines:
+                ax.legend(lines, [line.get_label() for line in lines], loc="best", ncol=2)
         fig.tight_layout()
         fig.savefig(filename, dpi=90)
         plt.close(fig)
