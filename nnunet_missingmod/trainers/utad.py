@@ -70,6 +70,9 @@ Deviations from the paper, and why:
   permutation of source labels would ask for modalities the batch does not have. The partner is the next sample
   of the batch that comes from another case (nnU-Net's loader draws cases with replacement, so two samples of a
   batch can share one; the batch's ``keys`` say which); a sample whose batch holds no other case is left out.
+* ``utad.lambda_cls`` weighs the classification terms of both the critic (eq. 11) and the generator (eq. 12), as
+  StarGAN's lambda_cls does; the paper writes them unweighted, which is the default 1. It is a knob for data whose
+  modalities are hard to tell apart (docs/RESULTS.md, "UTAD-Net synthesis").
 * Every modality of every training case serves as a source and as a real target. The paper (Sec. IV-A-1) uses
   each training subject in one modality only; no loss here compares a generated slice with a real slice of its
   own case, so the setting stays unpaired, but the model sees more images per modality than in the paper.
@@ -280,7 +283,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         """The ``utad`` config section, checked (ValueError naming the key)."""
         if settings["mask_region"] not in mods.REGIONS:
             raise ValueError(f"utad.mask_region must be one of {list(mods.REGIONS)}, got {settings['mask_region']!r}")
-        for key in ("lambda_gp", "lambda1"):
+        for key in ("lambda_gp", "lambda1", "lambda_cls"):
             value = settings[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"utad.{key} must be a number >= 0, got {value!r}")
@@ -417,7 +420,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                     lambda images, b=branch: self.discriminator(images, b)[0], real[:pairs].float(),
                     generated[:pairs].float())
             losses[f"d_cls_{branch}"] = modality_classification_loss(logits[:real.shape[0]], real_modality)
-        losses["total"] = sum(losses[f"d_adv_{b}"] + lambda_gp * losses[f"d_gp_{b}"] + losses[f"d_cls_{b}"]
+        lambda_cls = self.utad["lambda_cls"]
+        losses["total"] = sum(losses[f"d_adv_{b}"] + lambda_gp * losses[f"d_gp_{b}"] + lambda_cls * losses[f"d_cls_{b}"]
                               for b in UTADDiscriminators.BRANCHES)
         return losses
 
@@ -452,8 +456,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
 
     def term_weights(self) -> dict[str, float]:
         """Weight of each generator term in the total (eq. 12)."""
-        lambda1 = float(self.utad["lambda1"])
-        return {"adv_global": 1.0, "adv_local": 1.0, "cls_global": 1.0, "cls_local": 1.0, "rec": lambda1,
+        lambda1, lambda_cls = float(self.utad["lambda1"]), float(self.utad["lambda_cls"])
+        return {"adv_global": 1.0, "adv_local": 1.0, "cls_global": lambda_cls, "cls_local": lambda_cls, "rec": lambda1,
                 "local": lambda1}
 
     # ------------------------------------------------------------------ validation

@@ -192,6 +192,26 @@ def test_teacher_step_updates_both_sides_and_totals_equation_12(tmp_path, monkey
     assert 0 < outputs["loss_d_gp_global"] and 0 < outputs["loss_d_gp_local"]
 
 
+def test_lambda_cls_weighs_the_classification_terms_of_both_sides(tmp_path, monkeypatch):
+    _override(tmp_path, monkeypatch, {"utad": {"lambda_cls": 3.0}})
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    batch = _batch(2)
+    data, target = trainer._to_device(batch)
+    np.random.seed(0)
+    critic = trainer.discriminator_losses(data, target)
+    expected = sum(critic[f"d_adv_{b}"] + critic[f"d_gp_{b}"] + 3.0 * critic[f"d_cls_{b}"] for b in ("global", "local"))
+    assert float(critic["total"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    np.random.seed(0)
+    generator = trainer.generator_losses(data, target)
+    expected = generator["adv_global"] + generator["adv_local"] + 3.0 * (generator["cls_global"] +
+                                                                         generator["cls_local"]) + \
+        10.0 * (generator["rec"] + generator["local"])
+    assert float(generator["total"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    with pytest.raises(ValueError, match="utad.lambda_cls must be a number >= 0"):
+        _override(tmp_path, monkeypatch, {"utad": {"lambda_cls": -1}})
+        make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
+
+
 def test_student_step_adds_distillation_and_never_gives_the_network_a_mask(tmp_path, monkeypatch):
     _teacher_checkpoint(tmp_path, monkeypatch)
     student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
