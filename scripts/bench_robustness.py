@@ -4,7 +4,7 @@
         [--trainers nnUNetTrainer ModalityDropoutTrainer SharedLatentTrainer D2NetTrainer] [--seeds 1]
         [--dedicated] [--dedicated-seeds 1] [--epochs E] [--iterations I] [--epochs-for GROUP=EPOCHS ...]
         [--variant LABEL TRAINER SETTINGS.json ...] [--eval-cases 10] [--step-size 1.0] [--device cpu]
-        [--retrain [GROUP ...]] [--archive DIR] [--dry-run]
+        [--retrain [GROUP ...]] [--archive DIR] [--dry-run] [--report-only]
 
 Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterations`` override them):
 
@@ -40,7 +40,8 @@ Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted
 ``checkpoint_latest.pth`` (written every few epochs) as ``nnUNetv2_train --c`` does, and an evaluation newer
 than its model on the same cases and combinations is reused; so the tables can be built over several
 sittings. ``--retrain`` (all groups, or the named ones) deletes models (and their archived records) first;
-``--dry-run`` prints what would be done. Each training's output (nnU-Net's per-epoch lines) goes to
+``--dry-run`` prints what would be done; ``--report-only`` writes the report of what is finished or archived,
+training nothing. Each training's output (nnU-Net's per-epoch lines) goes to
 ``models/<run>/train_<trainer>.log``.
 
 Across machines: model folders stay on the machine that trained them, so ``--archive DIR`` keeps each finished,
@@ -597,6 +598,9 @@ def main() -> None:
                              "text files, meant to be committed); a run archived there with the same settings is "
                              "not trained again, also on another machine")
     parser.add_argument("--dry-run", action="store_true", help="print each run's action and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and evaluate nothing: write the report of the runs that are finished here or "
+                             "archived (e.g. the table so far, while other seeds are still to come)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
@@ -627,6 +631,12 @@ def main() -> None:
             if action != "reuse" and archive is not None and read_archive(archive / run.name) is not None:
                 action, first = "archived", f" ({archive / run.name})"
             print(f"{run.name:<48} {action:<9} {run.model}{first}")
+        return
+    if args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        timings_file = out / "timings.json"
+        write_report(runs, regime, out, json.loads(timings_file.read_text()) if timings_file.is_file() else {},
+                     args.iterations, archive)
         return
     env = prepare(work, regime=regime)
     cases = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]

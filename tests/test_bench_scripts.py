@@ -409,6 +409,26 @@ def test_archived_runs_stand_in_for_their_models_on_another_machine(tmp_path):
     assert "ModalityDropoutTrainer" in (out / "comparison.md").read_text()
 
 
+def test_report_only_trains_nothing_and_reports_the_archived_runs(tmp_path, monkeypatch):
+    regime = REGIMES["converged"]
+    archive = tmp_path / "runs"
+    run = robustness.plan_runs(tmp_path / "machine1", regime, ["nnUNetTrainer"], seeds=1)[0]
+    _finished_run(run, 4, uniform(0.5))
+    robustness.write_archive(run, archive / run.name, robustness.archive_identity(run, regime, 4, 40, None, ["c"], 1.0),
+                             {})
+    monkeypatch.setattr(robustness, "prepare", lambda *a, **k: pytest.fail("--report-only prepared data"))
+    monkeypatch.setattr(robustness, "run_worker", lambda *a, **k: pytest.fail("--report-only trained"))
+    work = tmp_path / "machine2"
+    monkeypatch.setattr(sys, "argv", ["bench_robustness.py", "--work-dir", str(work), "--regime", "converged",
+                                      "--trainers", "nnUNetTrainer", "--seeds", "2", "--archive", str(archive),
+                                      "--report-only"])
+    robustness.main()
+    report = json.loads((work / "robustness_converged" / "report.json").read_text())
+    assert [row["name"] for row in report["runs"]] == ["nnUNetTrainer__seed0", "nnUNetTrainer__seed1"]
+    assert report["runs"][1]["curve"] == []  # seed 1: neither trained nor archived
+    assert report["groups"]["nnUNetTrainer"]["num_runs"] == 1
+
+
 def test_archive_refuses_other_settings_and_a_model_of_another_budget(tmp_path):
     regime = REGIMES["converged"]
     run = robustness.plan_runs(tmp_path, regime, [], seeds=1, dedicated_seeds=1)[0]  # the dedicated t1 model
