@@ -632,18 +632,15 @@ def main() -> None:
                 action, first = "archived", f" ({archive / run.name})"
             print(f"{run.name:<48} {action:<9} {run.model}{first}")
         return
+    out.mkdir(parents=True, exist_ok=True)
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}  # reused runs keep their times
     if args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
-        timings_file = out / "timings.json"
-        write_report(runs, regime, out, json.loads(timings_file.read_text()) if timings_file.is_file() else {},
-                     args.iterations, archive)
+        write_report(runs, regime, out, timings, args.iterations, archive)
         return
     env = prepare(work, regime=regime)
     cases = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
     case_names = {c.name[: -len(".nii.gz")] for c in cases}
-    out.mkdir(parents=True, exist_ok=True)
-    timings_file = out / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}  # reused runs keep their times
     if args.retrain is not None:  # all deletions first: two-phase runs of one folder share their first phase
         for run in runs:
             if (not args.retrain or run.group in args.retrain) and run.model.exists():

@@ -143,12 +143,11 @@ def segmentation_model(work: Path, regime: Regime, trainer: str) -> Path:
     configuration, seed 0, at least the regime's budget) when it has finished, so that one model serves both
     benchmarks; else this benchmark's own, in ``<work>/nnUNet_results``.
     """
-    from bench_robustness import output_dir as robustness_output
+    from bench_robustness import plan_runs
 
-    shared = results_model_dir(robustness_output(work, regime) / "models" / f"{trainer}__seed0" / "nnUNet_results",
-                               trainer, regime)
-    if (shared / "fold_0" / "checkpoint_final.pth").is_file():
-        return shared
+    shared = plan_runs(work, regime, [trainer], seeds=1)[0]
+    if (shared.fold / "checkpoint_final.pth").is_file():
+        return shared.model
     return results_model_dir(work / "nnUNet_results", trainer, regime)
 
 

@@ -100,13 +100,11 @@ def main() -> None:
 def check_target_code(model_folder: Path, volume: np.ndarray) -> None:
     """Translate the middle slice of ``volume`` (M, Z, X, Y) from each source to each target; print correlations."""
     from nnunet_missingmod.inference.synthesize import load_synthesis_model
+    from nnunet_missingmod.trainers.utad import pad_to_stride
 
     network = load_synthesis_model(model_folder).networks[0].eval()
-    stride = network.total_stride
-    slices = torch.tensor(volume[:, volume.shape[1] // 2][:, None], dtype=torch.float32)  # (M, 1, X, Y)
-    pad = [p for size, step in zip(reversed(slices.shape[2:]), reversed(stride), strict=True)
-           for p in (0, (-size) % step)]
-    slices = torch.nn.functional.pad(slices, pad)
+    slices = pad_to_stride(torch.tensor(volume[:, volume.shape[1] // 2][:, None], dtype=torch.float32),
+                           network.total_stride)  # (M, 1, X, Y)
     brain = (slices != 0).any(0)[0]
     names = mods.MODALITIES
     with torch.no_grad():
