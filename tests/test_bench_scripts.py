@@ -20,6 +20,7 @@ from nnunet_missingmod.transforms.modality_dropout import transform_from_setting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import bench_inference_plans as inference_plans  # noqa: E402
 import bench_robustness as robustness  # noqa: E402
 import bench_train_step as train_step  # noqa: E402
 from bench_common import REGIMES  # noqa: E402
@@ -494,3 +495,52 @@ def test_ratio_statistics_by_hand():
     assert (step["q1"], step["q3"]) == (pytest.approx(1.0), pytest.approx(1.2))
     assert train_step.within_spread(step) and not train_step.within_spread(step, 1.4)
     assert stats["nnUNetTrainer"]["step_s"]["median"] == 1.0 and stats["Other"]["peak_mb"]["max"] == 1.0
+
+
+# ---------------------------------------------------------------- inference at a real configuration's widths
+
+
+def _tiny_plans_file(tmp_path: Path) -> Path:
+    from tests.conftest import tiny_plans
+
+    path = tmp_path / "nnUNetPlans.json"
+    path.write_text(json.dumps(tiny_plans(features_per_stage=(8, 16, 32))))
+    return path
+
+
+def test_inference_plans_default_is_nnunets_brats_network():
+    _, config, patch = inference_plans.load_configuration(None, "3d_fullres", None)
+    kwargs = config.network_arch_init_kwargs
+    assert patch == [128, 128, 128] and kwargs["features_per_stage"] == [32, 64, 128, 256, 320, 320]
+    assert kwargs["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5
+
+
+@pytest.mark.parametrize("plans, configuration, patch, message", [
+    (None, "3d_fullres", [80, 64, 64], r"not divisible by the network's total stride \[32, 32, 32\]"),
+    (None, "3d_fullres", [32, 32, 32], "one voxel at the bottleneck"),
+    (None, "3d_fullres", [64, 64], "--patch has 2 axes"),
+    (None, "2d", None, "needs --plans"),
+    ("missing.json", "3d_fullres", None, "missing.json does not exist"),
+    ("tiny", "3d_fullres", None, r"no configuration '3d_fullres' \(it has \['3d_tiny'\]\)"),
+])
+def test_inference_plans_bad_settings_are_refused(plans, configuration, patch, message, tmp_path):
+    path = str(_tiny_plans_file(tmp_path)) if plans == "tiny" else (str(tmp_path / plans) if plans else None)
+    with pytest.raises(SystemExit, match=message):
+        inference_plans.load_configuration(path, configuration, patch)
+
+
+def test_inference_plans_flops_by_hand():
+    conv = torch.nn.Conv3d(3, 5, 3, padding=1)
+    data = torch.zeros(1, 3, 4, 6, 8)
+    assert inference_plans.count_flops(conv, data) == 2 * 5 * 3 * 27 * 4 * 6 * 8  # multiply-adds, x2
+
+
+def test_inference_plans_tiny_run(tmp_path):
+    out = tmp_path / "result.json"
+    summary = inference_plans.main(["--plans", str(_tiny_plans_file(tmp_path)), "--configuration", "3d_tiny",
+                                    "--trainers", "CMFFTrainer", "--rounds", "2", "--steps", "1", "--out", str(out)])
+    rows = summary["trainers"]
+    assert list(rows) == ["nnUNetTrainer", "ModalityDropoutTrainer", "CMFFTrainer"]  # reference and check added
+    assert rows["nnUNetTrainer"]["ratio"]["median"] == 1.0 and rows["ModalityDropoutTrainer"]["flop_ratio"] == 1.0
+    assert rows["CMFFTrainer"]["flop_ratio"] > 1  # two branches and the fusion at the plans' narrow widths
+    assert json.loads(out.read_text())["patch"] == [16, 16, 16]

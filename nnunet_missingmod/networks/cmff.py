@@ -31,12 +31,13 @@ fusion sees exactly nothing from the branch, not the response of its biases to a
 Deviations from the paper, and why:
 
 * sizes follow the plans (patch, stages, widths; the plans' normalisation and non-linearity) instead of a
-  fixed 128³ patch and 16 base filters; ``feature_fraction`` scales every stage's width of the generators and
-  branches (the paper's 16 base filters are half of nnU-Net's 32 on BraTS), rounded to multiples of 8
-  (:func:`scaled_width`). The trainers ship 0.75: at full width the two branches alone cost 1.98x the forward
-  FLOPs of the plans' U-Net and CMFF 2.21x (BraTS 3d_fullres plans, 128³); at 0.75 CMFF costs 1.24x (0.5:
-  0.56x). On the CPU benchmark configuration (16 features at full resolution) 0.75 changes nothing where the
-  cost is: the first stage stays at 16, and the CPU's convolutions are no faster on 24 channels than on 32;
+  fixed 128³ patch; ``feature_fraction`` scales every stage's width of the generators and branches, rounded to
+  multiples of 8 and never below the paper's 16 (:func:`scaled_width`). The trainers ship 0.5, which gives the
+  paper's network on nnU-Net's BraTS plans (Sec. 4.1: 16 base filters, doubled at every downsampling; nnU-Net
+  plans 32): 16-32-64-128-160-160. At full width CMFF costs 2.21x the forward FLOPs of the plans' U-Net
+  (BraTS 3d_fullres, 128³), at 0.75 1.24x and at 0.5 0.56x. FLOPs are not the whole cost: on the 2-core CPU
+  a 24-channel 3x3x3 convolution takes as long as a 32-channel one (oneDNN's blocks of 16 channels), so 0.75
+  measured 2.22x plain nnU-Net's inference time at 128³ and 0.5 1.18x (``scripts/bench_inference_plans.py``);
 * the generators' output is linear, not tanh: nnU-Net's z-scored images are not bounded to [-1, 1];
 * the discriminator is Table 1's for a 128³ input; along an axis that has fewer than 4 voxels left, a layer
   does not downsample (kernel 3, stride 1 there), and the last convolution uses kernel 3 where a single voxel
@@ -87,6 +88,8 @@ ATTENTION_MODES = ("mask_guided", "channel", "none")
 #: Key fragment of the U-Nets' output layers (nnU-Net's ``seg_layers``): the generators' image outputs and the
 #: branches' segmentation heads, never transferred from CMFT to CMFF.
 OUTPUT_LAYER_KEY = ".seg_layers."
+#: Narrowest stage width :func:`scaled_width` produces: the paper's 16 base filters.
+MIN_WIDTH = 16
 #: Which CMFT generator initialises which CMFF branch (Sec. 4.1: S_A and S_B take the generators' inputs).
 GENERATOR_OF_BRANCH = {"branch_a.": "a_to_b.", "branch_b.": "b_to_a."}
 
@@ -140,14 +143,14 @@ class ModalityPairs:
 
 
 def scaled_width(channels: int, feature_fraction: float) -> int:
-    """``channels * feature_fraction`` rounded (half up) to a multiple of 8, at least 8; widths below 8 are kept.
+    """``channels * feature_fraction`` rounded (half up) to a multiple of 8, never below ``min(channels, 16)``.
 
     Multiples of 8 because CPU (oneDNN) and GPU convolutions are much slower on other widths: a 3x3x3
-    convolution on 48³ took 1.6 s with 12 channels and 0.16 s with 16 on the benchmark machine.
+    convolution on 48³ took 1.6 s with 12 channels and 0.16 s with 16 on the benchmark machine. The floor
+    of 16 (:data:`MIN_WIDTH`) is the paper's base width (Sec. 4.1: 16 filters in the first stage); a plans'
+    width below it is never narrowed further.
     """
-    if channels < 8:
-        return channels
-    return max(8, int(channels * feature_fraction / 8 + 0.5) * 8)
+    return max(min(channels, MIN_WIDTH), int(channels * feature_fraction / 8 + 0.5) * 8)
 
 
 def scaled_arch_kwargs(arch_kwargs: dict, feature_fraction: float) -> dict:

@@ -57,9 +57,10 @@ to be in the file, and the fusion branch is not (nnU-Net stops with an assertion
 does load a CMFFTrainer checkpoint (fine-tuning a CMFF model); then set ``cmff.pretrained_checkpoint`` to null, or
 the branches are overwritten with the CMFT weights when training starts.
 
-Both phases build their U-Nets from the plans at ``feature_fraction`` 0.75 of the plans' widths
-(``cmft.feature_fraction``, ``cmff.network.feature_fraction``; they must agree for the transfer): two full-width
-U-Nets would cost twice a plain nnU-Net's inference (see :mod:`nnunet_missingmod.networks.cmff`). The
+Both phases build their U-Nets from the plans at ``feature_fraction`` 0.5 of the plans' widths, never below 16
+(``cmft.feature_fraction``, ``cmff.network.feature_fraction``; they must agree for the transfer): the paper's 16
+base filters on nnU-Net's BraTS plans, and two full-width U-Nets would cost twice a plain nnU-Net's inference
+(see :mod:`nnunet_missingmod.networks.cmff`). The
 ``cmff.network`` keys shape the network and ``nnUNetv2_predict`` reads them again: change them through a variant
 (and the pretrainer's to match), not through ``nnUNet_missingmod_config`` at training time only.
 

@@ -215,13 +215,16 @@ def test_transfer_refuses_weights_that_do_not_fit():
         transfer_generator_weights(fusion_network(), {"encoder.x": torch.zeros(1)}, "other.pth")
 
 
-def test_feature_fraction_scales_every_stage_to_multiples_of_8():
+def test_feature_fraction_scales_every_stage_to_multiples_of_8_never_below_16():
     brats = tiny_arch_kwargs((32, 64, 128, 256, 320, 320))  # nnU-Net's BraTS 3d_fullres widths
     assert scaled_arch_kwargs(brats, 0.75)["features_per_stage"] == [24, 48, 96, 192, 240, 240]
-    assert scaled_arch_kwargs(brats, 0.5)["features_per_stage"] == [16, 32, 64, 128, 160, 160]  # the paper's 16
-    kwargs = tiny_arch_kwargs((4, 16, 36))
-    assert scaled_arch_kwargs(kwargs, 0.75)["features_per_stage"] == [4, 16, 24]  # 12 -> 16 (half up), 27 -> 24
-    assert scaled_arch_kwargs(kwargs, 0.25)["features_per_stage"] == [4, 8, 8]  # at least 8; below 8 kept
-    assert kwargs["features_per_stage"] == [4, 16, 36]  # the plans are not modified
+    # the shipped 0.5 is the paper's network: 16 base filters, doubled at every downsampling (Sec. 4.1)
+    assert scaled_arch_kwargs(brats, 0.5)["features_per_stage"] == [16, 32, 64, 128, 160, 160]
+    assert scaled_arch_kwargs(brats, 0.25)["features_per_stage"] == [16, 16, 32, 64, 80, 80]  # floor 16
+    kwargs = tiny_arch_kwargs((4, 16, 36, 44))
+    assert scaled_arch_kwargs(kwargs, 0.75)["features_per_stage"] == [4, 16, 24, 32]  # 27 -> 24, 33 -> 32
+    assert scaled_arch_kwargs(kwargs, 0.25)["features_per_stage"] == [4, 16, 16, 16]  # never below min(c, 16)
+    assert scaled_arch_kwargs(kwargs, 2)["features_per_stage"] == [8, 32, 72, 88]
+    assert kwargs["features_per_stage"] == [4, 16, 36, 44]  # the plans are not modified
     with pytest.raises(ValueError, match="feature_fraction"):
         scaled_arch_kwargs(kwargs, 0)

@@ -277,8 +277,8 @@ def test_checkpoints_that_do_not_fit_are_refused_with_clear_errors(tmp_path, mon
     with pytest.raises(ValueError, match=r"pretrained on modality pairs \{'a': \['t1', 'flair'\]"):
         trainer.initialise_from_pretraining()
 
-    narrower, _ = _cmft_checkpoint(tmp_path, monkeypatch, {"cmft": {"feature_fraction": 0.5}})
-    trainer = _cmff(tmp_path, monkeypatch, settings={"cmff": {"pretrained_checkpoint": str(narrower)}})
+    wider, _ = _cmft_checkpoint(tmp_path, monkeypatch, {"cmft": {"feature_fraction": 2.0}})
+    trainer = _cmff(tmp_path, monkeypatch, settings={"cmff": {"pretrained_checkpoint": str(wider)}})
     with pytest.raises(ValueError, match=r"cmft\.pth does not fit this CMFF network: a_to_b\..* has shape"):
         trainer.initialise_from_pretraining()
 
