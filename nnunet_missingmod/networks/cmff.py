@@ -33,8 +33,9 @@ Deviations from the paper, and why:
 * sizes follow the plans (patch, stages, widths; the plans' normalisation and non-linearity) instead of a
   fixed 128³ patch; ``feature_fraction`` scales every stage's width of the generators and branches, rounded to
   multiples of 8 and never below the paper's 16 (:func:`scaled_width`). The trainers ship 0.5, which gives the
-  paper's network on nnU-Net's BraTS plans (Sec. 4.1: 16 base filters, doubled at every downsampling; nnU-Net
-  plans 32): 16-32-64-128-160-160. At full width CMFF costs 2.21x the forward FLOPs of the plans' U-Net
+  paper's base width on nnU-Net's BraTS plans (Sec. 4.1: 16 base filters, doubled after each downsampling; the
+  plans have 32): 16-32-64-128-160-160, the last two stages half of nnU-Net's cap of 320 (the paper gives no
+  depth; stages follow the plans). At full width CMFF costs 2.21x the forward FLOPs of the plans' U-Net
   (BraTS 3d_fullres, 128³), at 0.75 1.24x and at 0.5 0.56x. FLOPs are not the whole cost: on the 2-core CPU
   a 24-channel 3x3x3 convolution takes as long as a 32-channel one (oneDNN's blocks of 16 channels), so 0.75
   measured 2.22x plain nnU-Net's inference time at 128³ and 0.5 1.18x (``scripts/bench_inference_plans.py``);

@@ -76,6 +76,10 @@ scheme a pair is wholly absent in about a fifth of the samples (use ``p_keep_all
 samples). CMFTPretrainer leaves out nnU-Net's intensity augmentation (``cmft.intensity_augmentation: false``, as
 the UTAD-Net trainers do): it would move what the critics learn as real. Patches follow nnU-Net's sampling
 (33% foreground oversampling, the plans' batch size) where the paper samples in the tumour with batch 1.
+Like every trainer of this package, both keep nnU-Net's spatial augmentation, gradient clipping (12) and, at
+inference, test-time mirroring (``inference.test_time_mirroring``); the paper mentions none of them. Table 2's
+single-branch baselines (S_A, S_B, their average) and its other initialisations ("Ours_voc", "Ours_self") are
+not offered as trainers.
 """
 
 from __future__ import annotations

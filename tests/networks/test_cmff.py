@@ -218,7 +218,7 @@ def test_transfer_refuses_weights_that_do_not_fit():
 def test_feature_fraction_scales_every_stage_to_multiples_of_8_never_below_16():
     brats = tiny_arch_kwargs((32, 64, 128, 256, 320, 320))  # nnU-Net's BraTS 3d_fullres widths
     assert scaled_arch_kwargs(brats, 0.75)["features_per_stage"] == [24, 48, 96, 192, 240, 240]
-    # the shipped 0.5 is the paper's network: 16 base filters, doubled at every downsampling (Sec. 4.1)
+    # the shipped 0.5 gives the paper's 16 base filters, doubled per downsampling up to half of nnU-Net's cap
     assert scaled_arch_kwargs(brats, 0.5)["features_per_stage"] == [16, 32, 64, 128, 160, 160]
     assert scaled_arch_kwargs(brats, 0.25)["features_per_stage"] == [16, 16, 32, 64, 80, 80]  # floor 16
     kwargs = tiny_arch_kwargs((4, 16, 36, 44))
