@@ -66,6 +66,7 @@ TTA. Outputs in the regime's folder:
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import shutil
 import sys
@@ -259,8 +260,14 @@ def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None
                          f"epochs, not the {identity['epochs']} asked for; not archived (--retrain {run.group})")
     if not (run.evaluation / "summary.json").is_file():
         raise SystemExit(f"{run.name}: no evaluation in {run.evaluation}; not archived")
-    record = {"name": run.name, "group": run.group, **identity, "curve": log, "timings": timings.get(run.name, {}),
-              "archived": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {"name": run.name, "group": run.group, **identity, "curve": log, "timings": timings.get(run.name, {})}
+    previous = read_archive(folder)
+    if previous is not None and {k: v for k, v in previous.items() if k != "archived"} == \
+            json.loads(json.dumps(record)) and all(
+                filecmp.cmp(run.evaluation / name, folder / name, shallow=False) if (run.evaluation / name).is_file()
+                else not (folder / name).exists() for name in ARCHIVE_FILES):
+        return  # unchanged: keep the record as it is (no new date, no diff to commit)
+    record["archived"] = time.strftime("%Y-%m-%d %H:%M:%S")
     staging = folder.with_name(folder.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)

@@ -456,6 +456,27 @@ def test_archive_refuses_other_settings_and_a_model_of_another_budget(tmp_path):
                                                                          ["phantom_010"], 1.0))
 
 
+def test_archiving_an_unchanged_run_again_leaves_its_record_as_it_is(tmp_path):
+    regime = REGIMES["converged"]
+    run = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer"], seeds=1)[0]
+    folder = tmp_path / "runs" / run.name
+    _finished_run(run, 4, uniform(0.5))
+    identity = robustness.archive_identity(run, regime, 4, 40, None, ["c"], 1.0)
+    timings = {run.name: {"train_s": 60.0}}
+    robustness.write_archive(run, folder, identity, timings)
+    record = folder / "run.json"
+    stamped = json.loads(record.read_text())["archived"].replace("2", "1")  # an earlier date
+    record.write_text(record.read_text().replace(json.loads(record.read_text())["archived"], stamped))
+    robustness.write_archive(run, folder, identity, timings)  # the next sitting reuses the model: nothing new
+    assert json.loads(record.read_text())["archived"] == stamped
+    (run.evaluation / "summary.json").write_text(json.dumps(uniform(0.6)))  # re-evaluated: refreshed
+    robustness.write_archive(run, folder, identity, timings)
+    assert json.loads(record.read_text())["archived"] != stamped
+    assert json.loads((folder / "summary.json").read_text()) == uniform(0.6)
+    robustness.write_archive(run, folder, identity, {run.name: {"train_s": 61.0}})  # other timings: refreshed
+    assert json.loads(record.read_text())["timings"] == {"train_s": 61.0}
+
+
 def test_worker_output_goes_to_its_log_and_the_result_is_its_last_json_line(tmp_path):
     from bench_common import run_worker
 
