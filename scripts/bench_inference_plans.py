@@ -74,18 +74,18 @@ NUM_REGIONS = 3
 
 
 def trainer_class(name: str):
-    """nnU-Net's ``nnUNetTrainer`` or one of this package's trainers, by name.
+    """A trainer class by name, found as ``nnUNetv2_predict`` finds it (this package's first, then nnU-Net's).
 
     Raises:
         SystemExit: no such trainer.
     """
-    if name == "nnUNetTrainer":
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        return nnUNetTrainer
-    from nnunet_missingmod.nnunet_ext import nnunet_missingmod_trainers as ours
-    if not hasattr(ours, name):
-        raise SystemExit(f"unknown trainer {name!r}: not nnUNetTrainer and not one of this package's trainers")
-    return getattr(ours, name)
+    from nnunet_missingmod.inference.synthesize import SynthesisModelError, find_trainer_class
+
+    try:
+        return find_trainer_class(name)
+    except SynthesisModelError:
+        raise SystemExit(f"unknown trainer {name!r}: neither this package's, nnU-Net's nor one in "
+                         f"nnUNet_extTrainer") from None
 
 
 def load_configuration(plans_path: str | None, configuration: str, patch: list[int] | None):

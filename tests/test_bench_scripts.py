@@ -550,6 +550,11 @@ def test_inference_plans_bad_settings_are_refused(plans, configuration, patch, m
         inference_plans.load_configuration(path, configuration, patch)
 
 
+def test_inference_plans_unknown_trainer_is_refused():
+    with pytest.raises(SystemExit, match="unknown trainer 'NoSuchTrainer'"):
+        inference_plans.trainer_class("NoSuchTrainer")
+
+
 def test_inference_plans_flops_by_hand():
     conv = torch.nn.Conv3d(3, 5, 3, padding=1)
     data = torch.zeros(1, 3, 4, 6, 8)
