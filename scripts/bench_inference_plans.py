@@ -28,12 +28,17 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train_step import BASELINE, IDENTICAL_NETWORK, ratio_statistics, round_order  # noqa: E402
+from bench_train_step import (  # noqa: E402
+    BASELINE,
+    IDENTICAL_NETWORK,
+    forward_seconds,
+    ratio_statistics,
+    round_order,
+)
 
 DEFAULT_TRAINERS = ["nnUNetTrainer", "ModalityDropoutTrainer", "SharedLatentTrainer", "D2NetTrainer",
                     "CMFFTrainer"]
@@ -138,22 +143,6 @@ def count_flops(network, data) -> int:
     return int(counter.get_total_flops())
 
 
-def forward_seconds(network, data, steps: int, device: str) -> float:
-    """Median seconds of ``steps`` forward passes (after one warm-up pass)."""
-    import torch
-
-    times = []
-    with torch.no_grad():
-        for step in range(steps + 1):
-            start = time.perf_counter()
-            network(data)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plans", default=None, help="nnU-Net plans file (default: BraTS 2021 3d_fullres, built in)")
@@ -188,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {}
         for name in round_order(trainers, round_index):
             print(f"round {round_index + 1}/{args.rounds}: {name} ...", flush=True)
-            result[name] = {"inference_s": forward_seconds(networks[name], data, args.steps, args.device)}
+            result[name] = {"inference_s": forward_seconds(networks[name], data, args.steps, args.device, warmup=1)}
         rounds.append({name: result[name] for name in trainers})
     ratios = ratio_statistics(rounds, keys=("inference_s",))
     summary = {"plans": args.plans or "built-in BraTS 2021 3d_fullres", "configuration": args.configuration,

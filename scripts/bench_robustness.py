@@ -248,6 +248,18 @@ def archive_mismatch(record: dict, identity: dict) -> list[str]:
             if record.get(key) != identity[key]]
 
 
+def _archive_unchanged(run: Run, folder: Path, record: dict) -> bool:
+    """Whether ``folder`` already holds ``record`` (its date aside) and the same evaluation files as ``run``."""
+    previous = read_archive(folder)
+    if previous is None or {k: v for k, v in previous.items() if k != "archived"} != json.loads(json.dumps(record)):
+        return False
+    for name in ARCHIVE_FILES:
+        new, old = run.evaluation / name, folder / name
+        if new.is_file() != old.is_file() or (new.is_file() and not filecmp.cmp(new, old, shallow=False)):
+            return False
+    return True
+
+
 def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None:
     """Keep a finished, evaluated run in ``folder``: its evaluation files, learning curve, timings and identity.
 
@@ -261,12 +273,8 @@ def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None
     if not (run.evaluation / "summary.json").is_file():
         raise SystemExit(f"{run.name}: no evaluation in {run.evaluation}; not archived")
     record = {"name": run.name, "group": run.group, **identity, "curve": log, "timings": timings.get(run.name, {})}
-    previous = read_archive(folder)
-    if previous is not None and {k: v for k, v in previous.items() if k != "archived"} == \
-            json.loads(json.dumps(record)) and all(
-                filecmp.cmp(run.evaluation / name, folder / name, shallow=False) if (run.evaluation / name).is_file()
-                else not (folder / name).exists() for name in ARCHIVE_FILES):
-        return  # unchanged: keep the record as it is (no new date, no diff to commit)
+    if _archive_unchanged(run, folder, record):
+        return  # keep the record as it is: no new date, no diff to commit
     record["archived"] = time.strftime("%Y-%m-%d %H:%M:%S")
     staging = folder.with_name(folder.name + ".partial")
     if staging.exists():

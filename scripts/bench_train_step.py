@@ -58,26 +58,30 @@ def make_batch(path: Path, device: str) -> None:
     torch.save({"data": batch["data"], "target": batch["target"]}, path)
 
 
-def time_inference(trainer, data, steps: int, device: str) -> float:
-    """Median time of one forward pass of the inference network (as nnUNetv2_predict builds it) on ``data``."""
+def forward_seconds(network, data, steps: int, device: str, warmup: int = 2) -> float:
+    """Median seconds of ``steps`` forward passes of ``network`` on ``data`` (no gradient), after ``warmup``."""
     import torch
 
+    times = []
+    with torch.no_grad():
+        for step in range(warmup + steps):
+            start = time.perf_counter()
+            network(data)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_inference(trainer, data, steps: int, device: str) -> float:
+    """Median time of one forward pass of the inference network (as nnUNetv2_predict builds it) on ``data``."""
     network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
                                                  trainer.num_input_channels,
                                                  trainer.label_manager.num_segmentation_heads, False)
     network.load_state_dict(trainer.network.state_dict())
     network.to(trainer.device).eval()
-    data = data.to(trainer.device)
-    times = []
-    with torch.no_grad():
-        for step in range(steps + 2):
-            start = time.perf_counter()
-            network(data)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step >= 2:  # warm-up
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return forward_seconds(network, data.to(trainer.device), steps, device)
 
 
 def measure(name: str, batch_file: Path, steps: int, device: str) -> dict:
