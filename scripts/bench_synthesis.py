@@ -3,7 +3,7 @@ synthesised vs zero-filled sequences, and the speed of ``synthesize``.
 
     python scripts/bench_synthesis.py [--work-dir bench_work] [--regime {short,converged,smoke}]
         [--epochs 40] [--iterations 50] [--batch-size 4] [--eval-cases 10] [--combinations {one-missing,all}]
-        [--speed-cases 5] [--dropout] [--step-size 1.0] [-device cpu] [--dry-run]
+        [--speed-cases 5] [--dropout] [--step-size 1.0] [-device cpu] [--variant LABEL SETTINGS.json] [--dry-run]
 
 Steps (every one resumable: a finished model, evaluation or timing is reused, an interrupted training goes on
 from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
@@ -33,6 +33,12 @@ validation SSIM and every loss term per epoch of both trainers), ``synthesis_exa
 (Dice per combination and region, zero-fill vs synthesis vs all real). ``--dry-run`` prints the steps and what
 each would do (reuse, continue, run) without running anything; ``--regime smoke`` runs the whole pipeline at a
 tiny budget (4 mm phantoms, 1 epoch x 2 iterations) to check that it works, with figures that mean nothing.
+
+``--variant LABEL SETTINGS.json`` trains teacher and student with the settings of ``SETTINGS.json`` (an
+``nnUNet_missingmod_config`` override, checked against both trainers' configs; e.g. ``{"utad": {"lambda_cls": 10}}``)
+into their own ``nnUNet_results`` in ``<work-dir>/synthesis_<regime>_<LABEL>``, where every output of the steps
+above goes too; the default models and the segmentation models are shared, never retrained. A label keeps the
+settings it was started with (``variant.json``): other settings under the same label are refused.
 
 Budgets: ``--epochs 40 --iterations 50`` (2000 generator updates per trainer) is a first guess, not a measured
 plateau; read the plateau column of the report and raise it if it says "no".
@@ -67,6 +73,8 @@ FEATURES_2D = (16, 32, 64, 128)
 SMOKE = Regime("smoke", 992, 4.0, (32, 32, 32), (8, 16, 32), 2, epochs=1, iterations=2, save_every=1,
                note="pipeline check: figures mean nothing", num_cases=6, num_test=2)
 FULL = tuple(range(mods.NUM_MODALITIES))
+#: The ``nnunet`` keys the benchmark sets itself from ``--epochs``/``--iterations`` (a variant may not).
+BUDGET_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every")
 
 
 def one_missing() -> list[tuple[int, ...]]:
@@ -74,8 +82,15 @@ def one_missing() -> list[tuple[int, ...]]:
     return [c for c in mods.all_combinations() if len(c) == mods.NUM_MODALITIES - 1] + [FULL]
 
 
-def output_dir(work: Path, regime: Regime) -> Path:
-    return work / f"synthesis_{regime.name}"
+def output_dir(work: Path, regime: Regime, variant: str | None = None) -> Path:
+    """``<work>/synthesis_<regime>``, or ``<work>/synthesis_<regime>_<label>`` for a ``--variant``."""
+    return work / (f"synthesis_{regime.name}" + (f"_{variant}" if variant else ""))
+
+
+def synthesis_results(work: Path, regime: Regime, variant: str | None = None) -> Path:
+    """The ``nnUNet_results`` folder of the UTAD-Net models: the work folder's, or a variant's own (so that the
+    student of a variant finds its teacher there, and the default models are never touched)."""
+    return work / "nnUNet_results" if variant is None else output_dir(work, regime, variant) / "nnUNet_results"
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -102,17 +117,57 @@ def prepare_2d(work: Path, regime: Regime, env: dict, batch_size: int, dry_run: 
     return f"2d_cpu: patch {patch}, features {list(FEATURES_2D)}, batch {batch_size}"
 
 
-def synthesis_model_dir(work: Path, regime: Regime, trainer: str) -> Path:
-    return results_model_dir(work / "nnUNet_results", trainer, dataclasses.replace(regime,
-                                                                                   configuration=CONFIGURATION_2D))
+def synthesis_model_dir(work: Path, regime: Regime, trainer: str, variant: str | None = None) -> Path:
+    return results_model_dir(synthesis_results(work, regime, variant), trainer,
+                             dataclasses.replace(regime, configuration=CONFIGURATION_2D))
+
+
+def read_variant(label: str, file: str) -> dict:
+    """A ``--variant``'s settings, checked against both trainers' configs (unknown keys, budget keys)."""
+    import os
+    import re
+
+    from nnunet_missingmod.config import load_trainer_config
+    from nnunet_missingmod.inference.synthesize import find_trainer_class
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", label):
+        raise SystemExit(f"--variant label {label!r}: use letters, digits, '-' and '_' only")
+    path = Path(file)
+    if not path.is_file():
+        raise SystemExit(f"--variant {label}: settings file {path} does not exist")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--variant {label}: {path} is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise SystemExit(f"--variant {label}: {path} must hold a JSON object")
+    budget = sorted(set(settings.get("nnunet", {})) & set(BUDGET_KEYS))
+    if budget:
+        raise SystemExit(f"--variant {label}: {path} sets {', '.join('nnunet.' + k for k in budget)}; the budget "
+                         f"comes from --epochs/--iterations")
+    previous = os.environ.get(OVERRIDE_ENV)
+    os.environ[OVERRIDE_ENV] = str(path.resolve())
+    try:
+        for trainer in (TEACHER, STUDENT):
+            load_trainer_config(find_trainer_class(trainer))
+    except KeyError as error:
+        raise SystemExit(f"--variant {label}: {path}: {error.args[0]}") from None
+    finally:
+        if previous is None:
+            os.environ.pop(OVERRIDE_ENV)
+        else:
+            os.environ[OVERRIDE_ENV] = previous
+    return settings
 
 
 def train_synthesis(work: Path, regime: Regime, env: dict, trainer: str, epochs: int, iterations: int, device: str,
-                    dry_run: bool, timings: dict) -> str:
-    """``nnUNetv2_train`` of a UTAD-Net trainer with the budget in an override file; resumable."""
+                    dry_run: bool, timings: dict, variant: str | None = None, settings: dict | None = None) -> str:
+    """``nnUNetv2_train`` of a UTAD-Net trainer with the budget (and a variant's settings) in an override file;
+    resumable."""
+    from nnunet_missingmod.config import deep_merge
     from nnunet_missingmod.demo import _console_script, run_step
 
-    model = synthesis_model_dir(work, regime, trainer)
+    model = synthesis_model_dir(work, regime, trainer, variant)
     action = training_action(model / "fold_0")
     validation = (model / "fold_0" / "synthesis_validation.json").is_file()
     if dry_run:
@@ -120,9 +175,9 @@ def train_synthesis(work: Path, regime: Regime, env: dict, trainer: str, epochs:
     budget = {"nnunet": {"num_epochs": epochs, "num_iterations_per_epoch": iterations,
                          "num_val_iterations_per_epoch": max(1, iterations // 5),
                          "save_every": max(1, min(5, epochs))}}
-    override = output_dir(work, regime) / f"budget_{trainer}.json"
+    override = output_dir(work, regime, variant) / f"budget_{trainer}.json"
     override.parent.mkdir(parents=True, exist_ok=True)
-    override.write_text(json.dumps(budget))
+    override.write_text(json.dumps(deep_merge(budget, settings or {}, strict=False)))
     command = [_console_script("nnUNetv2_train"), str(regime.dataset_id), CONFIGURATION_2D, "0", "-tr", trainer,
                "-device", device]
     if action == "reuse" and not validation:
@@ -131,7 +186,9 @@ def train_synthesis(work: Path, regime: Regime, env: dict, trainer: str, epochs:
         command.append("--c")
     elif action == "reuse":
         return "reuse"
-    seconds = run_step(f"{trainer}: {epochs} x {iterations}", command, {**env, OVERRIDE_ENV: str(override)})
+    seconds = run_step(f"{trainer}: {epochs} x {iterations}", command,
+                       {**env, OVERRIDE_ENV: str(override), "nnUNet_results": str(synthesis_results(work, regime,
+                                                                                                     variant))})
     timings[f"train_{trainer}_s"] = timings.get(f"train_{trainer}_s", 0.0) + seconds
     return action
 
@@ -170,11 +227,12 @@ def test_cases(work: Path, regime: Regime, count: int) -> list[str]:
     return [p.name[:-len(".nii.gz")] for p in labels][:count]
 
 
-def run_evaluate_synthesis(work: Path, regime: Regime, cases: int, device: str, dry_run: bool) -> str:
+def run_evaluate_synthesis(work: Path, regime: Regime, cases: int, device: str, dry_run: bool,
+                           variant: str | None = None) -> str:
     from nnunet_missingmod.evaluation.synthesis import evaluate_synthesis
 
-    out = output_dir(work, regime) / "evaluate_synthesis"
-    student = synthesis_model_dir(work, regime, STUDENT)
+    out = output_dir(work, regime, variant) / "evaluate_synthesis"
+    student = synthesis_model_dir(work, regime, STUDENT, variant)
     if evaluation_is_current_synthesis(out, student / "fold_0" / "checkpoint_final.pth", cases):
         return "reuse"
     if dry_run:
@@ -191,14 +249,14 @@ def evaluation_is_current_synthesis(out: Path, checkpoint: Path, cases: int) -> 
 
 
 def run_downstream(work: Path, regime: Regime, name: str, trainer: str, fill: str, combinations, cases: int,
-                   step_size: float, device: str, dry_run: bool) -> str:
+                   step_size: float, device: str, dry_run: bool, variant: str | None = None) -> str:
     from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
 
-    out = output_dir(work, regime) / f"downstream_{name}"
+    out = output_dir(work, regime, variant) / f"downstream_{name}"
     model = segmentation_model(work, regime, trainer)
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     names = [mods.combination_name(c) for c in combinations]
-    student_checkpoint = synthesis_model_dir(work, regime, STUDENT) / "fold_0" / "checkpoint_final.pth"
+    student_checkpoint = synthesis_model_dir(work, regime, STUDENT, variant) / "fold_0" / "checkpoint_final.pth"
     current = evaluation_is_current(out, checkpoint, cases, names)
     if current and fill == "synthesize":
         current = evaluation_is_current(out, student_checkpoint, cases, names)
@@ -206,7 +264,7 @@ def run_downstream(work: Path, regime: Regime, name: str, trainer: str, fill: st
         return "reuse"
     if dry_run:
         return "run"
-    extra = {"fill": fill, "synthesis_model": synthesis_model_dir(work, regime, STUDENT)} \
+    extra = {"fill": fill, "synthesis_model": synthesis_model_dir(work, regime, STUDENT, variant)} \
         if fill == "synthesize" else {}
     evaluate_missing(model, 0, split="test", combinations=combinations, output=out,
                      case_filter=set(test_cases(work, regime, cases)), tile_step_size=step_size, use_mirroring=False,
@@ -214,13 +272,13 @@ def run_downstream(work: Path, regime: Regime, name: str, trainer: str, fill: st
     return "run"
 
 
-def run_speed(work: Path, regime: Regime, cases: int, device: str, dry_run: bool) -> str:
+def run_speed(work: Path, regime: Regime, cases: int, device: str, dry_run: bool, variant: str | None = None) -> str:
     """``synthesize`` on held-out cases with one sequence missing, and with only FLAIR: slices/s and s/case."""
     from nnunet_missingmod.inference.synthesize import load_synthesis_model, synthesize
 
-    out = output_dir(work, regime) / "speed"
+    out = output_dir(work, regime, variant) / "speed"
     result_file = out / "speed.json"
-    student = synthesis_model_dir(work, regime, STUDENT) / "fold_0" / "checkpoint_final.pth"
+    student = synthesis_model_dir(work, regime, STUDENT, variant) / "fold_0" / "checkpoint_final.pth"
     if result_file.is_file() and student.is_file() and result_file.stat().st_mtime > student.stat().st_mtime \
             and json.loads(result_file.read_text()).get("cases") == cases:
         return "reuse"
@@ -347,26 +405,32 @@ def ratio_table(zero: dict, synthesized: dict) -> tuple[list[str], list[dict]]:
     return lines, records
 
 
-def validation_matrices(work: Path, regime: Regime) -> dict[str, np.ndarray | None]:
+def validation_matrices(work: Path, regime: Regime, variant: str | None = None) -> dict[str, np.ndarray | None]:
     result = {}
     for trainer in (TEACHER, STUDENT):
-        file = synthesis_model_dir(work, regime, trainer) / "fold_0" / "synthesis_validation.json"
+        file = synthesis_model_dir(work, regime, trainer, variant) / "fold_0" / "synthesis_validation.json"
         result[trainer] = (np.array([[np.nan if v is None else v for v in row]
                                      for row in json.loads(file.read_text())["ssim"]], dtype=float)
                            if file.is_file() else None)
     return result
 
 
-def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict) -> Path:
-    out = output_dir(work, regime)
+def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict,
+                 variant: str | None = None, settings: dict | None = None) -> Path:
+    out = output_dir(work, regime, variant)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     report: dict = {"regime": regime.name, "budget": {"epochs": args.epochs, "iterations": args.iterations},
+                    "variant": None if variant is None else {"label": variant, "settings": settings},
                     "steps": steps, "timings": timings}
-    lines = [f"# UTAD-Net synthesis benchmark ({regime.name} regime, {regime.spacing} mm phantoms)", "",
+    title = "" if variant is None else f", variant {variant}"
+    lines = [f"# UTAD-Net synthesis benchmark ({regime.name} regime, {regime.spacing} mm phantoms{title})", "",
              f"Teacher and student: {args.epochs} epochs x {args.iterations} iterations each on `{CONFIGURATION_2D}`; "
              f"segmentation: {SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`.", ""]
-    logs = {t: learning_log(synthesis_model_dir(work, regime, t)) for t in (TEACHER, STUDENT)}
+    if variant is not None:
+        lines += [f"Settings of both trainers (`nnUNet_missingmod_config` on top of the shipped ones): "
+                  f"`{json.dumps(settings)}`.", ""]
+    logs = {t: learning_log(synthesis_model_dir(work, regime, t, variant)) for t in (TEACHER, STUDENT)}
     logs = {t: log for t, log in logs.items() if log}
     if logs:
         plot_learning_curves(logs, figures / "learning_curves.png")
@@ -378,7 +442,7 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
             plateau = {True: "yes", False: "no", None: "too few epochs"}[check["plateaued"]]
             lines.append(f"| {trainer} | {check['epochs']} | {float(log['ema_fg_dice'][-1]):.4f} | {plateau} |")
         lines += ["", "![learning curves](figures/learning_curves.png)", ""]
-    matrices = validation_matrices(work, regime)
+    matrices = validation_matrices(work, regime, variant)
     if all(m is not None for m in matrices.values()):
         difference = matrices[STUDENT] - matrices[TEACHER]
         report["validation_ssim"] = {t: m.tolist() for t, m in matrices.items()}
@@ -462,6 +526,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dropout", action="store_true", help="also ModalityDropoutTrainer (zero-fill)")
     parser.add_argument("--step-size", type=float, default=1.0, help="sliding-window step of evaluate-missing")
     parser.add_argument("-device", default="cpu")
+    parser.add_argument("--variant", nargs=2, metavar=("LABEL", "SETTINGS.json"), default=None,
+                        help="train teacher and student with these settings (an nnUNet_missingmod_config override, "
+                             "e.g. {\"utad\": {\"lambda_cls\": 10}}) into <work-dir>/synthesis_<regime>_<LABEL>, "
+                             "beside the default models")
     parser.add_argument("--dry-run", action="store_true", help="print what each step would do, run nothing")
     args = parser.parse_args(argv)
     regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]
@@ -473,35 +541,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (UTAD-Net pairs every sample with another of the batch)")
     work = Path(args.work_dir).resolve()
+    variant, settings = (args.variant[0], read_variant(*args.variant)) if args.variant else (None, None)
+    if variant is not None:
+        recorded = output_dir(work, regime, variant) / "variant.json"
+        if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+            raise SystemExit(f"variant {variant} was started with the settings of {recorded}; they differ from "
+                             f"{args.variant[1]}: use the same file or another label")
+        if not args.dry_run:
+            recorded.parent.mkdir(parents=True, exist_ok=True)
+            recorded.write_text(json.dumps(settings, indent=2))
     if args.dry_run and not (work / "nnUNet_preprocessed" / regime.dataset_name / "nnUNetPlans.json").is_file():
         print(f"would generate the {regime.name} phantoms, plan and preprocess in {work}, then run every step")
         return
     env = prepare(work, regime=regime)
-    timings_file = output_dir(work, regime) / "timings.json"
+    timings_file = output_dir(work, regime, variant) / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     combinations = one_missing() if args.combinations == "one-missing" else mods.all_combinations()
     steps = {"2d configuration": prepare_2d(work, regime, env, args.batch_size, args.dry_run)}
     for trainer in (TEACHER, STUDENT):
         steps[trainer] = train_synthesis(work, regime, env, trainer, args.epochs, args.iterations, args.device,
-                                         args.dry_run, timings)
+                                         args.dry_run, timings, variant, settings)
     steps[SEGMENTATION] = train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings)
     if args.dropout:
         steps[DROPOUT] = train_segmentation(work, regime, DROPOUT, args.device, args.dry_run, timings)
-    steps["evaluate-synthesis"] = run_evaluate_synthesis(work, regime, cases, args.device, args.dry_run)
+    steps["evaluate-synthesis"] = run_evaluate_synthesis(work, regime, cases, args.device, args.dry_run, variant)
     steps["downstream zero-fill"] = run_downstream(work, regime, "zero", SEGMENTATION, "zero", combinations, cases,
-                                                   args.step_size, args.device, args.dry_run)
+                                                   args.step_size, args.device, args.dry_run, variant)
     steps["downstream synthesised"] = run_downstream(work, regime, "synthesized", SEGMENTATION, "synthesize",
-                                                     combinations, cases, args.step_size, args.device, args.dry_run)
+                                                     combinations, cases, args.step_size, args.device, args.dry_run,
+                                                     variant)
     if args.dropout:
         steps["downstream dropout"] = run_downstream(work, regime, "dropout", DROPOUT, "zero", combinations, cases,
-                                                     args.step_size, args.device, args.dry_run)
-    steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run)
+                                                     args.step_size, args.device, args.dry_run, variant)
+    steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run, variant)
     for step, action in steps.items():
         print(f"{step}: {action}")
     if args.dry_run:
         return
     timings_file.write_text(json.dumps(timings, indent=2))
-    print(f"report: {write_report(work, regime, args, steps, timings)}")
+    print(f"report: {write_report(work, regime, args, steps, timings, variant, settings)}")
 
 
 if __name__ == "__main__":

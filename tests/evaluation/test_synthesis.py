@@ -384,3 +384,38 @@ def test_benchmark_downstream_uses_the_robustness_benchmarks_finished_model(tmp_
     assert bench_synthesis.segmentation_model(tmp_path, regime, "nnUNetTrainer") == shared
     assert bench_synthesis.segmentation_model(tmp_path, regime, "ModalityDropoutTrainer").is_relative_to(
         tmp_path / "nnUNet_results")
+
+
+def test_benchmark_variant_trains_into_its_own_folder_and_refuses_bad_settings(tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    regime = REGIMES["converged"]
+    before = os.environ.get(bench_synthesis.OVERRIDE_ENV)
+    default = bench_synthesis.synthesis_model_dir(tmp_path, regime, "UTADNetStudentTrainer")
+    variant = bench_synthesis.synthesis_model_dir(tmp_path, regime, "UTADNetStudentTrainer", "lcls10")
+    assert default.is_relative_to(tmp_path / "nnUNet_results")
+    assert variant.is_relative_to(tmp_path / "synthesis_converged_lcls10" / "nnUNet_results")
+    assert variant.name == default.name == "UTADNetStudentTrainer__nnUNetPlans__2d_cpu"
+
+    good = tmp_path / "good.json"
+    good.write_text('{"utad": {"lambda_cls": 10}}')
+    assert bench_synthesis.read_variant("lcls10", str(good)) == {"utad": {"lambda_cls": 10}}
+    cases = {"typo": ('{"utad": {"lamda_cls": 10}}', "utad.lamda_cls"),
+             "budget": ('{"nnunet": {"num_epochs": 3}}', "nnunet.num_epochs"),
+             "list": ("[1, 2]", "JSON object"), "broken": ("{", "not valid JSON")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            bench_synthesis.read_variant("x", str(path))
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench_synthesis.read_variant("x", str(tmp_path / "missing.json"))
+    with pytest.raises(SystemExit, match="label"):
+        bench_synthesis.read_variant("../up", str(good))
+    assert os.environ.get(bench_synthesis.OVERRIDE_ENV) == before  # the check leaves the environment as it was
