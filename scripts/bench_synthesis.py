@@ -60,7 +60,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import REGIMES, Regime, prepare, results_model_dir, train_with_budget  # noqa: E402
-from bench_robustness import evaluation_is_current, plateau_check, training_action  # noqa: E402
+from bench_robustness import evaluation_is_current, plateau_check, read_variants, training_action  # noqa: E402
 
 from nnunet_missingmod import modalities as mods  # noqa: E402
 from nnunet_missingmod.config import OVERRIDE_ENV  # noqa: E402
@@ -133,14 +133,10 @@ def read_variant(label: str, file: str) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", label):
         raise SystemExit(f"--variant label {label!r}: use letters, digits, '-' and '_' only")
     path = Path(file)
-    if not path.is_file():
-        raise SystemExit(f"--variant {label}: settings file {path} does not exist")
     try:
-        settings = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"--variant {label}: {path} is not valid JSON: {error}") from None
-    if not isinstance(settings, dict):
-        raise SystemExit(f"--variant {label}: {path} must hold a JSON object")
+        [(_, _, settings)] = read_variants([(label, TEACHER, file)])
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     budget = sorted(set(settings.get("nnunet", {})) & set(BUDGET_KEYS))
     if budget:
         raise SystemExit(f"--variant {label}: {path} sets {', '.join('nnunet.' + k for k in budget)}; the budget "

@@ -232,15 +232,25 @@ VARIANTS = sorted((Path(__file__).resolve().parents[1] / "scripts" / "variants")
 
 @pytest.mark.parametrize("path", VARIANTS, ids=lambda p: p.name)
 def test_shipped_variant_files_apply_to_their_trainer(path, monkeypatch):
-    """Every override file in scripts/variants names only keys its trainer has, and changes something."""
-    from nnunet_missingmod.trainers import D2NetTrainer
+    """Every override file in scripts/variants names only keys its trainers have, and changes something."""
+    from nnunet_missingmod.trainers import (
+        CMFFTrainer,
+        CMFFTrainer_random,
+        D2NetTrainer,
+        UTADNetStudentTrainer,
+        UTADNetTeacherTrainer,
+    )
 
-    trainer = D2NetTrainer if path.name.startswith("d2net_") else ModalityDropoutTrainer
-    assert path.name.startswith(("d2net_", "md_")), "name variant files after their trainer (d2net_, md_)"
+    by_prefix = {"d2net_": [D2NetTrainer], "md_": [ModalityDropoutTrainer], "cmff_": [CMFFTrainer, CMFFTrainer_random],
+                 "utad_": [UTADNetTeacherTrainer, UTADNetStudentTrainer]}
+    prefix = next((p for p in by_prefix if path.name.startswith(p)), None)
+    assert prefix, f"name variant files after their trainer ({', '.join(by_prefix)})"
     assert path.name in (path.parent / "README.md").read_text(), "describe the file in scripts/variants/README.md"
-    shipped = load_trainer_config(trainer)
-    monkeypatch.setenv(OVERRIDE_ENV, str(path))
-    assert load_trainer_config(trainer) != shipped  # strict merge: an unknown key raises KeyError
+    for trainer in by_prefix[prefix]:
+        monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+        shipped = load_trainer_config(trainer)
+        monkeypatch.setenv(OVERRIDE_ENV, str(path))
+        assert load_trainer_config(trainer) != shipped  # strict merge: an unknown key raises KeyError
 
 
 @pytest.mark.parametrize("content, message", [(None, "cannot read"), ("{", "is not valid JSON"),

@@ -414,7 +414,7 @@ def test_benchmark_variant_trains_into_its_own_folder_and_refuses_bad_settings(t
         path.write_text(text)
         with pytest.raises(SystemExit, match=message):
             bench_synthesis.read_variant("x", str(path))
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit, match="cannot read"):
         bench_synthesis.read_variant("x", str(tmp_path / "missing.json"))
     with pytest.raises(SystemExit, match="label"):
         bench_synthesis.read_variant("../up", str(good))
