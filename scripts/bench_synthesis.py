@@ -37,7 +37,8 @@ tiny budget (4 mm phantoms, 1 epoch x 2 iterations) to check that it works, with
 ``--variant LABEL SETTINGS.json`` trains teacher and student with the settings of ``SETTINGS.json`` (an
 ``nnUNet_missingmod_config`` override, checked against both trainers' configs; e.g. ``{"utad": {"lambda_cls": 10}}``)
 into their own ``nnUNet_results`` in ``<work-dir>/synthesis_<regime>_<LABEL>``, where every output of the steps
-above goes too; the default models and the segmentation models are shared, never retrained. A label keeps the
+above that depends on them goes too; the segmentation models and the zero-filled downstream evaluations are the
+default run's (computed there when missing), never redone. A label keeps the
 settings it was started with (``variant.json``): other settings under the same label are refused.
 
 Budgets: ``--epochs 40 --iterations 50`` (2000 generator updates per trainer) is a first guess, not a measured
@@ -124,10 +125,9 @@ def synthesis_model_dir(work: Path, regime: Regime, trainer: str, variant: str |
 
 def read_variant(label: str, file: str) -> dict:
     """A ``--variant``'s settings, checked against both trainers' configs (unknown keys, budget keys)."""
-    import os
     import re
 
-    from nnunet_missingmod.config import load_trainer_config
+    from nnunet_missingmod.config import deep_merge, load_trainer_config
     from nnunet_missingmod.inference.synthesize import find_trainer_class
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", label):
@@ -141,18 +141,11 @@ def read_variant(label: str, file: str) -> dict:
     if budget:
         raise SystemExit(f"--variant {label}: {path} sets {', '.join('nnunet.' + k for k in budget)}; the budget "
                          f"comes from --epochs/--iterations")
-    previous = os.environ.get(OVERRIDE_ENV)
-    os.environ[OVERRIDE_ENV] = str(path.resolve())
-    try:
-        for trainer in (TEACHER, STUDENT):
-            load_trainer_config(find_trainer_class(trainer))
-    except KeyError as error:
-        raise SystemExit(f"--variant {label}: {path}: {error.args[0]}") from None
-    finally:
-        if previous is None:
-            os.environ.pop(OVERRIDE_ENV)
-        else:
-            os.environ[OVERRIDE_ENV] = previous
+    for trainer in (TEACHER, STUDENT):
+        try:  # the strict merge the trainers apply to an nnUNet_missingmod_config file
+            deep_merge(load_trainer_config(find_trainer_class(trainer)), settings, strict=True)
+        except KeyError as error:
+            raise SystemExit(f"--variant {label}: {path}: {error.args[0]}") from None
     return settings
 
 
@@ -244,11 +237,23 @@ def evaluation_is_current_synthesis(out: Path, checkpoint: Path, cases: int) -> 
             and json.loads(summary.read_text()).get("num_cases") == cases)
 
 
-def run_downstream(work: Path, regime: Regime, name: str, trainer: str, fill: str, combinations, cases: int,
-                   step_size: float, device: str, dry_run: bool, variant: str | None = None) -> str:
+def downstream_dir(work: Path, regime: Regime, name: str, fill: str, variant: str | None = None) -> Path:
+    """Where a downstream evaluation goes: zero-filled ones do not depend on the synthesis model, so a variant
+    shares them with the default folder; synthesised ones are the variant's own."""
+    return output_dir(work, regime, variant if fill == "synthesize" else None) / f"downstream_{name}"
+
+
+#: The downstream evaluations: name -> (segmentation trainer, fill).
+DOWNSTREAM = {"zero": (SEGMENTATION, "zero"), "synthesized": (SEGMENTATION, "synthesize"), "dropout": (DROPOUT, "zero")}
+
+
+def run_downstream(work: Path, regime: Regime, name: str, combinations, cases: int, step_size: float, device: str,
+                   dry_run: bool, variant: str | None = None) -> str:
+    """One evaluate-missing run of :data:`DOWNSTREAM` (``name``), unless current."""
     from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
 
-    out = output_dir(work, regime, variant) / f"downstream_{name}"
+    trainer, fill = DOWNSTREAM[name]
+    out = downstream_dir(work, regime, name, fill, variant)
     model = segmentation_model(work, regime, trainer)
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     names = [mods.combination_name(c) for c in combinations]
@@ -467,7 +472,8 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
                   f"Goal (better SSIM over the brain than both baselines on every pair): "
                   f"{'met' if not failing else 'not met on ' + ', '.join(failing)}.", "",
                   "![examples](figures/synthesis_examples.png)", ""]
-    downstream = {name: out / f"downstream_{name}" / "summary.json" for name in ("zero", "synthesized", "dropout")}
+    downstream = {name: downstream_dir(work, regime, name, fill, variant) / "summary.json"
+                  for name, (_, fill) in DOWNSTREAM.items()}
     summaries = {name: json.loads(file.read_text()) for name, file in downstream.items() if file.is_file()}
     if "zero" in summaries and "synthesized" in summaries:
         table, records = ratio_table(summaries["zero"], summaries["synthesized"])
@@ -561,14 +567,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.dropout:
         steps[DROPOUT] = train_segmentation(work, regime, DROPOUT, args.device, args.dry_run, timings)
     steps["evaluate-synthesis"] = run_evaluate_synthesis(work, regime, cases, args.device, args.dry_run, variant)
-    steps["downstream zero-fill"] = run_downstream(work, regime, "zero", SEGMENTATION, "zero", combinations, cases,
-                                                   args.step_size, args.device, args.dry_run, variant)
-    steps["downstream synthesised"] = run_downstream(work, regime, "synthesized", SEGMENTATION, "synthesize",
-                                                     combinations, cases, args.step_size, args.device, args.dry_run,
-                                                     variant)
-    if args.dropout:
-        steps["downstream dropout"] = run_downstream(work, regime, "dropout", DROPOUT, "zero", combinations, cases,
-                                                     args.step_size, args.device, args.dry_run, variant)
+    for name, step in (("zero", "zero-fill"), ("synthesized", "synthesised"), ("dropout", "dropout")):
+        if name != "dropout" or args.dropout:
+            steps[f"downstream {step}"] = run_downstream(work, regime, name, combinations, cases, args.step_size,
+                                                         args.device, args.dry_run, variant)
     steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run, variant)
     for step, action in steps.items():
         print(f"{step}: {action}")
