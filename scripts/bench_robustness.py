@@ -58,7 +58,9 @@ TTA. Outputs in the regime's folder:
 * ``comparison.md`` / ``.png``: ``compare`` of the trainers (mean ± sd over seeds, error bars);
 * ``report.md`` / ``report.json``: the runs (epochs, final EMA pseudo-Dice, plateau check, wall-clock),
   15-combination averages with sd and 95% intervals over seeds, Dice by number of available modalities,
-  each trainer's Dice ÷ the dedicated models' and its full-input Dice ÷ plain nnUNetTrainer's;
+  each trainer's Dice ÷ the dedicated models' and its full-input Dice ÷ plain nnUNetTrainer's, and, for a
+  region that some held-out case lacks (the phantoms' non-enhancing tumours have no ET), the Dice over the
+  cases with it apart from the share of the cases without it that were left empty;
 * ``learning_curves.png``: nnU-Net's EMA pseudo-Dice per epoch of every run;
 * ``timings.json``: training (summed over sittings) and evaluation seconds per run.
 """
@@ -66,6 +68,7 @@ TTA. Outputs in the regime's folder:
 from __future__ import annotations
 
 import argparse
+import csv
 import filecmp
 import json
 import shutil
@@ -443,6 +446,69 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
     return {"groups": aggregates, "ratios": ratios}
 
 
+def region_presence(labels: Path, cases: Sequence[str]) -> dict[str, dict[str, bool]]:
+    """case -> region -> whether the case's reference label map (``labels/<case>.nii.gz``) contains the region;
+    cases without a label file are left out."""
+    import SimpleITK as sitk
+
+    presence = {}
+    for case in cases:
+        file = labels / f"{case}.nii.gz"
+        if file.is_file():
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
+            presence[case] = {region: bool(np.isin(array, members).any()) for region, members in mods.REGIONS.items()}
+    return presence
+
+
+def presence_split(per_case: Sequence[Mapping[str, str]], presence: Mapping[str, Mapping[str, bool]],
+                   region: str) -> dict[str, float | None]:
+    """One run's Dice of ``region`` apart for the cases whose reference has it and those whose reference has not.
+
+    BraTS scores a case without the region 1 when nothing is predicted and 0 otherwise, so on such a case one
+    false-positive voxel costs as much as missing a whole region; this split shows how much of a run's Dice comes
+    from each kind of case. ``per_case``: the rows of ``evaluate-missing``'s ``per_case.csv``.
+
+    Returns:
+        ``present_average`` / ``present_full``: mean Dice over the cases with the region, averaged over the
+        combinations (mean per combination, then over combinations) / with all modalities; ``absent_average`` /
+        ``absent_full``: the share of the cases without the region where nothing was predicted (Dice 1), likewise.
+        None where there is no case of that kind.
+    """
+    values: dict[tuple[bool, str], list[float]] = {}
+    for row in per_case:
+        if row["case"] in presence:
+            values.setdefault((presence[row["case"]][region], row["combination"]), []).append(
+                float(row[f"{region}_Dice"]))
+    result = {}
+    for kind, present in (("present", True), ("absent", False)):
+        per_combination = {name: np.mean(v) if present else np.mean(np.asarray(v) == 1.0)
+                           for (has, name), v in values.items() if has == present}
+        result[f"{kind}_average"] = float(np.mean(list(per_combination.values()))) if per_combination else None
+        result[f"{kind}_full"] = float(per_combination[FULL_INPUT]) if FULL_INPUT in per_combination else None
+    return result
+
+
+def aggregate_presence(per_case_by_group: Mapping[str, Sequence[Sequence[Mapping[str, str]]]],
+                       presence: Mapping[str, Mapping[str, bool]]) -> dict:
+    """For each region that some evaluated case lacks (the split says nothing where every case has it):
+    ``{"cases_with": n, "cases_without": m, "groups": {label: {key: run_statistics over runs}}}`` of the
+    :func:`presence_split` values (None where there is no case of that kind)."""
+    cases = {row["case"] for runs in per_case_by_group.values() for rows in runs for row in rows} & set(presence)
+    result = {}
+    for region in REGIONS:
+        without = sum(not presence[case][region] for case in cases)
+        if not without:
+            continue
+        groups = {}
+        for label, runs in per_case_by_group.items():
+            splits = [presence_split(rows, presence, region) for rows in runs]
+            if splits:
+                groups[label] = {key: None if splits[0][key] is None else run_statistics([s[key] for s in splits])
+                                 for key in splits[0]}
+        result[region] = {"cases_with": len(cases) - without, "cases_without": without, "groups": groups}
+    return result
+
+
 # ---------------------------------------------------------------- Markdown
 
 
@@ -524,6 +590,19 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -
         for label in with_full:
             lines.append(f"| {label} | " + " | ".join(_ratio_text(ratios[label]["full_input_to_baseline"][r])
                                                       for r in REGIONS) + " |")
+    for region, entry in aggregate.get("presence", {}).items():
+        lines += ["", f"## {region}: cases with and without {region} in the reference", "",
+                  f"{entry['cases_without']} of the {entry['cases_with'] + entry['cases_without']} held-out cases have "
+                  f"no {region}. BraTS scores such a case 1 when no {region} is predicted and 0 otherwise, so one "
+                  f"false-positive voxel there weighs as much as a whole missed region. Dice (%) over the cases with "
+                  f"{region}, and the share (%) of the cases without it where none was predicted; mean ± sd over "
+                  f"runs.", "",
+                  f"| group | runs | Dice, cases with {region}: 15-combination average | all four | "
+                  f"left empty, cases without {region}: 15-combination average | all four |", "|---" * 6 + "|"]
+        for label, stats in entry["groups"].items():
+            cells = ["–" if stats[key] is None else format_stats(stats[key])
+                     for key in ("present_average", "present_full", "absent_average", "absent_full")]
+            lines.append(f"| {label} | {groups[label]['num_runs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -648,13 +727,14 @@ def main() -> None:
             print(f"{run.name:<48} {action:<9} {run.model}{first}")
         return
     out.mkdir(parents=True, exist_ok=True)
+    labels = work / "nnUNet_raw" / regime.dataset_name / "labelsTs"
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}  # reused runs keep their times
     if args.report_only:
-        write_report(runs, regime, out, timings, args.iterations, archive)
+        write_report(runs, regime, out, timings, args.iterations, archive, labels)
         return
     env = prepare(work, regime=regime)
-    cases = sorted((work / "nnUNet_raw" / regime.dataset_name / "labelsTs").glob("*.nii.gz"))[: args.eval_cases]
+    cases = sorted(labels.glob("*.nii.gz"))[: args.eval_cases]
     case_names = {c.name[: -len(".nii.gz")] for c in cases}
     if args.retrain is not None:  # all deletions first: two-phase runs of one folder share their first phase
         for run in runs:
@@ -679,7 +759,7 @@ def main() -> None:
         timings_file.write_text(json.dumps(timings, indent=2))
         if archive is not None:
             write_archive(run, archive / run.name, identity, timings)
-    write_report(runs, regime, out, timings, args.iterations, archive)
+    write_report(runs, regime, out, timings, args.iterations, archive, labels)
 
 
 def archived_run(run: Run, folder: Path, identity: dict) -> bool:
@@ -771,11 +851,18 @@ def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argpar
     timings.setdefault(run.name, {})["evaluate_s"] = time.perf_counter() - start
 
 
+def _read_per_case(evaluation: Path) -> list[dict[str, str]]:
+    with open(evaluation / "per_case.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, iterations: int,
-                 archive: Path | None = None) -> None:
+                 archive: Path | None = None, labels: Path | None = None) -> None:
     """comparison.md/.png, report.md/.json and learning_curves.png of the finished runs.
 
-    A run whose model or evaluation is not on this machine is taken from ``archive`` when it is there.
+    A run whose model or evaluation is not on this machine is taken from ``archive`` when it is there. With the
+    held-out reference ``labels`` (a folder of ``<case>.nii.gz``), the report also splits each region that some
+    case lacks by whether the reference has it (:func:`aggregate_presence`).
     """
     from nnunet_missingmod.evaluation.missing_combinations import compare
 
@@ -801,6 +888,11 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
     complete = [dedicated_summary(per_seed) for per_seed in summaries.get(DEDICATED, {}).values()
                 if len(per_seed) == len(mods.all_combinations())]
     aggregate = aggregate_benchmark(groups, complete)
+    if labels is not None and labels.is_dir():
+        per_case = {label: [_read_per_case(evaluations[r.name]) for r in runs
+                            if r.group == label and r.name in evaluations] for label in groups}
+        cases = sorted({row["case"] for rows in per_case.values() for run_rows in rows for row in run_rows})
+        aggregate["presence"] = aggregate_presence(per_case, region_presence(labels, cases))
     (out / "report.md").write_text(report_markdown(aggregate, rows, regime))
     (out / "report.json").write_text(json.dumps({"regime": regime.name, "runs": rows, **aggregate}, indent=2))
     plot_learning_curves(curves, out / "learning_curves.png")

@@ -580,3 +580,62 @@ def test_inference_plans_tiny_run(tmp_path):
     assert rows["nnUNetTrainer"]["ratio"]["median"] == 1.0 and rows["ModalityDropoutTrainer"]["flop_ratio"] == 1.0
     assert rows["CMFFTrainer"]["flop_ratio"] > 1  # two branches and the fusion at the plans' narrow widths
     assert json.loads(out.read_text())["patch"] == [16, 16, 16]
+
+
+# ---------------------------------------------------------------- cases with and without a region
+
+
+def _label_file(folder: Path, case: str, labels: list[int]) -> None:
+    import SimpleITK as sitk
+
+    array = np.zeros((2, 3, 4), dtype=np.uint8)
+    array.flat[: len(labels)] = labels
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / f"{case}.nii.gz"))
+
+
+def test_presence_split_by_hand(tmp_path):
+    labels = tmp_path / "labelsTs"
+    _label_file(labels, "a", [1, 2, 3])  # edema, core and enhancing tumour
+    _label_file(labels, "b", [1, 2])  # no enhancing tumour
+    _label_file(labels, "c", [1])  # edema only: no TC, no ET
+    presence = robustness.region_presence(labels, ["a", "b", "c", "not_there"])
+    assert presence == {"a": {"WT": True, "TC": True, "ET": True}, "b": {"WT": True, "TC": True, "ET": False},
+                        "c": {"WT": True, "TC": False, "ET": False}}
+
+    def rows(et_full_a, et_t1_a, et_full_b):
+        return [{"case": "a", "combination": FULL, "ET_Dice": str(et_full_a), "TC_Dice": "0.7"},
+                {"case": "a", "combination": "t1", "ET_Dice": str(et_t1_a), "TC_Dice": "0.5"},
+                {"case": "b", "combination": FULL, "ET_Dice": str(et_full_b), "TC_Dice": "0.9"},
+                {"case": "b", "combination": "t1", "ET_Dice": "0.0", "TC_Dice": "0.3"},
+                {"case": "c", "combination": FULL, "ET_Dice": "0.0", "TC_Dice": "1.0"},
+                {"case": "c", "combination": "t1", "ET_Dice": "0.0", "TC_Dice": "0.0"}]
+
+    split = robustness.presence_split(rows(0.8, 0.4, 1.0), presence, "ET")
+    # with ET: case a only; without: b (empty with all four, not with T1) and c (never empty)
+    assert split == pytest.approx({"present_full": 0.8, "present_average": 0.6, "absent_full": 0.5,
+                                   "absent_average": 0.25})
+    tc = robustness.presence_split(rows(0.8, 0.4, 1.0), presence, "TC")
+    assert tc == pytest.approx({"present_full": 0.8, "present_average": (0.8 + 0.4) / 2, "absent_full": 1.0,
+                                "absent_average": 0.5})
+
+    result = robustness.aggregate_presence({"MD": [rows(0.8, 0.4, 1.0), rows(0.6, 0.2, 0.0)]}, presence)
+    assert set(result) == {"TC", "ET"}  # every case has WT: nothing to split
+    et = result["ET"]
+    assert (et["cases_with"], et["cases_without"]) == (1, 2)
+    assert et["groups"]["MD"]["present_full"]["mean"] == pytest.approx(0.7)
+    assert et["groups"]["MD"]["present_full"]["sd"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert et["groups"]["MD"]["absent_full"]["mean"] == pytest.approx(0.25)  # 0.5 and 0.0
+
+    aggregate = robustness.aggregate_benchmark({"MD": [uniform(0.6), uniform(0.7)]})
+    aggregate["presence"] = result
+    text = robustness.report_markdown(aggregate, [], REGIMES["converged"])
+    assert "## ET: cases with and without ET in the reference" in text
+    # with ET: (0.8 + 0.4) / 2 and (0.6 + 0.2) / 2; left empty: (0.5 + 0) / 2 and 0
+    assert "| MD | 2 | 50.0 ± 14.1 | 70.0 ± 14.1 | 12.5 ± 17.7 | 25.0 ± 35.4 |" in text
+
+
+def test_presence_split_without_cases_of_one_kind():
+    presence = {"a": {"WT": True, "TC": True, "ET": True}}
+    split = robustness.presence_split([{"case": "a", "combination": "t1", "ET_Dice": "0.5"}], presence, "ET")
+    assert split == {"present_average": 0.5, "present_full": None, "absent_average": None, "absent_full": None}
