@@ -639,3 +639,25 @@ def test_presence_split_without_cases_of_one_kind():
     presence = {"a": {"WT": True, "TC": True, "ET": True}}
     split = robustness.presence_split([{"case": "a", "combination": "t1", "ET_Dice": "0.5"}], presence, "ET")
     assert split == {"present_average": 0.5, "present_full": None, "absent_average": None, "absent_full": None}
+
+
+def test_report_reads_the_per_case_files_and_the_labels(tmp_path):
+    regime = REGIMES["converged"]
+    labels = tmp_path / "labelsTs"
+    _label_file(labels, "a", [1, 3])
+    _label_file(labels, "b", [1, 2])  # no enhancing tumour
+    runs = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer"], seeds=2)
+    for run, (dice_a, dice_b) in zip(runs, ((0.9, 1.0), (0.7, 0.0)), strict=True):
+        _finished_run(run, 4, uniform(0.5))
+        (run.evaluation / "per_case.csv").write_text(
+            f"case,combination,WT_Dice,TC_Dice,ET_Dice\na,{FULL},0.8,0.8,{dice_a}\nb,{FULL},0.8,0.8,{dice_b}\n")
+    out = tmp_path / "report"
+    out.mkdir()
+    robustness.write_report(runs, regime, out, {}, 40, labels=labels)
+    et = json.loads((out / "report.json").read_text())["presence"]["ET"]
+    assert (et["cases_with"], et["cases_without"]) == (1, 1)
+    assert et["groups"]["nnUNetTrainer"]["present_full"]["mean"] == pytest.approx(0.8)
+    assert et["groups"]["nnUNetTrainer"]["absent_full"]["mean"] == pytest.approx(0.5)
+    assert "## ET: cases with and without ET in the reference" in (out / "report.md").read_text()
+    robustness.write_report(runs, regime, out, {}, 40, labels=tmp_path / "no_labels")  # no labels: no split
+    assert "presence" not in json.loads((out / "report.json").read_text())
