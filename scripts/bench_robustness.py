@@ -68,7 +68,6 @@ TTA. Outputs in the regime's folder:
 from __future__ import annotations
 
 import argparse
-import csv
 import filecmp
 import json
 import shutil
@@ -86,7 +85,7 @@ from bench_common import REGIMES, Regime, prepare, results_model_dir, run_worker
 
 from nnunet_missingmod import modalities as mods  # noqa: E402
 from nnunet_missingmod.config import OVERRIDE_ENV  # noqa: E402
-from nnunet_missingmod.evaluation.missing_combinations import aggregate_summaries, run_statistics  # noqa: E402
+from nnunet_missingmod.evaluation.missing_combinations import aggregate_summaries, read_per_case, run_statistics  # noqa: E402
 
 BASELINE = "nnUNetTrainer"
 DEDICATED = "dedicated"
@@ -460,13 +459,13 @@ def region_presence(labels: Path, cases: Sequence[str]) -> dict[str, dict[str, b
     return presence
 
 
-def presence_split(per_case: Sequence[Mapping[str, str]], presence: Mapping[str, Mapping[str, bool]],
+def presence_split(per_case: Sequence[Mapping], presence: Mapping[str, Mapping[str, bool]],
                    region: str) -> dict[str, float | None]:
     """One run's Dice of ``region`` apart for the cases whose reference has it and those whose reference has not.
 
     BraTS scores a case without the region 1 when nothing is predicted and 0 otherwise, so on such a case one
     false-positive voxel costs as much as missing a whole region; this split shows how much of a run's Dice comes
-    from each kind of case. ``per_case``: the rows of ``evaluate-missing``'s ``per_case.csv``.
+    from each kind of case. ``per_case``: the rows of ``evaluate-missing``'s ``per_case.csv`` (:func:`read_per_case`).
 
     Returns:
         ``present_average`` / ``present_full``: mean Dice over the cases with the region, averaged over the
@@ -488,7 +487,7 @@ def presence_split(per_case: Sequence[Mapping[str, str]], presence: Mapping[str,
     return result
 
 
-def aggregate_presence(per_case_by_group: Mapping[str, Sequence[Sequence[Mapping[str, str]]]],
+def aggregate_presence(per_case_by_group: Mapping[str, Sequence[Sequence[Mapping]]],
                        presence: Mapping[str, Mapping[str, bool]]) -> dict:
     """For each region that some evaluated case lacks (the split says nothing where every case has it):
     ``{"cases_with": n, "cases_without": m, "groups": {label: {key: run_statistics over runs}}}`` of the
@@ -851,11 +850,6 @@ def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argpar
     timings.setdefault(run.name, {})["evaluate_s"] = time.perf_counter() - start
 
 
-def _read_per_case(evaluation: Path) -> list[dict[str, str]]:
-    with open(evaluation / "per_case.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, iterations: int,
                  archive: Path | None = None, labels: Path | None = None) -> None:
     """comparison.md/.png, report.md/.json and learning_curves.png of the finished runs.
@@ -889,7 +883,7 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
                 if len(per_seed) == len(mods.all_combinations())]
     aggregate = aggregate_benchmark(groups, complete)
     if labels is not None and labels.is_dir():
-        per_case = {label: [_read_per_case(evaluations[r.name]) for r in runs
+        per_case = {label: [read_per_case(evaluations[r.name]) for r in runs
                             if r.group == label and r.name in evaluations] for label in groups}
         cases = sorted({row["case"] for rows in per_case.values() for run_rows in rows for row in run_rows})
         aggregate["presence"] = aggregate_presence(per_case, region_presence(labels, cases))

@@ -285,12 +285,11 @@ def merge_parts(folder: str | os.PathLike) -> Path:
             ([f"missing part(s) {missing}"] if missing else []) +
             ([f"part(s) {incomplete} have no per_case.csv or summary.json (still running, or failed?)"]
              if incomplete else [])))
-    summaries, rows = {}, []
+    summaries, per_part = {}, {}
     for part in sorted(parts, key=lambda p: parts[p][0]):
         summaries[part] = _read_summary(part)
-        with open(part / "per_case.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                rows.append({k: (v if k in ("case", "combination") else float(v)) for k, v in row.items()})
+        per_part[part] = read_per_case(part)
+    rows = [row for part_rows in per_part.values() for row in part_rows]
     first = next(iter(summaries.values()))
     for part, summary in summaries.items():
         different = [k for k in SHARED_SETTINGS if summary.get(k) != first.get(k)]
@@ -298,12 +297,11 @@ def merge_parts(folder: str | os.PathLike) -> Path:
             raise ValueError(f"{part.name} was evaluated with other settings than {next(iter(summaries)).name} "
                              f"({', '.join(different)}); the parts cannot be merged")
     owners: dict[str, str] = {}
-    for part in summaries:
-        with open(part / "per_case.csv", newline="") as f:
-            for case in {row["case"] for row in csv.DictReader(f)}:
-                if case in owners:
-                    raise ValueError(f"case {case} was evaluated in {owners[case]} and in {part.name}")
-                owners[case] = part.name
+    for part, part_rows in per_part.items():
+        for case in {row["case"] for row in part_rows}:
+            if case in owners:
+                raise ValueError(f"case {case} was evaluated in {owners[case]} and in {part.name}")
+            owners[case] = part.name
     names = first.get("combinations") or sorted({r["combination"] for r in rows})
     combinations = [mods.parse_modalities(name.replace("+", ",")) for name in names]
     summary = summarise(rows, combinations)
@@ -505,6 +503,13 @@ def aggregate_summaries(summaries: Sequence[dict]) -> dict:
             "per_combination": {name: {k: run_statistics([s["per_combination"][name][k] for s in summaries])
                                        for k in keys} for name in names},
             "average": {k: run_statistics([s["average"][k] for s in summaries]) for k in keys}}
+
+
+def read_per_case(folder: str | os.PathLike) -> list[dict]:
+    """The rows of an evaluation's ``per_case.csv``: ``case`` and ``combination`` as text, every metric a float."""
+    with open(Path(folder) / "per_case.csv", newline="") as f:
+        return [{k: (v if k in ("case", "combination") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def _read_summary(run: str | os.PathLike) -> dict:
