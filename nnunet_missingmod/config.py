@@ -47,12 +47,11 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def load_trainer_config(trainer_class: type) -> dict:
-    """Resolved config of a trainer class (shipped files along the MRO, then the override file).
+def shipped_trainer_config(trainer_class: type) -> dict:
+    """The shipped config of a trainer class: the files along its MRO, base classes first (no override file).
 
     Raises:
-        FileNotFoundError: no shipped config for any class of the MRO, or the override file is missing.
-        KeyError: the override file names a key the trainer's config does not have.
+        FileNotFoundError: no shipped config for any class of the MRO.
     """
     merged: dict = {}
     found = False
@@ -63,6 +62,17 @@ def load_trainer_config(trainer_class: type) -> dict:
             found = True
     if not found:
         raise FileNotFoundError(f"no trainer config for {trainer_class.__name__} in {config_dir()}")
+    return merged
+
+
+def load_trainer_config(trainer_class: type) -> dict:
+    """Resolved config of a trainer class (shipped files along the MRO, then the override file).
+
+    Raises:
+        FileNotFoundError: no shipped config for any class of the MRO, or the override file is missing.
+        KeyError: the override file names a key the trainer's config does not have.
+    """
+    merged = shipped_trainer_config(trainer_class)
     override = os.environ.get(OVERRIDE_ENV)
     if override:
         path = Path(override)

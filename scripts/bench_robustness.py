@@ -49,7 +49,8 @@ evaluated run as small text in ``DIR/<run>/`` (``run.json``: settings, budget, c
 and the evaluation's ``summary.json``, ``per_case.csv``, ``table.md``), meant to be committed. A later sitting on
 another machine with the same ``--archive`` takes those runs from it instead of training them again, and the
 report counts them with the runs trained there. A run archived with other settings (epochs, iterations, seed,
-override, held-out cases, step size) is refused rather than mixed in; ``--retrain GROUP`` deletes its record.
+override, the trainer's resolved configuration, so also a shipped default changed since, held-out cases, step
+size) is refused rather than mixed in; ``--retrain GROUP`` deletes its record.
 The converged regime's runs are archived in ``docs/converged/runs``.
 
 Each model is scored by ``evaluate-missing`` on the first ``eval-cases`` held-out phantoms without mirroring
@@ -217,8 +218,8 @@ def dedicated_override(combination: Sequence[int]) -> dict:
 #: Files of an evaluate-missing output that the archive keeps (small text; the heat map is left out).
 ARCHIVE_FILES = ("summary.json", "per_case.csv", "table.md")
 #: The record keys a run must match to be taken from the archive instead of trained.
-ARCHIVE_KEYS = ("regime", "trainer", "seed", "combination", "settings", "epochs", "iterations", "pretrain_epochs",
-                "cases", "step_size")
+ARCHIVE_KEYS = ("regime", "trainer", "seed", "combination", "settings", "config", "epochs", "iterations",
+                "pretrain_epochs", "cases", "step_size")
 
 
 def run_settings(run: Run) -> dict | None:
@@ -228,12 +229,25 @@ def run_settings(run: Run) -> dict | None:
     return None if run.settings is None else dict(run.settings)
 
 
+def resolved_config(run: Run) -> dict | None:
+    """The configuration a run trains with: its trainer's shipped ``trainer_configs`` merged with the run's
+    override (None for a trainer without one, e.g. nnU-Net's own). Kept in the archive, so that a run trained
+    before a shipped default changed is not taken for a run of the new default."""
+    from nnunet_missingmod import trainers
+    from nnunet_missingmod.config import deep_merge, shipped_trainer_config
+
+    trainer_class = getattr(trainers, run.trainer, None)
+    if not isinstance(trainer_class, type):
+        return None
+    return deep_merge(shipped_trainer_config(trainer_class), run_settings(run) or {}, strict=True)
+
+
 def archive_identity(run: Run, regime: Regime, epochs: int, iterations: int, pretrain_epochs: int | None,
                      cases: Sequence[str], step_size: float) -> dict:
     """What defines a run's result: an archived record is reused only if all of it is the same."""
     return {"regime": regime.name, "trainer": run.trainer, "seed": run.seed,
             "combination": None if run.combination is None else list(run.combination),
-            "settings": run_settings(run), "epochs": epochs, "iterations": iterations,
+            "settings": run_settings(run), "config": resolved_config(run), "epochs": epochs, "iterations": iterations,
             "pretrain_epochs": (pretrain_epochs or epochs) if run.pretrainer else None,
             "cases": sorted(cases), "step_size": step_size}
 
@@ -244,10 +258,27 @@ def read_archive(folder: Path) -> dict | None:
     return json.loads(record.read_text()) if record.is_file() else None
 
 
+def _flatten(config: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    return {k: v for key, value in config.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
 def archive_mismatch(record: dict, identity: dict) -> list[str]:
-    """``key: archived != asked`` for every key of :data:`ARCHIVE_KEYS` that differs."""
-    return [f"{key}: archived {record.get(key)!r}, asked {identity[key]!r}" for key in ARCHIVE_KEYS
-            if record.get(key) != identity[key]]
+    """``key: archived != asked`` for every key of :data:`ARCHIVE_KEYS` that differs (for ``config``, each
+    setting that differs, e.g. ``config modality_dropout.p_keep_all: archived 0.0, asked 0.25``)."""
+    differences = []
+    for key in ARCHIVE_KEYS:
+        archived, asked = record.get(key), identity[key]
+        if archived == asked:
+            continue
+        if key == "config" and isinstance(archived, dict) and isinstance(asked, dict):
+            old, new = _flatten(archived), _flatten(asked)
+            differences += [f"config {name}: archived {old.get(name)!r}, asked {new.get(name)!r}"
+                            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+        else:
+            differences.append(f"{key}: archived {archived!r}, asked {asked!r}")
+    return differences
 
 
 def _archive_unchanged(run: Run, folder: Path, record: dict) -> bool:

@@ -466,6 +466,40 @@ def test_archive_refuses_other_settings_and_a_model_of_another_budget(tmp_path):
                                                                          ["phantom_010"], 1.0))
 
 
+def test_archive_refuses_a_run_of_an_earlier_shipped_default(tmp_path, monkeypatch):
+    """The record keeps the configuration the run trained with: the shipped config merged with its override."""
+    regime = REGIMES["converged"]
+    plain, dropout = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer", "ModalityDropoutTrainer"], seeds=1)
+    assert robustness.archive_identity(plain, regime, 4, 40, None, ["phantom_010"], 1.0)["config"] is None
+    identity = robustness.archive_identity(dropout, regime, 4, 40, None, ["phantom_010"], 1.0)
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "trainer_configs" /
+                          "ModalityDropoutTrainer.json").read_text())["modality_dropout"]
+    assert identity["settings"] is None and identity["config"]["modality_dropout"] == shipped
+    assert identity["config"]["nnunet"]["initial_lr"] == 0.01  # from the base class's file
+    dedicated = robustness.plan_runs(tmp_path, regime, [], seeds=0, dedicated_seeds=1)[0]
+    merged = robustness.archive_identity(dedicated, regime, 4, 40, None, ["phantom_010"], 1.0)["config"]
+    assert merged["modality_dropout"] == {**shipped, "scheme": "fixed", "keep": ["t1"], "p_keep_all": 0.0}
+
+    _finished_run(dropout, 4, uniform(0.5))
+    folder = tmp_path / "runs" / dropout.name
+    robustness.write_archive(dropout, folder, identity, {})
+    shutil.rmtree(dropout.model)
+    assert robustness.archived_run(dropout, folder, identity)
+    # the shipped default changes after the run was archived: the same request no longer matches it
+    earlier = shipped["p_keep_all"]
+    changed = {"modality_dropout": {**shipped, "p_keep_all": earlier + 0.5}}
+    from nnunet_missingmod import config as config_module
+
+    original = config_module.shipped_trainer_config
+    monkeypatch.setattr(config_module, "shipped_trainer_config",
+                        lambda cls: config_module.deep_merge(original(cls), changed, strict=True))
+    now = robustness.archive_identity(dropout, regime, 4, 40, None, ["phantom_010"], 1.0)
+    assert now["settings"] == identity["settings"] and now["config"] != identity["config"]
+    with pytest.raises(SystemExit, match=rf"config modality_dropout\.p_keep_all: archived {earlier!r}, asked "
+                                         rf"{earlier + 0.5!r}\)"):
+        robustness.archived_run(dropout, folder, now)
+
+
 def test_archiving_an_unchanged_run_again_leaves_its_record_as_it_is(tmp_path):
     regime = REGIMES["converged"]
     run = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer"], seeds=1)[0]
