@@ -20,7 +20,7 @@ Every trainer (plain nnUNetTrainer included) trains fold 0 of the regime's confi
 the short regime's seed 0 keeps the original folders ``<work-dir>/nnUNet_results`` and
 ``robustness/<trainer>``). ``--dedicated`` adds the upper limit: 15 plain nnU-Net models, one per modality
 combination, each trained with the ``fixed`` dropout scheme (``ModalityDropoutTrainer``, whose network and
-loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep": [...]}}`` in the
+loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep": [...], "p_keep_all": 0}}`` in the
 ``nnUNet_missingmod_config`` override file) and evaluated on its own combination only. ``--epochs-for``
 gives one group (a trainer name, or ``dedicated``) another number of epochs, e.g. one that has not plateaued.
 

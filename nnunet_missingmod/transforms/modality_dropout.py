@@ -9,10 +9,11 @@ Schemes:
   a draw that would drop every channel is redrawn, so P(S) is proportional to
   prod_{c in S} (1 - p_c) * prod_{c not in S} p_c over non-empty S.
 * ``fixed``: every sample keeps exactly the modalities listed in ``keep`` (names such as ``"t1ce"`` or
-  channel indices), e.g. ``{"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"]}}`` in the
-  ``nnUNet_missingmod_config`` override file trains a model dedicated to one combination (the
+  channel indices), e.g. ``{"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"], "p_keep_all": 0}}``
+  in the ``nnUNet_missingmod_config`` override file trains a model dedicated to one combination (the
   robustness benchmark's upper limit: one model per combination). Nothing is random; ``p_keep_all`` must
-  be 0, since mixing in complete samples would no longer train on that combination alone.
+  be 0 (ModalityDropoutTrainer's default is 0.25, so the override sets it), since mixing in complete samples
+  would no longer train on that combination alone.
 
 With probability ``p_keep_all`` a sample keeps every modality before the scheme is consulted.
 
@@ -89,7 +90,8 @@ def fixed_keep_mask(keep: Sequence[str | int] | None, num_modalities: int, *, ke
 def _check_fixed_settings(p_keep_all: float) -> None:
     if p_keep_all != 0:
         raise ValueError(f"modality_dropout.p_keep_all must be 0 with scheme 'fixed' (every sample keeps exactly "
-                         f"{KEEP_KEY}), got {p_keep_all}")
+                         f"{KEEP_KEY}), got {p_keep_all}: set \"p_keep_all\": 0 beside \"scheme\": \"fixed\" "
+                         f"(ModalityDropoutTrainer's default is 0.25)")
 
 
 def sample_kept_modalities(num_modalities: int, *, scheme: str = "uniform_subset",

@@ -116,13 +116,25 @@ def test_keep_all_probability_is_refused_with_fixed():
 def test_override_file_selects_the_subset(tmp_path, monkeypatch):
     """The documented override: strict config merge accepts ``keep``, and the config builds the fixed transform."""
     override = tmp_path / "override.json"
-    override.write_text(json.dumps({"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"]}}))
+    override.write_text(json.dumps({"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"],
+                                                         "p_keep_all": 0}}))
     monkeypatch.setenv(OVERRIDE_ENV, str(override))
     settings = load_trainer_config(ModalityDropoutTrainer)["modality_dropout"]
     transform = transform_from_settings(settings, M)
     assert transform.scheme == "fixed" and transform.keep.tolist() == [False, True, False, True]
     out = transform(image=torch.rand(M, 3, 3, 3) + 0.5)["image"]
     assert _kept_channels(out) == (1, 3)
+
+
+def test_fixed_without_keep_all_zero_names_the_fix(tmp_path, monkeypatch):
+    """ModalityDropoutTrainer keeps all four sequences in a quarter of the draws by default: with ``fixed`` the
+    override must set ``p_keep_all`` to 0, and the error says so."""
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"]}}))
+    monkeypatch.setenv(OVERRIDE_ENV, str(override))
+    settings = load_trainer_config(ModalityDropoutTrainer)["modality_dropout"]
+    with pytest.raises(ValueError, match=r'got 0.25: set "p_keep_all": 0 beside "scheme": "fixed"'):
+        transform_from_settings(settings, M)
 
 
 def test_settings_of_the_other_schemes_are_unchanged():
@@ -138,7 +150,8 @@ def test_modality_dropout_trainer_trains_on_the_fixed_subset(tmp_path, monkeypat
     from tests.conftest import make_tiny_trainer
 
     override = tmp_path / "override.json"
-    override.write_text(json.dumps({"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"]}}))
+    override.write_text(json.dumps({"modality_dropout": {"scheme": "fixed", "keep": ["t1ce", "flair"],
+                                                         "p_keep_all": 0}}))
     monkeypatch.setenv(OVERRIDE_ENV, str(override))
     trainer = make_tiny_trainer(ModalityDropoutTrainer, tmp_path, monkeypatch)
     transform = trainer.modality_dropout_transform()
