@@ -557,6 +557,13 @@ def _ratio_text(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _group_label(label: str, group: dict) -> str:
+    """The row label of a group; dedicated models of only some combinations say how many (their averages are
+    over those combinations, not comparable with the other rows)."""
+    done, every = len(group["per_combination"]), len(mods.all_combinations())
+    return label if label != DEDICATED or done == every else f"{label} ({done} of {every} combinations so far)"
+
+
 def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -> str:
     """The benchmark's tables (runs, averages, by number of modalities, ratios) as Markdown."""
     lines = [f"# Robustness benchmark, regime `{regime.name}`", "",
@@ -590,7 +597,7 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -
     for label, group in groups.items():
         dice = " | ".join(format_stats(group["average"][f"{r}_Dice"], interval=True) for r in REGIONS)
         hd = " | ".join(format_stats(group["average"][f"{r}_HD95"], scale=1.0) for r in REGIONS)
-        lines.append(f"| {label} | {group['num_runs']} | {dice} | {hd} |")
+        lines.append(f"| {_group_label(label, group)} | {group['num_runs']} | {dice} | {hd} |")
     lines += ["", "## Dice by number of available modalities", "",
               "Mean over the combinations with k modalities, then mean ± sd over runs (%), WT / TC / ET.", "",
               "| group | " + " | ".join(f"k = {k}" for k in range(1, mods.NUM_MODALITIES + 1)) + " |",
@@ -598,14 +605,16 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -
     for label, group in groups.items():
         cells = [" / ".join(format_stats(group["by_num_modalities"][k][f"{r}_Dice"]) for r in REGIONS)
                  if k in group["by_num_modalities"] else "–" for k in range(1, mods.NUM_MODALITIES + 1)]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_group_label(label, group)} | " + " | ".join(cells) + " |")
     ratios = aggregate["ratios"]
     with_dedicated = [label for label, entry in ratios.items() if entry.get("to_dedicated")]
     if with_dedicated:
         names = [n for n in groups[DEDICATED]["per_combination"]]
+        missing = len(mods.all_combinations()) - len(names)
         lines += ["", "## Dice ÷ the dedicated models", "",
                   "Mean Dice over runs ÷ the mean Dice of the model trained on that combination alone, WT / TC / ET; "
-                  "the average row divides the 15-combination averages. Goal: ≥ 0.98 on the average.", "",
+                  "the average row divides the 15-combination averages. Goal: ≥ 0.98 on the average."
+                  + (f" {missing} dedicated models are still to be trained: no average yet." if missing else ""), "",
                   "| combination | " + " | ".join(with_dedicated) + " |", "|---|" + "---|" * len(with_dedicated)]
         for name in [*names, "average"]:
             cells = [" / ".join(_ratio_text(ratios[label]["to_dedicated"].get(name, {}).get(r)) for r in REGIONS)
@@ -910,9 +919,12 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
                 break
     groups = {label: [s for per_seed in by_seed.values() for s in per_seed]
               for label, by_seed in summaries.items() if label != DEDICATED}
-    complete = [dedicated_summary(per_seed) for per_seed in summaries.get(DEDICATED, {}).values()
+    dedicated_by_seed = summaries.get(DEDICATED, {})
+    complete = [dedicated_summary(per_seed) for per_seed in dedicated_by_seed.values()
                 if len(per_seed) == len(mods.all_combinations())]
-    aggregate = aggregate_benchmark(groups, complete)
+    # until a seed has all 15, the first seed's dedicated models so far: ratios per combination, no average
+    dedicated = complete or [dedicated_summary(per_seed) for _, per_seed in sorted(dedicated_by_seed.items())[:1]]
+    aggregate = aggregate_benchmark(groups, dedicated)
     if labels is not None and labels.is_dir():
         per_case = {label: [read_per_case(evaluations[r.name]) for r in runs
                             if r.group == label and r.name in evaluations] for label in groups}

@@ -372,6 +372,20 @@ def test_report_tables(tmp_path):
     assert "## Full input (t1+t1ce+t2+flair) ÷ nnUNetTrainer" in text
 
 
+def test_report_of_the_dedicated_models_trained_so_far():
+    """Before all 15 dedicated models exist: ratios for the combinations that have one, no average, and the
+    dedicated row says how many it covers."""
+    done = ["t1", "t1ce", "t1+t1ce"]
+    dedicated = [robustness.dedicated_summary([summary({name: 0.8}) for name in done])]
+    aggregate = robustness.aggregate_benchmark({"ModalityDropoutTrainer": [uniform(0.6), uniform(0.7)]}, dedicated)
+    ratios = aggregate["ratios"]["ModalityDropoutTrainer"]["to_dedicated"]
+    assert set(ratios) == set(done) and ratios["t1+t1ce"]["WT"] == pytest.approx(0.65 / 0.8)
+    text = robustness.report_markdown(aggregate, [], REGIMES["converged"])
+    assert "| dedicated (3 of 15 combinations so far) | 1 |" in text
+    assert "12 dedicated models are still to be trained: no average yet." in text
+    assert "| t1+t1ce | 0.812 / 1.000 / 1.000 |" in text and "| **average** | – / – / – |" in text
+
+
 # ---------------------------------------------------------------- the archive: runs kept across machines
 
 
