@@ -74,7 +74,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -425,13 +425,15 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequence[dict] = (),
-                        baseline: str = BASELINE) -> dict:
+                        baseline: str = BASELINE, baseline_for: Mapping[str, str] | None = None) -> dict:
     """Statistics over seeds per group, and the ratios the benchmark's goals are stated in.
 
     Args:
         groups: group label -> the evaluate-missing summaries of its runs (one per seed).
         dedicated: per seed, a :func:`dedicated_summary` of the 15 dedicated models.
         baseline: the group of plain nnU-Net (for the full-input ratio).
+        baseline_for: group label -> the plain nnU-Net group to divide by instead of ``baseline`` (the one
+            trained for as many epochs, :func:`equal_budget_baselines`); its label is kept as ``baseline``.
 
     Returns:
         ``{"groups": {label: aggregate}, "ratios": {label: {...}}}`` where each aggregate is
@@ -453,11 +455,12 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
         aggregates[label] = aggregate
     ratios = {}
     reference = aggregates.get(DEDICATED)
-    base = aggregates.get(baseline)
     for label, aggregate in aggregates.items():
         if label == DEDICATED:
             continue
         entry = {}
+        base_label = (baseline_for or {}).get(label, baseline)
+        base = aggregates.get(base_label)
         if reference:
             shared = [n for n in reference["per_combination"] if n in aggregate["per_combination"]]
             entry["to_dedicated"] = {
@@ -472,8 +475,64 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
             entry["full_input_to_baseline"] = {r: _ratio(aggregate["per_combination"][FULL_INPUT][f"{r}_Dice"]["mean"],
                                                          base["per_combination"][FULL_INPUT][f"{r}_Dice"]["mean"])
                                                for r in REGIONS}
+            entry["baseline"] = base_label
         ratios[label] = entry
     return {"groups": aggregates, "ratios": ratios}
+
+
+def equal_budget_baselines(budgets: Mapping[str, Mapping], baseline: str = BASELINE) -> dict[str, str]:
+    """group -> the plain nnU-Net group trained for the same epochs, where there is one besides ``baseline``.
+
+    Args:
+        budgets: group -> ``{"trainer", "config", "epochs"}`` (:func:`group_budgets`); a plain nnU-Net group is one
+            of trainer ``nnUNetTrainer`` with no configuration of ours (``baseline`` or a ``defaults.json`` variant).
+    """
+    plain = {b["epochs"]: label for label, b in budgets.items()
+             if b["trainer"] == BASELINE and b["config"] is None and b["epochs"] is not None}
+    if baseline in budgets:
+        plain[budgets[baseline]["epochs"]] = baseline
+    return {label: plain[b["epochs"]] for label, b in budgets.items() if b["epochs"] in plain}
+
+
+def group_budgets(rows: Sequence[dict], runs: Sequence[Run], evaluated: Collection[str]) -> dict[str, dict]:
+    """group -> ``{"trainer", "config", "epochs"}`` of its evaluated runs (``epochs`` None if they differ)."""
+    rows_by_name = {row["name"]: row for row in rows}
+    budgets: dict[str, dict] = {}
+    for run in runs:
+        if run.name not in evaluated or run.group == DEDICATED:
+            continue
+        epochs = rows_by_name[run.name]["plateau"]["epochs"]
+        entry = budgets.setdefault(run.group, {"trainer": run.trainer, "config": resolved_config(run), "epochs": epochs})
+        if entry["epochs"] != epochs:
+            entry["epochs"] = None
+    return budgets
+
+
+def longer_budgets(budgets: Mapping[str, Mapping], groups: Mapping[str, dict]) -> list[dict]:
+    """Pairs of groups that train the same trainer with the same configuration for different epochs, and what the
+    longer budget changed: the difference of the mean Dice over runs (longer − shorter) on the 15-combination
+    average and with all modalities, per region. The benchmark's other convergence check: a budget is enough
+    when doubling it changes the held-out Dice by no more than the spread of the runs.
+    """
+    pairs = []
+    labels = [label for label in budgets if label in groups and budgets[label]["epochs"] is not None]
+    for i, first in enumerate(labels):
+        for second in labels[i + 1:]:
+            a, b = budgets[first], budgets[second]
+            if (a["trainer"], a["config"]) != (b["trainer"], b["config"]) or a["epochs"] == b["epochs"]:
+                continue
+            short, long = (first, second) if a["epochs"] < b["epochs"] else (second, first)
+            entry = {"shorter": short, "longer": long, "epochs": (budgets[short]["epochs"], budgets[long]["epochs"]),
+                     "runs": (groups[short]["num_runs"], groups[long]["num_runs"])}
+            for key, pick in (("average", lambda g: g["average"]),
+                              ("full_input", lambda g: g["per_combination"].get(FULL_INPUT))):
+                before, after = pick(groups[short]), pick(groups[long])
+                entry[key] = None if before is None or after is None else {
+                    r: after[f"{r}_Dice"]["mean"] - before[f"{r}_Dice"]["mean"] for r in REGIONS}
+            sds = {r: [groups[g]["average"][f"{r}_Dice"]["sd"] for g in (short, long)] for r in REGIONS}
+            entry["spread"] = {r: max((sd for sd in sds[r] if sd is not None), default=None) for r in REGIONS}
+            pairs.append(entry)
+    return pairs
 
 
 def region_presence(labels: Path, cases: Sequence[str]) -> dict[str, dict[str, bool]]:
@@ -621,14 +680,38 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -
                      for label in with_dedicated]
             shown = f"**{name}**" if name == "average" else name
             lines.append(f"| {shown} | " + " | ".join(cells) + " |")
-    with_full = [label for label, entry in ratios.items() if "full_input_to_baseline" in entry and label != BASELINE]
+    with_full = [label for label, entry in ratios.items()
+                 if "full_input_to_baseline" in entry and entry["baseline"] != label]
     if with_full:
-        lines += ["", f"## Full input ({FULL_INPUT}) ÷ {BASELINE}", "",
-                  "Mean Dice over runs with all modalities ÷ plain nnU-Net's. Goal: ≥ 0.99.", "",
-                  "| group | " + " | ".join(REGIONS) + " |", "|---|" + "---|" * len(REGIONS)]
+        lines += ["", f"## Full input ({FULL_INPUT}) ÷ plain nnU-Net", "",
+                  f"Mean Dice over runs with all modalities ÷ plain nnU-Net's: the plain group trained for as many "
+                  f"epochs where there is one, else {BASELINE}. Goal: ≥ 0.99.", "",
+                  "| group | ÷ | " + " | ".join(REGIONS) + " |", "|---|---|" + "---|" * len(REGIONS)]
         for label in with_full:
-            lines.append(f"| {label} | " + " | ".join(_ratio_text(ratios[label]["full_input_to_baseline"][r])
-                                                      for r in REGIONS) + " |")
+            lines.append(f"| {label} | {ratios[label]['baseline']} | "
+                         + " | ".join(_ratio_text(ratios[label]["full_input_to_baseline"][r]) for r in REGIONS) + " |")
+    pairs = aggregate.get("longer_budgets") or []
+    if pairs:
+        lines += ["", "## What a longer budget changed", "",
+                  "Groups that train the same trainer with the same configuration for different epochs: mean Dice "
+                  "over runs of the longer minus the shorter (points), WT / TC / ET, and the larger sd over runs of "
+                  "the two groups' 15-combination averages. A budget is enough when the longer one changes no more "
+                  "than that spread.", "",
+                  "| shorter | longer | epochs | runs | 15-combination average | all four | sd |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def points(values: Mapping[str, float | None] | None) -> str:
+            if values is None:
+                return "–"
+            return " / ".join("–" if values[r] is None else f"{100 * values[r]:+.1f}" for r in REGIONS)
+
+        for pair in pairs:
+            lines.append(f"| {pair['shorter']} | {pair['longer']} | {pair['epochs'][0]} → {pair['epochs'][1]} | "
+                         f"{pair['runs'][0]}, {pair['runs'][1]} | {points(pair['average'])} | "
+                         f"{points(pair['full_input'])} | "
+                         + ("–" if all(v is None for v in pair["spread"].values()) else
+                            " / ".join("–" if pair["spread"][r] is None else f"{100 * pair['spread'][r]:.1f}"
+                                       for r in REGIONS)) + " |")
     for region, entry in aggregate.get("presence", {}).items():
         lines += ["", f"## {region}: cases with and without {region} in the reference", "",
                   f"{entry['cases_without']} of the {entry['cases_with'] + entry['cases_without']} held-out cases have "
@@ -924,7 +1007,9 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
                 if len(per_seed) == len(mods.all_combinations())]
     # until a seed has all 15, the first seed's dedicated models so far: ratios per combination, no average
     dedicated = complete or [dedicated_summary(per_seed) for _, per_seed in sorted(dedicated_by_seed.items())[:1]]
-    aggregate = aggregate_benchmark(groups, dedicated)
+    budgets = group_budgets(rows, runs, evaluations)
+    aggregate = aggregate_benchmark(groups, dedicated, baseline_for=equal_budget_baselines(budgets))
+    aggregate["longer_budgets"] = longer_budgets(budgets, aggregate["groups"])
     if labels is not None and labels.is_dir():
         per_case = {label: [read_per_case(evaluations[r.name]) for r in runs
                             if r.group == label and r.name in evaluations] for label in groups}

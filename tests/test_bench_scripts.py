@@ -372,7 +372,50 @@ def test_report_tables(tmp_path):
     assert "| nnUNetTrainer__seed0 | 4 x 60 | 0.800 | +10.00 | **no** | 612 | 580 | – |" in text
     assert "| ModalityDropoutTrainer | 3 | 70.0 ± 10.0 [45.2, 94.8] |" in text  # 70 ± 24.84
     assert "| **average** |" in text and "0.875 / 1.000 / 1.000" in text
-    assert "## Full input (t1+t1ce+t2+flair) ÷ nnUNetTrainer" in text
+    assert "## Full input (t1+t1ce+t2+flair) ÷ plain nnU-Net" in text
+    assert "| ModalityDropoutTrainer | nnUNetTrainer | 1.400 | 1.000 | 1.000 |" in text  # 0.7 / 0.5
+    assert "What a longer budget changed" not in text  # no pair of budgets
+
+
+def test_longer_budgets_and_baselines_of_equal_epochs_by_hand():
+    """Plain nnU-Net at 480 epochs is the full-input baseline of the 480-epoch groups; groups of one trainer and
+    configuration at two budgets are paired, other configurations are not."""
+    budgets = {"nnUNetTrainer": {"trainer": "nnUNetTrainer", "config": None, "epochs": 120},
+               "plain_e480": {"trainer": "nnUNetTrainer", "config": None, "epochs": 480},
+               "MD": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": 240},
+               "MD_e480": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": 480},
+               "MD_half": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.5}, "epochs": 480},
+               "mixed": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": None}}
+    baselines = robustness.equal_budget_baselines(budgets)
+    assert baselines == {"nnUNetTrainer": "nnUNetTrainer", "plain_e480": "plain_e480", "MD_e480": "plain_e480",
+                         "MD_half": "plain_e480"}
+    groups = {"nnUNetTrainer": [uniform(0.5, full=0.8)], "plain_e480": [uniform(0.5, full=0.96)],
+              "MD": [uniform(0.6, full=0.7), uniform(0.62, full=0.74)], "MD_e480": [uniform(0.7, full=0.9)],
+              "MD_half": [uniform(0.6, full=0.9)], "mixed": [uniform(0.6)]}
+    aggregate = robustness.aggregate_benchmark(groups, baseline_for=baselines)
+    ratios = aggregate["ratios"]
+    assert ratios["MD"]["baseline"] == "nnUNetTrainer" and ratios["MD"]["full_input_to_baseline"]["WT"] == \
+        pytest.approx(0.72 / 0.8)
+    assert ratios["MD_e480"]["baseline"] == "plain_e480" and ratios["MD_e480"]["full_input_to_baseline"]["WT"] == \
+        pytest.approx(0.9 / 0.96)
+
+    pairs = robustness.longer_budgets(budgets, aggregate["groups"])
+    assert [(p["shorter"], p["longer"], p["epochs"], p["runs"]) for p in pairs] == [
+        ("nnUNetTrainer", "plain_e480", (120, 480), (1, 1)), ("MD", "MD_e480", (240, 480), (2, 1))]
+    md = pairs[1]
+    # 15-combination WT averages: MD (14 * 0.61 + 0.72) / 15 over its two runs, MD_e480 (14 * 0.7 + 0.9) / 15
+    assert md["average"]["WT"] == pytest.approx((14 * 0.7 + 0.9) / 15 - (14 * 0.61 + 0.72) / 15)
+    assert md["full_input"] == pytest.approx({"WT": 0.9 - 0.72, "TC": 0.0, "ET": 0.0})
+    runs_wt = [(14 * 0.6 + 0.7) / 15, (14 * 0.62 + 0.74) / 15]
+    assert md["spread"]["WT"] == pytest.approx(float(np.std(runs_wt, ddof=1)))
+    assert pairs[0]["spread"] == {"WT": None, "TC": None, "ET": None}  # one run each
+
+    aggregate["longer_budgets"] = pairs
+    text = robustness.report_markdown(aggregate, [], REGIMES["converged"])
+    assert "| MD_e480 | plain_e480 | 0.938 | 1.000 | 1.000 |" in text
+    # the 15-combination average moves by the full-input change / 15: 16 / 15 points
+    assert "| nnUNetTrainer | plain_e480 | 120 → 480 | 1, 1 | +1.1 / +0.0 / +0.0 | +16.0 / +0.0 / +0.0 | – |" in text
+    assert "| MD | MD_e480 | 240 → 480 | 2, 1 |" in text
 
 
 def test_report_of_the_dedicated_models_trained_so_far():
