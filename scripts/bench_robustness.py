@@ -59,9 +59,11 @@ TTA. Outputs in the regime's folder:
 * ``comparison.md`` / ``.png``: ``compare`` of the trainers (mean ± sd over seeds, error bars);
 * ``report.md`` / ``report.json``: the runs (epochs, final EMA pseudo-Dice, plateau check, wall-clock),
   15-combination averages with sd and 95% intervals over seeds, Dice by number of available modalities,
-  each trainer's Dice ÷ the dedicated models' and its full-input Dice ÷ plain nnUNetTrainer's, and, for a
-  region that some held-out case lacks (the phantoms' non-enhancing tumours have no ET), the Dice over the
-  cases with it apart from the share of the cases without it that were left empty;
+  each trainer's Dice ÷ the dedicated models' and its full-input Dice ÷ plain nnU-Net's (the plain group
+  trained for as many epochs, e.g. a ``defaults.json`` variant, where there is one), what a longer budget
+  changed (groups of one trainer and configuration at different epochs), and, for a region that some held-out
+  case lacks (the phantoms' non-enhancing tumours have no ET), the Dice over the cases with it apart from the
+  share of the cases without it that were left empty;
 * ``learning_curves.png``: nnU-Net's EMA pseudo-Dice per epoch of every run;
 * ``timings.json``: training (summed over sittings) and evaluation seconds per run.
 """
