@@ -11,8 +11,9 @@ Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterat
 * ``short`` (default): 2 mm phantoms (dataset 990), patch 48³, features 16-128, batch 2, 20 epochs x 25
   iterations: the equal-budget comparison of docs/RESULTS.md. Output in ``<work-dir>/robustness``.
 * ``converged``: 3 mm phantoms (dataset 991), patch 32³, features 16-128, batch 2, 120 epochs x 40
-  iterations: about 20 minutes for plain nnUNetTrainer on 2 CPU cores, close to (measured +2.2 points in the
-  last quarter), not at, its plateau: read the plateau column. Output in ``<work-dir>/robustness_converged``.
+  iterations: about 20 minutes for plain nnUNetTrainer on 2 CPU cores, not its plateau (three seeds gained +1.9
+  to +4.6 points in their last quarter, and 480 epochs still changed its held-out Dice): read the plateau column
+  and the report's "What a longer budget changed". Output in ``<work-dir>/robustness_converged``.
 
 Every trainer (plain nnUNetTrainer included) trains fold 0 of the regime's configuration for exactly
 ``epochs x iterations`` iterations (set on the trainer object), in its own process, seeded with its seed
@@ -443,7 +444,8 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
         ``by_num_modalities`` (k -> key -> statistics over runs), and each ratio entry holds
         ``to_dedicated`` (per combination and ``average``: mean Dice over seeds ÷ the dedicated models'
         mean Dice; the average is the ratio of the 15-combination averages) and ``full_input_to_baseline``
-        (Dice with all modalities ÷ the baseline's). Ratios are of means over seeds, per region.
+        (Dice with all modalities ÷ the baseline's) with ``baseline``, the group it divides by (both only when
+        that group has been evaluated). Ratios are of means over seeds, per region.
     """
     aggregates = {}
     every = dict(groups) | ({DEDICATED: list(dedicated)} if dedicated else {})
@@ -482,55 +484,84 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
     return {"groups": aggregates, "ratios": ratios}
 
 
-def equal_budget_baselines(budgets: Mapping[str, Mapping], baseline: str = BASELINE) -> dict[str, str]:
-    """group -> the plain nnU-Net group trained for the same epochs, where there is one besides ``baseline``.
+def equal_budget_baselines(identities: Mapping[str, Mapping], baseline: str = BASELINE) -> dict[str, str]:
+    """group -> the plain nnU-Net group trained for the same epochs and iterations, where there is one (``baseline``
+    first, then any other ``nnUNetTrainer`` group, e.g. a ``defaults.json`` variant with ``--epochs-for``).
 
     Args:
-        budgets: group -> ``{"trainer", "config", "epochs"}`` (:func:`group_budgets`); a plain nnU-Net group is one
-            of trainer ``nnUNetTrainer`` with no configuration of ours (``baseline`` or a ``defaults.json`` variant).
+        identities: group -> ``{"trainer", "epochs", "iterations", ...}`` (:func:`group_identities`).
     """
-    plain = {b["epochs"]: label for label, b in budgets.items()
-             if b["trainer"] == BASELINE and b["config"] is None and b["epochs"] is not None}
-    if baseline in budgets:
-        plain[budgets[baseline]["epochs"]] = baseline
-    return {label: plain[b["epochs"]] for label, b in budgets.items() if b["epochs"] in plain}
+    budget = {label: (i["epochs"], i["iterations"]) for label, i in identities.items() if i["epochs"] is not None}
+    plain: dict[tuple, str] = {}
+    for label in sorted(budget, key=lambda name: name != baseline):  # the baseline group wins a tie
+        if identities[label]["trainer"] == BASELINE:
+            plain.setdefault(budget[label], label)
+    return {label: plain[b] for label, b in budget.items() if b in plain}
 
 
-def group_budgets(rows: Sequence[dict], runs: Sequence[Run], evaluated: Collection[str]) -> dict[str, dict]:
-    """group -> ``{"trainer", "config", "epochs"}`` of its evaluated runs (``epochs`` None if they differ)."""
+def group_identities(runs: Sequence[Run], rows: Sequence[dict], configs: Mapping[str, dict | None],
+                     evaluated: Collection[str]) -> dict[str, dict]:
+    """group -> ``{"trainer", "config", "epochs", "iterations", "seeds"}`` of its evaluated runs.
+
+    ``config`` is the configuration the runs trained with (``configs``: run name -> the archived record's, else
+    the trainer's shipped configuration merged with the run's override), so a variant that only pins a shipped
+    default has the same configuration as the trainer's own group. ``epochs`` (the length of the learning curve)
+    and ``iterations`` are None when the group's runs differ in either, or a run has no curve.
+    """
     rows_by_name = {row["name"]: row for row in rows}
-    budgets: dict[str, dict] = {}
+    identities: dict[str, dict] = {}
     for run in runs:
         if run.name not in evaluated or run.group == DEDICATED:
             continue
-        epochs = rows_by_name[run.name]["plateau"]["epochs"]
-        entry = budgets.setdefault(run.group, {"trainer": run.trainer, "config": resolved_config(run), "epochs": epochs})
-        if entry["epochs"] != epochs:
-            entry["epochs"] = None
-    return budgets
+        row = rows_by_name[run.name]
+        budget = (row["plateau"]["epochs"] or None, row["iterations"])
+        entry = identities.setdefault(run.group, {"trainer": run.trainer, "config": configs.get(run.name),
+                                                  "epochs": budget[0], "iterations": budget[1], "seeds": []})
+        if (entry["epochs"], entry["iterations"]) != budget or budget[0] is None:
+            entry["epochs"] = entry["iterations"] = None
+        entry["seeds"].append(run.seed)
+    return identities
 
 
-def longer_budgets(budgets: Mapping[str, Mapping], groups: Mapping[str, dict]) -> list[dict]:
-    """Pairs of groups that train the same trainer with the same configuration for different epochs, and what the
-    longer budget changed: the difference of the mean Dice over runs (longer − shorter) on the 15-combination
-    average and with all modalities, per region. The benchmark's other convergence check: a budget is enough
-    when doubling it changes the held-out Dice by no more than the spread of the runs.
+def budget_pairs(identities: Mapping[str, Mapping], groups: Mapping[str, dict],
+                 by_seed: Mapping[str, Mapping[int, dict]]) -> list[dict]:
+    """What a longer budget changed: pairs of groups that train the same trainer with the same configuration
+    (:func:`group_identities`) for different numbers of epochs (same iterations per epoch).
+
+    Each pair holds the difference longer − shorter of the mean Dice, per region, on the 15-combination average
+    (``average``) and with all modalities (``full_input``): over all runs of each group, and over the seeds both
+    groups have (``same_seeds``: the mean of the per-seed differences, ``seeds`` lists them), so that a group of
+    three seeds against one of one is not read as a budget effect; and ``spread``, the larger of the two groups'
+    sd over runs of the 15-combination average (None with one run each). A budget is enough when a longer one
+    moves the 15-combination average by no more than that spread.
+
+    Args:
+        groups: label -> aggregate over runs (:func:`aggregate_benchmark`'s ``groups``).
+        by_seed: label -> seed -> that run's evaluate-missing summary.
     """
+    def dice(source: dict, key: str) -> dict | None:  # a summary or a group's aggregate: same layout
+        return source["average"] if key == "average" else source["per_combination"].get(FULL_INPUT)
+
     pairs = []
-    labels = [label for label in budgets if label in groups and budgets[label]["epochs"] is not None]
+    labels = [label for label in identities if label in groups and identities[label]["epochs"] is not None]
     for i, first in enumerate(labels):
         for second in labels[i + 1:]:
-            a, b = budgets[first], budgets[second]
-            if (a["trainer"], a["config"]) != (b["trainer"], b["config"]) or a["epochs"] == b["epochs"]:
+            a, b = identities[first], identities[second]
+            if ((a["trainer"], a["config"], a["iterations"]) != (b["trainer"], b["config"], b["iterations"])
+                    or a["epochs"] == b["epochs"]):
                 continue
             short, long = (first, second) if a["epochs"] < b["epochs"] else (second, first)
-            entry = {"shorter": short, "longer": long, "epochs": (budgets[short]["epochs"], budgets[long]["epochs"]),
-                     "runs": (groups[short]["num_runs"], groups[long]["num_runs"])}
-            for key, pick in (("average", lambda g: g["average"]),
-                              ("full_input", lambda g: g["per_combination"].get(FULL_INPUT))):
-                before, after = pick(groups[short]), pick(groups[long])
+            seeds = sorted(set(by_seed.get(short, {})) & set(by_seed.get(long, {})))
+            entry = {"shorter": short, "longer": long, "epochs": (identities[short]["epochs"], identities[long]["epochs"]),
+                     "runs": (groups[short]["num_runs"], groups[long]["num_runs"]), "seeds": seeds, "same_seeds": {}}
+            for key in ("average", "full_input"):
+                before, after = dice(groups[short], key), dice(groups[long], key)  # statistics over runs
                 entry[key] = None if before is None or after is None else {
                     r: after[f"{r}_Dice"]["mean"] - before[f"{r}_Dice"]["mean"] for r in REGIONS}
+                matched = [(dice(by_seed[short][seed], key), dice(by_seed[long][seed], key)) for seed in seeds]
+                matched = [(x, y) for x, y in matched if x is not None and y is not None]
+                entry["same_seeds"][key] = None if not matched else {
+                    r: float(np.mean([y[f"{r}_Dice"] - x[f"{r}_Dice"] for x, y in matched])) for r in REGIONS}
             sds = {r: [groups[g]["average"][f"{r}_Dice"]["sd"] for g in (short, long)] for r in REGIONS}
             entry["spread"] = {r: max((sd for sd in sds[r] if sd is not None), default=None) for r in REGIONS}
             pairs.append(entry)
@@ -682,38 +713,44 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -
                      for label in with_dedicated]
             shown = f"**{name}**" if name == "average" else name
             lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    identities = aggregate.get("identities", {})
+
+    def epochs_of(label: str) -> str:
+        return str(identities.get(label, {}).get("epochs") or "–")
+
     with_full = [label for label, entry in ratios.items()
                  if "full_input_to_baseline" in entry and entry["baseline"] != label]
     if with_full:
         lines += ["", f"## Full input ({FULL_INPUT}) ÷ plain nnU-Net", "",
                   f"Mean Dice over runs with all modalities ÷ plain nnU-Net's: the plain group trained for as many "
-                  f"epochs where there is one, else {BASELINE}. Goal: ≥ 0.99.", "",
-                  "| group | ÷ | " + " | ".join(REGIONS) + " |", "|---|---|" + "---|" * len(REGIONS)]
+                  f"epochs where there is one, else {BASELINE} (epochs: the group's ÷ the plain group's). "
+                  f"Goal: ≥ 0.99.", "",
+                  "| group | ÷ | epochs | " + " | ".join(REGIONS) + " |", "|---|---|---|" + "---|" * len(REGIONS)]
         for label in with_full:
-            lines.append(f"| {label} | {ratios[label]['baseline']} | "
+            base = ratios[label]["baseline"]
+            lines.append(f"| {label} | {base} | {epochs_of(label)} ÷ {epochs_of(base)} | "
                          + " | ".join(_ratio_text(ratios[label]["full_input_to_baseline"][r]) for r in REGIONS) + " |")
-    pairs = aggregate.get("longer_budgets") or []
+    pairs = aggregate.get("budget_pairs") or []
     if pairs:
         lines += ["", "## What a longer budget changed", "",
-                  "Groups that train the same trainer with the same configuration for different epochs: mean Dice "
-                  "over runs of the longer minus the shorter (points), WT / TC / ET, and the larger sd over runs of "
-                  "the two groups' 15-combination averages. A budget is enough when the longer one changes no more "
-                  "than that spread.", "",
-                  "| shorter | longer | epochs | runs | 15-combination average | all four | sd |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Groups that train the same trainer with the same configuration (the shipped one merged with the "
+                  "variant's settings) for different epochs: mean Dice of the longer minus the shorter (points), WT / "
+                  "TC / ET, over all runs of each and over the seeds both have. A budget is enough when a longer one "
+                  "moves the 15-combination average by no more than its sd over runs (the larger of the two groups').",
+                  "", "| shorter | longer | epochs | runs | 15-combination average: all runs | same seeds | "
+                  "all four: all runs | same seeds | sd of the 15-combination average |", "|---" * 9 + "|"]
 
-        def points(values: Mapping[str, float | None] | None) -> str:
-            if values is None:
+        def points(values: Mapping[str, float | None] | None, scale: float = 100.0, sign: str = "+") -> str:
+            if values is None or all(v is None for v in values.values()):
                 return "–"
-            return " / ".join("–" if values[r] is None else f"{100 * values[r]:+.1f}" for r in REGIONS)
+            return " / ".join("–" if values[r] is None else f"{scale * values[r]:{sign}.1f}" for r in REGIONS)
 
         for pair in pairs:
+            seeds = ", ".join(map(str, pair["seeds"])) or "none"
             lines.append(f"| {pair['shorter']} | {pair['longer']} | {pair['epochs'][0]} → {pair['epochs'][1]} | "
                          f"{pair['runs'][0]}, {pair['runs'][1]} | {points(pair['average'])} | "
-                         f"{points(pair['full_input'])} | "
-                         + ("–" if all(v is None for v in pair["spread"].values()) else
-                            " / ".join("–" if pair["spread"][r] is None else f"{100 * pair['spread'][r]:.1f}"
-                                       for r in REGIONS)) + " |")
+                         f"{points(pair['same_seeds']['average'])} (seeds {seeds}) | {points(pair['full_input'])} | "
+                         f"{points(pair['same_seeds']['full_input'])} | {points(pair['spread'], sign='')} |")
     for region, entry in aggregate.get("presence", {}).items():
         lines += ["", f"## {region}: cases with and without {region} in the reference", "",
                   f"{entry['cases_without']} of the {entry['cases_with'] + entry['cases_without']} held-out cases have "
@@ -986,9 +1023,10 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
     from nnunet_missingmod.evaluation.missing_combinations import compare
 
     summaries: dict[str, dict[int, list[dict]]] = {}
-    rows, curves, evaluations = [], {}, {}
+    rows, curves, evaluations, configs = [], {}, {}, {}
     for run in runs:
         record = read_archive(archive / run.name) if archive is not None else None
+        configs[run.name] = record["config"] if record and "config" in record else resolved_config(run)
         log = read_learning_curve(run.fold) or (record or {}).get("curve")
         curve = log["ema_fg_dice"] if log else []
         curves[run.name] = (run.group, curve)
@@ -1009,9 +1047,12 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
                 if len(per_seed) == len(mods.all_combinations())]
     # until a seed has all 15, the first seed's dedicated models so far: ratios per combination, no average
     dedicated = complete or [dedicated_summary(per_seed) for _, per_seed in sorted(dedicated_by_seed.items())[:1]]
-    budgets = group_budgets(rows, runs, evaluations)
-    aggregate = aggregate_benchmark(groups, dedicated, baseline_for=equal_budget_baselines(budgets))
-    aggregate["longer_budgets"] = longer_budgets(budgets, aggregate["groups"])
+    identities = group_identities(runs, rows, configs, evaluations)
+    aggregate = aggregate_benchmark(groups, dedicated, baseline_for=equal_budget_baselines(identities))
+    aggregate["identities"] = identities
+    aggregate["budget_pairs"] = budget_pairs(identities, aggregate["groups"],
+                                             {label: {seed: per_seed[0] for seed, per_seed in by_seed.items()}
+                                              for label, by_seed in summaries.items() if label != DEDICATED})
     if labels is not None and labels.is_dir():
         per_case = {label: [read_per_case(evaluations[r.name]) for r in runs
                             if r.group == label and r.name in evaluations] for label in groups}

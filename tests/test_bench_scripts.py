@@ -373,49 +373,93 @@ def test_report_tables(tmp_path):
     assert "| ModalityDropoutTrainer | 3 | 70.0 ± 10.0 [45.2, 94.8] |" in text  # 70 ± 24.84
     assert "| **average** |" in text and "0.875 / 1.000 / 1.000" in text
     assert "## Full input (t1+t1ce+t2+flair) ÷ plain nnU-Net" in text
-    assert "| ModalityDropoutTrainer | nnUNetTrainer | 1.400 | 1.000 | 1.000 |" in text  # 0.7 / 0.5
-    assert "What a longer budget changed" not in text  # no pair of budgets
+    assert "| ModalityDropoutTrainer | nnUNetTrainer | – ÷ – | 1.400 | 1.000 | 1.000 |" in text  # 0.7 / 0.5
+    assert "What a longer budget changed" not in text and "| nnUNetTrainer | nnUNetTrainer |" not in text
+
+
+def _identity(trainer: str, config: dict | None, epochs: int | None, seeds: list[int]) -> dict:
+    return {"trainer": trainer, "config": config, "epochs": epochs, "iterations": 40, "seeds": seeds}
 
 
 def test_longer_budgets_and_baselines_of_equal_epochs_by_hand():
     """Plain nnU-Net at 480 epochs is the full-input baseline of the 480-epoch groups; groups of one trainer and
-    configuration at two budgets are paired, other configurations are not."""
-    budgets = {"nnUNetTrainer": {"trainer": "nnUNetTrainer", "config": None, "epochs": 120},
-               "plain_e480": {"trainer": "nnUNetTrainer", "config": None, "epochs": 480},
-               "MD": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": 240},
-               "MD_e480": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": 480},
-               "MD_half": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.5}, "epochs": 480},
-               "mixed": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": None}}
-    baselines = robustness.equal_budget_baselines(budgets)
+    configuration at two budgets are paired (whatever their order), other configurations and equal budgets are
+    not; the same-seed differences use only the seeds both groups have."""
+    md = {"p": 0.25}
+    identities = {"MD_e480": _identity("ModalityDropoutTrainer", md, 480, [0]),  # the longer one first
+                  "nnUNetTrainer": _identity("nnUNetTrainer", None, 120, [0]),
+                  "plain_e480": _identity("nnUNetTrainer", None, 480, [0]),
+                  "MD": _identity("ModalityDropoutTrainer", md, 240, [0, 1]),
+                  "MD_again": _identity("ModalityDropoutTrainer", md, 240, [2]),  # same budget as MD: no pair
+                  "MD_half": _identity("ModalityDropoutTrainer", {"p": 0.5}, 480, [0]),
+                  "mixed": _identity("ModalityDropoutTrainer", md, None, [0])}
+    baselines = robustness.equal_budget_baselines(identities)
     assert baselines == {"nnUNetTrainer": "nnUNetTrainer", "plain_e480": "plain_e480", "MD_e480": "plain_e480",
                          "MD_half": "plain_e480"}
-    groups = {"nnUNetTrainer": [uniform(0.5, full=0.8)], "plain_e480": [uniform(0.5, full=0.96)],
-              "MD": [uniform(0.6, full=0.7), uniform(0.62, full=0.74)], "MD_e480": [uniform(0.7, full=0.9)],
-              "MD_half": [uniform(0.6, full=0.9)], "mixed": [uniform(0.6)]}
-    aggregate = robustness.aggregate_benchmark(groups, baseline_for=baselines)
+    by_seed = {"nnUNetTrainer": {0: uniform(0.5, full=0.8)}, "plain_e480": {0: uniform(0.5, full=0.96)},
+               "MD": {0: uniform(0.6, full=0.7), 1: uniform(0.62, full=0.74)}, "MD_again": {2: uniform(0.6)},
+               "MD_e480": {0: uniform(0.7, full=0.9)}, "MD_half": {0: uniform(0.6, full=0.9)}, "mixed": {0: uniform(0.6)}}
+    aggregate = robustness.aggregate_benchmark({k: list(v.values()) for k, v in by_seed.items()},
+                                               baseline_for=baselines)
     ratios = aggregate["ratios"]
     assert ratios["MD"]["baseline"] == "nnUNetTrainer" and ratios["MD"]["full_input_to_baseline"]["WT"] == \
         pytest.approx(0.72 / 0.8)
     assert ratios["MD_e480"]["baseline"] == "plain_e480" and ratios["MD_e480"]["full_input_to_baseline"]["WT"] == \
         pytest.approx(0.9 / 0.96)
 
-    pairs = robustness.longer_budgets(budgets, aggregate["groups"])
-    assert [(p["shorter"], p["longer"], p["epochs"], p["runs"]) for p in pairs] == [
-        ("nnUNetTrainer", "plain_e480", (120, 480), (1, 1)), ("MD", "MD_e480", (240, 480), (2, 1))]
-    md = pairs[1]
+    pairs = robustness.budget_pairs(identities, aggregate["groups"], by_seed)
+    assert [(p["shorter"], p["longer"], p["epochs"], p["runs"], p["seeds"]) for p in pairs] == [
+        ("MD", "MD_e480", (240, 480), (2, 1), [0]), ("MD_again", "MD_e480", (240, 480), (1, 1), []),
+        ("nnUNetTrainer", "plain_e480", (120, 480), (1, 1), [0])]
+    pair = pairs[0]
     # 15-combination WT averages: MD (14 * 0.61 + 0.72) / 15 over its two runs, MD_e480 (14 * 0.7 + 0.9) / 15
-    assert md["average"]["WT"] == pytest.approx((14 * 0.7 + 0.9) / 15 - (14 * 0.61 + 0.72) / 15)
-    assert md["full_input"] == pytest.approx({"WT": 0.9 - 0.72, "TC": 0.0, "ET": 0.0})
+    assert pair["average"]["WT"] == pytest.approx((14 * 0.7 + 0.9) / 15 - (14 * 0.61 + 0.72) / 15)
+    assert pair["full_input"] == pytest.approx({"WT": 0.9 - 0.72, "TC": 0.0, "ET": 0.0})
+    # seed 0 of both only: 0.6 -> 0.7 everywhere but full input 0.7 -> 0.9
+    assert pair["same_seeds"]["average"]["WT"] == pytest.approx((14 * 0.1 + 0.2) / 15)
+    assert pair["same_seeds"]["full_input"] == pytest.approx({"WT": 0.2, "TC": 0.0, "ET": 0.0})
     runs_wt = [(14 * 0.6 + 0.7) / 15, (14 * 0.62 + 0.74) / 15]
-    assert md["spread"]["WT"] == pytest.approx(float(np.std(runs_wt, ddof=1)))
-    assert pairs[0]["spread"] == {"WT": None, "TC": None, "ET": None}  # one run each
+    assert pair["spread"]["WT"] == pytest.approx(float(np.std(runs_wt, ddof=1)))
+    assert pairs[1]["same_seeds"] == {"average": None, "full_input": None}  # no seed in common
+    assert pairs[2]["spread"] == {"WT": None, "TC": None, "ET": None}  # one run each
 
-    aggregate["longer_budgets"] = pairs
+    aggregate["identities"], aggregate["budget_pairs"] = identities, pairs
     text = robustness.report_markdown(aggregate, [], REGIMES["converged"])
-    assert "| MD_e480 | plain_e480 | 0.938 | 1.000 | 1.000 |" in text
+    assert "| MD_e480 | plain_e480 | 480 ÷ 480 | 0.938 | 1.000 | 1.000 |" in text
+    assert "| MD | nnUNetTrainer | 240 ÷ 120 | 0.900 | 1.000 | 1.000 |" in text
+    sd = 100 * float(np.std(runs_wt, ddof=1))
+    assert (f"| MD | MD_e480 | 240 → 480 | 2, 1 | +{100 * pair['average']['WT']:.1f} / +0.0 / +0.0 | "
+            f"+{100 * 1.6 / 15:.1f} / +0.0 / +0.0 (seeds 0) | +18.0 / +0.0 / +0.0 | +20.0 / +0.0 / +0.0 | "
+            f"{sd:.1f} / 0.0 / 0.0 |") in text
+    # MD_again 0.6 everywhere, MD_e480 (14 * 0.7 + 0.9) / 15
+    assert "| MD_again | MD_e480 | 240 → 480 | 1, 1 | +11.3 / +0.0 / +0.0 | – (seeds none) |" in text
     # the 15-combination average moves by the full-input change / 15: 16 / 15 points
-    assert "| nnUNetTrainer | plain_e480 | 120 → 480 | 1, 1 | +1.1 / +0.0 / +0.0 | +16.0 / +0.0 / +0.0 | – |" in text
-    assert "| MD | MD_e480 | 240 → 480 | 2, 1 |" in text
+    assert ("| nnUNetTrainer | plain_e480 | 120 → 480 | 1, 1 | +1.1 / +0.0 / +0.0 | +1.1 / +0.0 / +0.0 (seeds 0) | "
+            "+16.0 / +0.0 / +0.0 | +16.0 / +0.0 / +0.0 | – |") in text
+
+
+def test_group_identities_from_the_runs():
+    """A group's budget is its runs' epochs (learning-curve length) and iterations, None when they differ or a
+    curve is missing; unevaluated runs and the dedicated models are left out; the configuration is the one given
+    per run (the archived record's)."""
+    regime = REGIMES["converged"]
+    runs = robustness.plan_runs(Path("/nowhere"), regime, ["nnUNetTrainer", "ModalityDropoutTrainer"], seeds=3,
+                                dedicated_seeds=1)
+    curves = {"nnUNetTrainer__seed0": 120, "nnUNetTrainer__seed1": 120, "nnUNetTrainer__seed2": 60,
+              "ModalityDropoutTrainer__seed0": 240, "ModalityDropoutTrainer__seed1": 240}
+    rows = [{"name": run.name, "iterations": 40, "plateau": robustness.plateau_check([0.5] * curves.get(run.name, 0))}
+            for run in runs]
+    evaluated = {*curves, "dedicated_t1__seed0"}  # ModalityDropoutTrainer__seed2 has no evaluation
+    configs = {run.name: {"p": 0.25} if run.trainer == "ModalityDropoutTrainer" else None for run in runs}
+    identities = robustness.group_identities(runs, rows, configs, evaluated)
+    assert identities == {
+        "nnUNetTrainer": {"trainer": "nnUNetTrainer", "config": None, "epochs": None, "iterations": None,
+                          "seeds": [0, 1, 2]},
+        "ModalityDropoutTrainer": {"trainer": "ModalityDropoutTrainer", "config": {"p": 0.25}, "epochs": 240,
+                                   "iterations": 40, "seeds": [0, 1]}}
+    rows[0]["plateau"] = robustness.plateau_check([])  # an evaluated run without a curve: no budget either
+    rows[2]["plateau"] = robustness.plateau_check([0.5] * 120)
+    assert robustness.group_identities(runs, rows, configs, evaluated)["nnUNetTrainer"]["epochs"] is None
 
 
 def test_report_of_the_dedicated_models_trained_so_far():
