@@ -41,8 +41,9 @@ Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted
 ``checkpoint_latest.pth`` (written every few epochs) as ``nnUNetv2_train --c`` does, and an evaluation newer
 than its model on the same cases and combinations is reused; so the tables can be built over several
 sittings. ``--retrain`` (all groups, or the named ones) deletes models (and their archived records) first;
-``--dry-run`` prints what would be done; ``--report-only`` writes the report of what is finished or archived,
-training nothing. Each training's output (nnU-Net's per-epoch lines) goes to
+``--dry-run`` prints what would be done (with ``--archive``, an estimate of each training's minutes and of
+the hours left, at the speed of the archived runs of the same trainer); ``--report-only`` writes the report of
+what is finished or archived, training nothing. Each training's output (nnU-Net's per-epoch lines) goes to
 ``models/<run>/train_<trainer>.log``.
 
 Across machines: model folders stay on the machine that trained them, so ``--archive DIR`` keeps each finished,
@@ -552,7 +553,8 @@ def budget_pairs(identities: Mapping[str, Mapping], groups: Mapping[str, dict],
                 continue
             short, long = (first, second) if a["epochs"] < b["epochs"] else (second, first)
             seeds = sorted(set(by_seed.get(short, {})) & set(by_seed.get(long, {})))
-            entry = {"shorter": short, "longer": long, "epochs": (identities[short]["epochs"], identities[long]["epochs"]),
+            entry = {"shorter": short, "longer": long,
+                     "epochs": (identities[short]["epochs"], identities[long]["epochs"]),
                      "runs": (groups[short]["num_runs"], groups[long]["num_runs"]), "seeds": seeds, "same_seeds": {}}
             for key in ("average", "full_input"):
                 before, after = dice(groups[short], key), dice(groups[long], key)  # statistics over runs
@@ -879,13 +881,27 @@ def main() -> None:
     out = output_dir(work, regime)
     archive = Path(args.archive).resolve() if args.archive else None
     if args.dry_run:
+        speeds = archived_speeds(archive) if archive is not None else {}
+        left, unknown = 0.0, []
         for run in runs:
             pretraining = run.pretraining_fold(regime)
             first = "" if pretraining is None else f" (first phase {run.pretrainer}: {training_action(pretraining)})"
             action = training_action(run.fold)
             if action != "reuse" and archive is not None and read_archive(archive / run.name) is not None:
                 action, first = "archived", f" ({archive / run.name})"
-            print(f"{run.name:<48} {action:<9} {run.model}{first}")
+            estimate = ""
+            if action in ("train", "continue"):
+                seconds = estimate_training_s(run, epochs_for.get(run.group, args.epochs), args.iterations,
+                                              epochs_for.get(run.pretrainer) if run.pretrainer else None, speeds)
+                if seconds is None:
+                    unknown.append(run.name)
+                else:
+                    left += seconds
+                    estimate = f" [~{seconds / 60:.0f} min{', at most' if action == 'continue' else ''}]"
+            print(f"{run.name:<48} {action:<9} {run.model}{first}{estimate}")
+        if archive is not None:
+            print(f"left to train: about {left / 3600:.1f} h at the archived runs' speed (a resumed run counted "
+                  f"whole)" + (f"; no archived run of the trainer of {', '.join(unknown)}" if unknown else ""))
         return
     out.mkdir(parents=True, exist_ok=True)
     labels = work / "nnUNet_raw" / regime.dataset_name / "labelsTs"
@@ -921,6 +937,36 @@ def main() -> None:
         if archive is not None:
             write_archive(run, archive / run.name, identity, timings)
     write_report(runs, regime, out, timings, args.iterations, archive, labels)
+
+
+def archived_speeds(archive: Path) -> dict[str, float]:
+    """Wall-clock seconds per training iteration of each trainer (and each first-phase trainer), from the
+    archived runs: the median over runs of ``train_s / (epochs x iterations)`` (``pretrain_s`` and
+    ``pretrain_epochs`` for the first phase). Measured on the machines that trained them: another machine, or
+    other work beside a run, changes the figure (a planning aid, not a benchmark)."""
+    per_trainer: dict[str, list[float]] = {}
+    for record_file in sorted(archive.glob("*/run.json")):
+        record = json.loads(record_file.read_text())
+        timings, iterations = record.get("timings") or {}, record.get("iterations")
+        if timings.get("train_s") and record.get("epochs") and iterations:
+            per_trainer.setdefault(record["trainer"], []).append(timings["train_s"] / (record["epochs"] * iterations))
+        pretrainer = PRETRAINERS.get(record["trainer"])
+        if pretrainer and timings.get("pretrain_s") and record.get("pretrain_epochs") and iterations:
+            per_trainer.setdefault(pretrainer, []).append(
+                timings["pretrain_s"] / (record["pretrain_epochs"] * iterations))
+    return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()}
+
+
+def estimate_training_s(run: Run, epochs: int, iterations: int, pretrain_epochs: int | None,
+                        speeds: Mapping[str, float]) -> float | None:
+    """Estimated seconds to train ``run`` from scratch (its first phase included) at :func:`archived_speeds`;
+    None when a trainer it needs has no archived run."""
+    if run.trainer not in speeds or (run.pretrainer and run.pretrainer not in speeds):
+        return None
+    seconds = speeds[run.trainer] * epochs * iterations
+    if run.pretrainer:
+        seconds += speeds[run.pretrainer] * (pretrain_epochs or epochs) * iterations
+    return seconds
 
 
 def archived_run(run: Run, folder: Path, identity: dict) -> bool:

@@ -398,7 +398,8 @@ def test_longer_budgets_and_baselines_of_equal_epochs_by_hand():
                          "MD_half": "plain_e480"}
     by_seed = {"nnUNetTrainer": {0: uniform(0.5, full=0.8)}, "plain_e480": {0: uniform(0.5, full=0.96)},
                "MD": {0: uniform(0.6, full=0.7), 1: uniform(0.62, full=0.74)}, "MD_again": {2: uniform(0.6)},
-               "MD_e480": {0: uniform(0.7, full=0.9)}, "MD_half": {0: uniform(0.6, full=0.9)}, "mixed": {0: uniform(0.6)}}
+               "MD_e480": {0: uniform(0.7, full=0.9)}, "MD_half": {0: uniform(0.6, full=0.9)},
+               "mixed": {0: uniform(0.6)}}
     aggregate = robustness.aggregate_benchmark({k: list(v.values()) for k, v in by_seed.items()},
                                                baseline_for=baselines)
     ratios = aggregate["ratios"]
@@ -798,3 +799,38 @@ def test_report_reads_the_per_case_files_and_the_labels(tmp_path):
     assert "## ET: cases with and without ET in the reference" in (out / "report.md").read_text()
     robustness.write_report(runs, regime, out, {}, 40, labels=tmp_path / "no_labels")  # no labels: no split
     assert "presence" not in json.loads((out / "report.json").read_text())
+
+
+def test_dry_run_estimates_the_time_left_from_the_archived_runs(tmp_path, monkeypatch, capsys):
+    archive = tmp_path / "runs"
+    records = {  # name: (trainer, epochs, iterations, timings, pretrain_epochs)
+        "nnUNetTrainer__seed0": ("nnUNetTrainer", 4, 10, {"train_s": 40.0}, None),  # 1.0 s per iteration
+        "nnUNetTrainer__seed1": ("nnUNetTrainer", 4, 10, {"train_s": 200.0}, None),  # 5.0
+        "long__seed0": ("nnUNetTrainer", 8, 10, {"train_s": 160.0}, None),  # 2.0: median of 1, 5, 2 is 2 (mean 2.7)
+        "CMFFTrainer__seed0": ("CMFFTrainer", 2, 10, {"train_s": 100.0, "pretrain_s": 30.0}, 3),  # 5.0 and 1.0
+        "untimed__seed0": ("SharedLatentTrainer", 2, 10, {}, None),  # no timing: no speed
+    }
+    for name, (trainer, epochs, iterations, timings, pretrain_epochs) in records.items():
+        (archive / name).mkdir(parents=True)
+        (archive / name / "run.json").write_text(json.dumps(
+            {"name": name, "trainer": trainer, "epochs": epochs, "iterations": iterations, "timings": timings,
+             "pretrain_epochs": pretrain_epochs}))
+    speeds = robustness.archived_speeds(archive)
+    assert speeds == pytest.approx({"nnUNetTrainer": 2.0, "CMFFTrainer": 5.0, "CMFTPretrainer": 1.0})
+    regime = REGIMES["converged"]
+    plain, cmff, shared = robustness.plan_runs(tmp_path / "work", regime,
+                                               ["nnUNetTrainer", "CMFFTrainer", "SharedLatentTrainer"], seeds=1)
+    assert robustness.estimate_training_s(plain, 6, 10, None, speeds) == pytest.approx(2.0 * 60)
+    assert robustness.estimate_training_s(cmff, 6, 10, 4, speeds) == pytest.approx(5.0 * 60 + 1.0 * 40)
+    assert robustness.estimate_training_s(shared, 6, 10, None, speeds) is None
+
+    monkeypatch.setattr(robustness, "prepare", lambda *a, **k: pytest.fail("--dry-run prepared data"))
+    monkeypatch.setattr(sys, "argv", ["bench_robustness.py", "--work-dir", str(tmp_path / "work"), "--regime",
+                                      "converged", "--trainers", "nnUNetTrainer", "SharedLatentTrainer",
+                                      "--seeds", "3", "--iterations", "10", "--epochs-for", "nnUNetTrainer=30",
+                                      "--archive", str(archive), "--dry-run"])
+    robustness.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "archived" in lines[0] and "[~" not in lines[0]  # nnUNetTrainer__seed0, seed1: archived
+    assert lines[2].startswith("nnUNetTrainer__seed2") and lines[2].endswith("[~10 min]")  # 30 x 10 x 2.0 s
+    assert lines[-1].startswith("left to train: about 0.2 h") and "SharedLatentTrainer__seed2" in lines[-1]
