@@ -946,7 +946,7 @@ def archived_speeds(archive: Path) -> dict[str, float]:
     other work beside a run, changes the figure (a planning aid, not a benchmark)."""
     per_trainer: dict[str, list[float]] = {}
     for record_file in sorted(archive.glob("*/run.json")):
-        record = json.loads(record_file.read_text())
+        record = read_archive(record_file.parent)
         timings, iterations = record.get("timings") or {}, record.get("iterations")
         if timings.get("train_s") and record.get("epochs") and iterations:
             per_trainer.setdefault(record["trainer"], []).append(timings["train_s"] / (record["epochs"] * iterations))
