@@ -65,6 +65,7 @@ from bench_robustness import evaluation_is_current, plateau_check, read_variants
 
 from nnunet_missingmod import modalities as mods  # noqa: E402
 from nnunet_missingmod.config import OVERRIDE_ENV  # noqa: E402
+from nnunet_missingmod.demo import nnunet_environment  # noqa: E402
 
 TEACHER, STUDENT = "UTADNetTeacherTrainer", "UTADNetStudentTrainer"
 SEGMENTATION, DROPOUT = "nnUNetTrainer", "ModalityDropoutTrainer"
@@ -555,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.dry_run and not (work / "nnUNet_preprocessed" / regime.dataset_name / "nnUNetPlans.json").is_file():
         print(f"would generate the {regime.name} phantoms, plan and preprocess in {work}, then run every step")
         return
-    env = prepare(work, regime=regime)
+    # a dry run only reads: no phantoms, plans or configurations are (re)written
+    env = nnunet_environment(work) if args.dry_run else prepare(work, regime=regime)
     timings_file = output_dir(work, regime, variant) / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     combinations = one_missing() if args.combinations == "one-missing" else mods.all_combinations()

@@ -419,3 +419,29 @@ def test_benchmark_variant_trains_into_its_own_folder_and_refuses_bad_settings(t
     with pytest.raises(SystemExit, match="label"):
         bench_synthesis.read_variant("../up", str(good))
     assert os.environ.get(bench_synthesis.OVERRIDE_ENV) == before  # the check leaves the environment as it was
+
+
+def test_benchmark_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    regime = REGIMES["converged"]
+    preprocessed = tmp_path / "nnUNet_preprocessed" / regime.dataset_name
+    preprocessed.mkdir(parents=True)
+    plans = json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}})
+    (preprocessed / "nnUNetPlans.json").write_text(plans)
+    teacher = bench_synthesis.synthesis_model_dir(tmp_path, regime, "UTADNetTeacherTrainer") / "fold_0"
+    teacher.mkdir(parents=True)
+    (teacher / "checkpoint_latest.pth").write_bytes(b"x")  # interrupted: goes on with --c
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    monkeypatch.setattr(bench_synthesis, "prepare", lambda *a, **k: pytest.fail("--dry-run prepared data"))
+    bench_synthesis.main(["--work-dir", str(tmp_path), "--regime", "converged", "--epochs", "200", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["2d configuration: run nnUNetv2_preprocess -c 2d", "UTADNetTeacherTrainer: continue",
+                         "UTADNetStudentTrainer: train"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing created or rewritten
+    assert (preprocessed / "nnUNetPlans.json").read_text() == plans
