@@ -132,7 +132,7 @@ def seed_everything(seed: int) -> None:
 
 def train_with_budget(trainer: str, epochs: int, iterations: int, device: str = "cpu", *,
                       regime: Regime = REGIMES["short"], seed: int | None = None, continue_training: bool = False,
-                      save_every: int | None = None) -> None:
+                      save_every: int | None = None) -> int:
     """Train fold 0 of any trainer (plain nnUNetTrainer too) for ``epochs`` x ``iterations``, in this process.
 
     The budget is set on the trainer object before training, so every trainer gets exactly the same one.
@@ -140,6 +140,9 @@ def train_with_budget(trainer: str, epochs: int, iterations: int, device: str = 
     ``continue_training`` resumes from the model folder's latest checkpoint, as ``nnUNetv2_train --c`` does;
     ``checkpoint_latest.pth`` is written every ``save_every`` epochs (default: only the final checkpoint).
     The model folder is under ``nnUNet_results`` as this process sees it.
+
+    Returns:
+        The number of epochs this process trained (fewer than ``epochs`` when it resumed a checkpoint).
     """
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
@@ -153,7 +156,9 @@ def train_with_budget(trainer: str, epochs: int, iterations: int, device: str = 
     instance.num_val_iterations_per_epoch = max(1, iterations // 5)
     instance.save_every = save_every or epochs
     maybe_load_checkpoint(instance, continue_training, False)
+    first_epoch = instance.current_epoch  # the checkpoint's next epoch when resuming, else 0
     instance.run_training()
+    return epochs - first_epoch
 
 
 def run_worker(script: str, args: list[str], env: dict[str, str], log: Path | None = None) -> dict:

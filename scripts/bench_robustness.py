@@ -808,9 +808,9 @@ def _worker(args: argparse.Namespace) -> None:
     if args.keep is not None:
         check_dedicated_trainer(args.worker, args.keep, regime, args.device)
     start = time.perf_counter()
-    train_with_budget(args.worker, args.epochs, args.iterations, args.device, regime=regime, seed=args.seed,
-                      continue_training=args.resume, save_every=regime.save_every)
-    print(json.dumps({"train_s": time.perf_counter() - start}))
+    trained = train_with_budget(args.worker, args.epochs, args.iterations, args.device, regime=regime, seed=args.seed,
+                                continue_training=args.resume, save_every=regime.save_every)
+    print(json.dumps({"train_s": time.perf_counter() - start, "epochs": trained}))
 
 
 def check_dedicated_trainer(trainer: str, keep: Sequence[int], regime: Regime, device: str) -> None:
@@ -942,18 +942,22 @@ def main() -> None:
 def archived_speeds(archive: Path) -> dict[str, float]:
     """Wall-clock seconds per training iteration of each trainer (and each first-phase trainer), from the
     archived runs: the median over runs of ``train_s / (epochs x iterations)`` (``pretrain_s`` and
-    ``pretrain_epochs`` for the first phase). Measured on the machines that trained them: another machine, or
-    other work beside a run, changes the figure (a planning aid, not a benchmark)."""
+    ``pretrain_epochs`` for the first phase). ``train_s`` counts only the sittings that finished, so ``epochs`` is
+    the number of epochs those sittings trained (``train_epochs``, ``pretrain_train_epochs``) where the record
+    has it: a sitting interrupted before its end leaves its seconds and its epochs out alike. Measured on the
+    machines that trained them: another machine, or other work beside a run, changes the figure (a planning aid,
+    not a benchmark)."""
     per_trainer: dict[str, list[float]] = {}
     for record_file in sorted(archive.glob("*/run.json")):
         record = read_archive(record_file.parent)
         timings, iterations = record.get("timings") or {}, record.get("iterations")
-        if timings.get("train_s") and record.get("epochs") and iterations:
-            per_trainer.setdefault(record["trainer"], []).append(timings["train_s"] / (record["epochs"] * iterations))
+        epochs = timings.get("train_epochs") or record.get("epochs")
+        if timings.get("train_s") and epochs and iterations:
+            per_trainer.setdefault(record["trainer"], []).append(timings["train_s"] / (epochs * iterations))
         pretrainer = PRETRAINERS.get(record["trainer"])
-        if pretrainer and timings.get("pretrain_s") and record.get("pretrain_epochs") and iterations:
-            per_trainer.setdefault(pretrainer, []).append(
-                timings["pretrain_s"] / (record["pretrain_epochs"] * iterations))
+        pretrain_epochs = timings.get("pretrain_train_epochs") or record.get("pretrain_epochs")
+        if pretrainer and timings.get("pretrain_s") and pretrain_epochs and iterations:
+            per_trainer.setdefault(pretrainer, []).append(timings["pretrain_s"] / (pretrain_epochs * iterations))
     return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()}
 
 
@@ -993,6 +997,9 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
               timings: dict, pretrain_epochs: int | None = None) -> None:
     """Train, continue or reuse one run (see :func:`training_action`); training seconds add up over sittings.
 
+    ``train_s`` sums the seconds of the sittings that finished and ``train_epochs`` the epochs they trained (a
+    sitting cut off by the end of a session records neither; the next one resumes from its checkpoint).
+
     A two-phase run first trains, continues or reuses its first phase (``pretrain_epochs``, default ``epochs``)
     in the same ``nnUNet_results`` folder; its seconds are kept apart as ``pretrain_s``.
     """
@@ -1017,8 +1024,7 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
             result = run_worker(__file__, ["--worker", run.pretrainer, "--epochs", str(pre_epochs), *common,
                                            *(["--resume"] if pre_action == "continue" else [])], run_env,
                                 log=run.results.parent / f"train_{run.pretrainer}.log")
-            entry["pretrain_s"] = (entry.get("pretrain_s", 0.0) if pre_action == "continue" else 0.0) + \
-                result["train_s"]
+            _add_sitting(entry, "pretrain_s", "pretrain_train_epochs", result, pre_action == "continue")
     log = run.results.parent / f"train_{run.trainer}.log"
     print(f"=== {'continuing' if action == 'continue' else 'training'} {run.name}: {epochs} epochs x "
           f"{args.iterations} iterations, seed {run.seed} (progress: tail -f {log})", flush=True)
@@ -1037,8 +1043,20 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
         if run.combination is not None:
             worker_args += ["--keep", *map(str, run.combination)]
     result = run_worker(__file__, worker_args, run_env, log=log)
-    entry["train_s"] = (entry.get("train_s", 0.0) if action == "continue" else 0.0) + result["train_s"]
+    _add_sitting(entry, "train_s", "train_epochs", result, action == "continue")
     entry["sittings"] = (entry.get("sittings", 0) if action == "continue" else 0) + 1
+
+
+def _add_sitting(entry: dict, seconds_key: str, epochs_key: str, result: dict, continued: bool) -> None:
+    """Add a finished sitting's seconds (``result["train_s"]``) and epochs (``result["epochs"]``) to a run's
+    timings; a fresh training starts both anew. The epochs are left out when they are unknown for any sitting
+    counted (a record from before they were kept), so that seconds and epochs always cover the same sittings."""
+    epochs_known = "epochs" in result and (not continued or seconds_key not in entry or epochs_key in entry)
+    entry[seconds_key] = (entry.get(seconds_key, 0.0) if continued else 0.0) + result["train_s"]
+    if epochs_known:
+        entry[epochs_key] = (entry.get(epochs_key, 0) if continued else 0) + result["epochs"]
+    else:
+        entry.pop(epochs_key, None)
 
 
 def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argparse.Namespace, timings: dict) -> None:

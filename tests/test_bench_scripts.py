@@ -148,6 +148,60 @@ def test_resuming_trains_continues_or_reuses_each_run(tmp_path, monkeypatch):
     assert override == {"modality_dropout": {"scheme": "fixed", "keep": ["t1"], "p_keep_all": 0.0}}
 
 
+def test_training_seconds_and_epochs_cover_the_same_sittings(tmp_path, monkeypatch):
+    """A sitting cut off by the end of a session records nothing; the resumed one records its own seconds and the
+    epochs it trained, so the dry run's speed is seconds / epochs of the same sittings (not / all epochs)."""
+    regime = REGIMES["converged"]
+    (run,) = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer"], seeds=1)
+    run.fold.mkdir(parents=True)
+    (run.fold / "checkpoint_latest.pth").write_bytes(b"x")  # the cut-off sitting left its checkpoint only
+    monkeypatch.setattr(robustness, "run_worker", lambda script, args, env, log=None: {"train_s": 275.0,
+                                                                                       "epochs": 275})
+    args = type("Args", (), {"iterations": 40, "device": "cpu"})()
+    timings = {}
+    robustness.train_run(run, regime, 480, args, {}, timings)
+    assert timings[run.name] == {"train_s": 275.0, "train_epochs": 275, "sittings": 1}
+    robustness.train_run(run, regime, 480, args, {}, timings)  # another sitting that finished: both add up
+    assert timings[run.name] == {"train_s": 550.0, "train_epochs": 550, "sittings": 2}
+    # a record from before the epochs were kept: its seconds cover sittings whose epochs are unknown
+    legacy = {run.name: {"train_s": 100.0, "sittings": 1}}
+    robustness.train_run(run, regime, 480, args, {}, legacy)
+    assert legacy[run.name] == {"train_s": 375.0, "sittings": 2}  # no train_epochs: speed falls back to all epochs
+    (run.fold / "checkpoint_latest.pth").unlink()
+    robustness.train_run(run, regime, 480, args, {}, legacy)  # trained anew: both start again
+    assert legacy[run.name] == {"train_s": 275.0, "train_epochs": 275, "sittings": 1}
+
+    archive = tmp_path / "runs"
+    for name, timing in {"resumed__seed0": {"train_s": 275.0 * 40 * 2.0, "train_epochs": 275},  # 2.0 s/iteration
+                         "legacy__seed0": {"train_s": 480.0 * 40 * 3.0}}.items():           # 3.0 over all epochs
+        (archive / name).mkdir(parents=True)
+        (archive / name / "run.json").write_text(json.dumps(
+            {"name": name, "trainer": "nnUNetTrainer" if name.startswith("resumed") else "SharedLatentTrainer",
+             "epochs": 480, "iterations": 40, "timings": timing, "pretrain_epochs": None}))
+    assert robustness.archived_speeds(archive) == pytest.approx({"nnUNetTrainer": 2.0, "SharedLatentTrainer": 3.0})
+
+
+def test_train_with_budget_returns_the_epochs_it_trained(monkeypatch):
+    """Resuming at nnU-Net's checkpoint epoch 205 of 480 trains 275 epochs in this process; a fresh run all 480."""
+    import bench_common
+    import nnunetv2.run.run_training as run_training
+
+    class FakeTrainer:
+        current_epoch = 0
+
+        def run_training(self):
+            self.current_epoch = self.num_epochs
+
+    def fake_load(instance, continue_training, validation_only):
+        if continue_training:
+            instance.current_epoch = 205  # nnU-Net's load_checkpoint: the checkpoint's next epoch
+
+    monkeypatch.setattr(run_training, "get_trainer_from_args", lambda *a, **k: FakeTrainer())
+    monkeypatch.setattr(run_training, "maybe_load_checkpoint", fake_load)
+    assert bench_common.train_with_budget("nnUNetTrainer", 480, 40, continue_training=True) == 275
+    assert bench_common.train_with_budget("nnUNetTrainer", 480, 40) == 480
+
+
 def test_two_phase_run_trains_its_pretraining_first_in_the_same_results(tmp_path, monkeypatch):
     """CMFFTrainer: CMFTPretrainer first (same seed, same nnUNet_results), reused once finished; _random: none."""
     regime = REGIMES["converged"]
