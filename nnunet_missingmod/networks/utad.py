@@ -44,6 +44,8 @@ Deviations from the paper and the authors' code, and why:
   unless given, instead of StarGAN's 64·2^i (2048 features at the sixth layer); the number of layers is 6 as in
   StarGAN/UTAD-Net at 128x128 when the patch allows it, and fewer for smaller patches (the patch map keeps at
   least 2x2 scores).
+* Optional (``utad.discriminator.conditional``, off by default as in the paper): a real/fake head conditional on
+  the modality (projection discriminator), see :class:`UTADDiscriminators`.
 """
 
 from __future__ import annotations
@@ -253,10 +255,14 @@ class PatchDiscriminator(nn.Module):
         features: width of each stride-2 layer (their number is the number of layers).
         conv_op: convolution class (``nn.Conv2d``).
         in_channels: image channels (1).
+        conditional: make the real/fake scores conditional on the modality the image is meant to be (a projection
+            discriminator, Miyato & Koyama 2018, applied per patch): ``D_src(x, t) = head(f(x)) + <e_t, f(x)>`` at
+            every patch, ``e_t`` a learned embedding of modality t. Off in the paper (StarGAN's unconditional
+            D_src); see :class:`UTADDiscriminators` for why it is offered.
     """
 
     def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d,
-                 in_channels: int = 1) -> None:
+                 in_channels: int = 1, conditional: bool = False) -> None:
         super().__init__()
         layers, channels = [], in_channels
         for width in features:
@@ -266,38 +272,64 @@ class PatchDiscriminator(nn.Module):
         self.source_head = conv_op(channels, 1, 3, 1, 1, bias=False)
         self.class_head = conv_op(channels, num_modalities, 1, 1, 0, bias=False)
         self.apply(InitWeights_He(1e-2))
+        self.conditional = bool(conditional)
+        self.modality_embedding = nn.Embedding(num_modalities, channels) if self.conditional else None
+        if self.modality_embedding is not None:
+            nn.init.xavier_uniform_(self.modality_embedding.weight)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D_src (B, 1, h, w) patch scores, D_cls (B, M) modality logits) of ``image`` (B, 1, X, Y)."""
+    def forward(self, image: torch.Tensor, modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D_src (B, 1, h, w) patch scores, D_cls (B, M) modality logits) of ``image`` (B, 1, X, Y).
+
+        ``modality`` (B,) is the modality each image is meant to be (real: its own; generated: the requested
+        target); a conditional critic needs it, an unconditional one does not read it.
+        """
         features = self.main(image)  # (B, C, X / 2^L, Y / 2^L)
         scores = self.source_head(features)  # (B, 1, h, w)
+        if self.modality_embedding is not None:
+            if modality is None:
+                raise ValueError("a conditional discriminator needs the modality of every image")
+            embedding = self.modality_embedding(modality.long())  # (B, C)
+            scores = scores + (features * embedding[(...,) + (None,) * (features.ndim - 2)]).sum(1, keepdim=True)
         pooled = features.mean(dim=tuple(range(2, features.ndim)), keepdim=True)  # (B, C, 1, 1)
         logits = self.class_head(pooled).flatten(1)  # (B, M)
         return scores, logits
 
 
 class UTADDiscriminators(nn.Module):
-    """D_g (whole images) and D_l (tumour images) in one module: ``forward(image, branch)`` picks one.
+    """D_g (whole images) and D_l (tumour images) in one module: ``forward(image, branch, modality)`` picks one.
+
+    Why a conditional D_src is offered (``conditional``): with StarGAN's unconditional real/fake head, the
+    generator's adversarial term only asks that its outputs, pooled over all requested targets, look like real
+    slices pooled over the same targets. When sources and targets are drawn from the same modalities, as here, the
+    identity mapping (and any mapping that permutes the modalities, e.g. a contrast inversion that turns T1 into
+    something T2-like and T2 into something T1-like) matches that pooled distribution exactly and reconstructs the
+    cycle exactly; only the classification head (eq. 5-6) tells the generator which target it was asked for. A
+    conditional critic judges each output against real slices of the requested modality.
 
     Args:
         num_modalities: number of modality classes M.
         features: width of each stride-2 layer of both discriminators.
         conv_op: convolution class.
+        conditional: real/fake scores conditional on the modality (:class:`PatchDiscriminator`).
     """
 
     BRANCHES = ("global", "local")
 
-    def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d):
+    def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d,
+                 conditional: bool = False):
         super().__init__()
-        self.global_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op)
-        self.local_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op)
+        self.global_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op,
+                                                conditional=conditional)
+        self.local_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op,
+                                               conditional=conditional)
 
-    def forward(self, image: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor, branch: str, modality: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(D_src, D_cls) of the ``branch`` (``"global"`` or ``"local"``) discriminator."""
         if branch == "global":
-            return self.global_critic(image)
+            return self.global_critic(image, modality)
         if branch == "local":
-            return self.local_critic(image)
+            return self.local_critic(image, modality)
         raise ValueError(f"branch must be one of {self.BRANCHES}, got {branch!r}")
 
 

@@ -86,6 +86,9 @@ Deviations from the paper, and why:
   augmentation and normalization".
 * Epochs are nnU-Net epochs (``num_iterations_per_epoch`` generator updates), 100 of them as the paper's 100
   epochs; ``n_critic`` = 5 (StarGAN's default, which the authors' code builds on; the paper does not give it).
+* ``utad.discriminator.conditional`` (default false, the paper's unconditional real/fake head) makes both critics'
+  real/fake scores conditional on the modality: reals are judged as their own modality t, fakes as the requested
+  t (networks/utad.py, ``UTADDiscriminators``, for why).
 * SSIM/PSNR of the per-epoch validation and of ``synthesis_validation.json`` are over whole slices in z-score space
   with the real slice's range as data range, for model selection and for weighting sources; the paper's metrics
   (and BraSyn's) are computed by ``evaluate-synthesis``.
@@ -293,9 +296,12 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         examples = settings["num_examples"]
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
             raise ValueError(f"utad.num_examples must be an integer >= 1, got {examples!r}")
-        if set(settings["discriminator"]) != {"num_layers", "features"}:
-            raise ValueError(f"utad.discriminator must have exactly the keys num_layers and features, got "
-                             f"{sorted(settings['discriminator'])}")
+        if set(settings["discriminator"]) != {"num_layers", "features", "conditional"}:
+            raise ValueError(f"utad.discriminator must have exactly the keys num_layers, features and conditional, "
+                             f"got {sorted(settings['discriminator'])}")
+        if not isinstance(settings["discriminator"]["conditional"], bool):
+            raise ValueError(f"utad.discriminator.conditional must be true or false, got "
+                             f"{settings['discriminator']['conditional']!r}")
         return settings
 
     @classmethod
@@ -318,7 +324,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         features = discriminator_features(self.configuration_manager.network_arch_init_kwargs["features_per_stage"],
                                           layers, settings["features"])
         return UTADDiscriminators(num_modalities=self.num_modalities, features=features,
-                                  conv_op=self.generator_module.global_encoder.conv_op)
+                                  conv_op=self.generator_module.global_encoder.conv_op,
+                                  conditional=settings["conditional"])
 
     def initialize(self) -> None:
         super().initialize()
@@ -411,14 +418,18 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                 zero = self._zero_losses(self.discriminator, ())["total"]
                 losses.update({f"d_adv_{branch}": zero, f"d_gp_{branch}": zero, f"d_cls_{branch}": zero})
                 continue
-            scores, logits = self.discriminator(torch.cat((real, generated.detach())), branch)
+            # real slices are of modality t, the fakes were asked for t (a conditional critic reads both)
+            fake_modality = batch.target_modality[fake_rows]
+            scores, logits = self.discriminator(torch.cat((real, generated.detach())), branch,
+                                                torch.cat((real_modality, fake_modality)))
             real_scores, fake_scores = scores[:real.shape[0]], scores[real.shape[0]:]
             losses[f"d_adv_{branch}"] = wgan_critic_loss(real_scores, fake_scores)
             pairs = min(real.shape[0], generated.shape[0])  # interpolates need a real and a fake each
             with torch.autocast(self.device.type, enabled=False):  # the double backward in float32
+                # an interpolate is judged as the modality of its real end
                 losses[f"d_gp_{branch}"] = gradient_penalty(
-                    lambda images, b=branch: self.discriminator(images, b)[0], real[:pairs].float(),
-                    generated[:pairs].float())
+                    lambda images, b=branch, m=real_modality[:pairs]: self.discriminator(images, b, m)[0],
+                    real[:pairs].float(), generated[:pairs].float())
             losses[f"d_cls_{branch}"] = modality_classification_loss(logits[:real.shape[0]], real_modality)
         lambda_cls = self.utad["lambda_cls"]
         losses["total"] = sum(losses[f"d_adv_{b}"] + lambda_gp * losses[f"d_gp_{b}"] + lambda_cls * losses[f"d_cls_{b}"]
@@ -438,7 +449,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             if not bool(rows.any()):
                 losses[f"adv_{branch}"] = losses[f"cls_{branch}"] = generated.sum() * 0.0
                 continue
-            scores, logits = self.discriminator(generated[rows], branch)
+            scores, logits = self.discriminator(generated[rows], branch, batch.target_modality[rows])
             losses[f"adv_{branch}"] = wgan_generator_loss(scores)
             losses[f"cls_{branch}"] = modality_classification_loss(logits, batch.target_modality[rows])
         # cycle back to the source modality; the local branch reads T'_target = I_target x M (teacher)

@@ -128,6 +128,31 @@ def test_discriminators_give_patch_scores_and_modality_logits():
         both(image, "tumour")
 
 
+def test_conditional_discriminator_adds_the_projection_of_each_patch_on_the_modality_embedding():
+    torch.manual_seed(0)
+    critic = PatchDiscriminator(num_modalities=4, features=[4, 8, 16], conditional=True)
+    image, modality = torch.randn(3, 1, 32, 40), torch.tensor([2, 0, 3])
+    scores, logits = critic(image, modality)
+    features = critic.main(image).detach()
+    unconditional = critic.source_head(features).detach()
+    embedding = critic.modality_embedding.weight.detach()
+    naive = torch.zeros_like(unconditional)
+    for b in range(3):
+        for x in range(features.shape[2]):
+            for y in range(features.shape[3]):
+                naive[b, 0, x, y] = unconditional[b, 0, x, y] + sum(
+                    float(embedding[modality[b], c]) * float(features[b, c, x, y])
+                    for c in range(features.shape[1]))
+    torch.testing.assert_close(scores, naive, rtol=1e-5, atol=1e-6)
+    plain = PatchDiscriminator(num_modalities=4, features=[4, 8, 16])
+    plain.load_state_dict({k: v for k, v in critic.state_dict().items() if not k.startswith("modality_embedding")})
+    torch.testing.assert_close(plain(image)[1], logits)  # the classification head is unchanged
+    torch.testing.assert_close(plain(image, modality)[0], unconditional)  # unconditional: modality not read
+    assert plain.modality_embedding is None
+    with pytest.raises(ValueError, match="needs the modality"):
+        critic(image)
+
+
 def test_discriminator_depth_and_widths():
     assert discriminator_layers((128, 128), None) == 6  # StarGAN / UTAD-Net at 128 x 128
     assert discriminator_layers((32, 40), None) == 4  # the score map keeps at least 2 x 2

@@ -212,6 +212,44 @@ def test_lambda_cls_weighs_the_classification_terms_of_both_sides(tmp_path, monk
         make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
 
 
+def test_conditional_critic_judges_reals_as_their_modality_and_fakes_as_the_requested_one(tmp_path, monkeypatch):
+    _override(tmp_path, monkeypatch, {"utad": {"discriminator": {"conditional": True}}})
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    assert trainer.discriminator.global_critic.modality_embedding is not None
+    data, target = trainer._to_device(_batch(3))
+    calls = []
+    discriminator = trainer.discriminator
+
+    def spy(images, branch, modality=None):
+        calls.append((branch, images.detach().clone(), None if modality is None else modality.clone()))
+        return discriminator(images, branch, modality)
+    monkeypatch.setattr(trainer, "discriminator", spy)
+    np.random.seed(0)
+    batch = trainer.unpaired_batch(data, target)
+    np.random.seed(0)
+    trainer.discriminator_losses(data, target)
+    np.random.seed(0)
+    trainer.generator_losses(data, target)
+    critic_global, penalty_global = calls[0], calls[1]
+    assert critic_global[0] == penalty_global[0] == "global"
+    rows = batch.real.shape[0]
+    # the critic's input: the real target slices (of modality t), then the fakes (asked for t)
+    torch.testing.assert_close(critic_global[1][:rows], batch.real)
+    assert torch.equal(critic_global[2], torch.cat((batch.target_modality, batch.target_modality)))
+    assert torch.equal(penalty_global[2], batch.target_modality)  # interpolates: the modality of their real end
+    generator_global = [c for c in calls[2:] if c[0] == "global" and c[1].shape[0] == rows and c[2] is not None]
+    assert generator_global and torch.equal(generator_global[-1][2], batch.target_modality)
+    # the scores now depend on the modality: the same images judged as another modality score differently
+    image = batch.real[:1]
+    scores = [trainer.discriminator_module(image, "global", torch.tensor([m]))[0] for m in range(4)]
+    assert not torch.allclose(scores[0], scores[1])
+    with pytest.raises(ValueError, match="needs the modality"):
+        trainer.discriminator_module(image, "global")
+    with pytest.raises(ValueError, match="utad.discriminator.conditional must be true or false"):
+        _override(tmp_path, monkeypatch, {"utad": {"discriminator": {"conditional": 1}}})
+        make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
+
+
 def test_student_step_adds_distillation_and_never_gives_the_network_a_mask(tmp_path, monkeypatch):
     _teacher_checkpoint(tmp_path, monkeypatch)
     student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
@@ -279,10 +317,10 @@ def test_tumour_free_slices_stay_out_of_the_local_critic_and_local_terms(tmp_pat
     seen = []
     discriminator = trainer.discriminator
 
-    def spy(images, branch):
+    def spy(images, branch, modality=None):
         if branch == "local":
             seen.append(images.shape[0])
-        return discriminator(images, branch)
+        return discriminator(images, branch, modality)
     monkeypatch.setattr(trainer, "discriminator", spy)
     np.random.seed(0)  # the same draw of sources, targets and partners in all three calls
     batch = trainer.unpaired_batch(one["data"], one["target"])
