@@ -13,7 +13,8 @@ Generator G (Fig. 2a): two U-Net encoder-decoder pairs on 2D slices,
   image I_target (global) or the target tumour image T_target (local).
 
 The target modality t enters as a one-hot code broadcast to image channels and concatenated to the input of both
-encoders (StarGAN's conditioning). Encoders and decoders are ``dynamic_network_architectures``' plain (or
+encoders (StarGAN's conditioning), and as a per-target affine map after every normalisation of the generator
+(:class:`ModalityConditionalNorm`, see the deviations below). Encoders and decoders are ``dynamic_network_architectures``' plain (or
 residual) encoder and ``UNetDecoder``, built from the configuration's ``network_arch_init_kwargs`` (features per
 stage, strides, kernel sizes, conv/norm/nonlin ops), so G scales with nnU-Net's planning.
 
@@ -36,6 +37,12 @@ Deviations from the paper and the authors' code, and why:
   transposed convolutions are used, so the network follows the dataset's planning like every trainer here.
 * The fusion block uses the plans' conv/norm/nonlin (instance norm) instead of Hi-Net's batch norm, like the
   rest of the network.
+* Every normalisation layer of the generator is followed by a learned per-target-modality scale and shift
+  (conditional normalisation, zero-initialised). The paper and the authors' code concatenate the one-hot code to
+  the input only; with instance normalisation after the first convolution (the authors' default and nnU-Net's),
+  the constant code channels only reach the features within the kernel's reach of the zero-padded border (the
+  spatial mean that the normalisation removes holds the rest), so the generator hardly knows which target it
+  was asked for (docs/RESULTS.md, "UTAD-Net synthesis").
 * The generator's output is linear, not ``tanh``: images are in nnU-Net's z-score space (unbounded), not [-1, 1].
 * The classification head averages the last feature map over space before a 1x1 convolution, instead of
   StarGAN's convolution whose kernel spans the whole map: that kernel ties the discriminator to one image size,
@@ -50,6 +57,7 @@ Deviations from the paper and the authors' code, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -108,6 +116,37 @@ def build_encoder(arch_class_name: str, arch_kwargs: dict, input_channels: int) 
                      f"got {arch_class_name}")
 
 
+class ModalityConditionalNorm(nn.Module):
+    """The plans' normalisation followed by a per-target-modality affine map (conditional normalisation).
+
+    ``y = norm(x) * (1 + gamma[t]) + beta[t]`` per channel, ``t`` the target modality of each sample (set with
+    :meth:`UTADGenerator.set_target` before a forward pass); ``gamma`` and ``beta`` start at 0, so an untrained
+    layer is the plans' normalisation. Why: instance normalisation subtracts each channel's spatial mean, which
+    removes everything a spatially constant one-hot input contributes to a convolution's output, except within
+    the kernel's reach of the zero-padded border; this layer gives the code a path that normalisation keeps
+    (Dumoulin et al., "A learned representation for artistic style", 2017).
+
+    Args:
+        num_features: channels.
+        norm_op: the plans' normalisation class; ``norm_kwargs`` go to it.
+        num_modalities: number of target modalities M.
+    """
+
+    def __init__(self, num_features: int, *, norm_op: type[nn.Module], num_modalities: int, **norm_kwargs) -> None:
+        super().__init__()
+        self.norm = norm_op(num_features, **norm_kwargs)
+        self.scale = nn.Parameter(torch.zeros(num_modalities, num_features))
+        self.shift = nn.Parameter(torch.zeros(num_modalities, num_features))
+        self.target: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.target is None or self.target.shape != (x.shape[0],):
+            raise RuntimeError("ModalityConditionalNorm needs the target modality of every sample "
+                               "(UTADGenerator.set_target) before the forward pass")
+        view = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        return self.norm(x) * (1 + self.scale[self.target].view(view)) + self.shift[self.target].view(view)
+
+
 class MixedFusionBlock(nn.Module):
     """Hi-Net's mixed fusion block (Zhou et al., IEEE TMI 2020): sum, product and maximum of two features.
 
@@ -151,7 +190,13 @@ class UTADGenerator(nn.Module):
         if not (isinstance(kwargs["conv_op"], type) and issubclass(kwargs["conv_op"], nn.Conv2d)):
             raise ValueError(f"UTAD-Net translates 2D slices: train it on a 2d configuration (conv_op Conv2d), got "
                              f"conv_op {arch_kwargs['conv_op']}")
+        if kwargs.get("norm_op") is None:
+            raise ValueError("the UTAD-Net generator conditions its normalisation layers on the target modality; "
+                             "the plans' network has no norm_op")
         self.num_modalities = int(num_modalities)
+        # every normalisation of encoders, fusion block and decoders gets a per-target affine map
+        kwargs = {**kwargs, "norm_op": functools.partial(ModalityConditionalNorm, norm_op=kwargs["norm_op"],
+                                                         num_modalities=self.num_modalities)}
         self.global_encoder = build_encoder(arch_class_name, kwargs, 1 + num_modalities)
         self.local_encoder = build_encoder(arch_class_name, kwargs, 1 + num_modalities)
         bottleneck = self.global_encoder.output_channels[-1]
@@ -163,6 +208,12 @@ class UTADGenerator(nn.Module):
         strides = [maybe_convert_scalar_to_list(kwargs["conv_op"], s) for s in kwargs["strides"]]
         self.total_stride: tuple[int, int] = tuple(int(math.prod(s[axis] for s in strides)) for axis in range(2))
         self.apply(InitWeights_He(1e-2))
+        self.conditional_norms = [m for m in self.modules() if isinstance(m, ModalityConditionalNorm)]
+
+    def set_target(self, target_modality: torch.Tensor) -> None:
+        """Tell every conditional normalisation the target modality (B,) of the next forward pass."""
+        for module in self.conditional_norms:
+            module.target = target_modality.long()
 
     def one_hot_input(self, image: torch.Tensor, target_modality: torch.Tensor) -> torch.Tensor:
         """``image`` (B, 1, X, Y) with the one-hot code of ``target_modality`` (B,) as M more channels."""
@@ -192,6 +243,7 @@ class UTADGenerator(nn.Module):
         if local_input.shape != image.shape:
             raise ValueError(f"the local branch's input must have the image's shape {tuple(image.shape)}, got "
                              f"{tuple(local_input.shape)}")
+        self.set_target(target_modality)
         global_skips = self.global_encoder(self.one_hot_input(image, target_modality))
         local_skips = self.local_encoder(self.one_hot_input(local_input, target_modality))
         fused = self.fusion(global_skips[-1], local_skips[-1])  # (B, C_bottleneck, x, y)

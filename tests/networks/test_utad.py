@@ -10,6 +10,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_missingmod.networks.utad import (
     MixedFusionBlock,
+    ModalityConditionalNorm,
     PatchDiscriminator,
     UTADDiscriminators,
     UTADStudentGenerator,
@@ -107,6 +108,9 @@ def test_bad_inputs_are_clear_errors():
 def test_fusion_block_is_hi_nets_sum_product_maximum():
     encoder = _generator(UTADTeacherGenerator).global_encoder
     fusion = MixedFusionBlock(6, encoder, [3, 3]).eval()
+    for module in fusion.modules():
+        if isinstance(module, ModalityConditionalNorm):
+            module.target = torch.tensor([0, 1])
     a, b = torch.randn(2, 6, 4, 4), torch.randn(2, 6, 4, 4)
     naive = torch.zeros(2, 18, 4, 4)
     for c in range(6):
@@ -115,6 +119,50 @@ def test_fusion_block_is_hi_nets_sum_product_maximum():
         naive[:, 12 + c] = torch.where(a[:, c] > b[:, c], a[:, c], b[:, c])
     torch.testing.assert_close(fusion(a, b), fusion.blocks(naive))
     assert fusion(a, b).shape == (2, 6, 4, 4)
+
+
+def test_conditional_norm_is_the_plans_norm_then_a_per_target_affine_map():
+    torch.manual_seed(0)
+    layer = ModalityConditionalNorm(3, norm_op=torch.nn.InstanceNorm2d, num_modalities=4, eps=1e-5, affine=True)
+    x, target = torch.randn(2, 3, 5, 6), torch.tensor([3, 1])
+    layer.target = target
+    torch.testing.assert_close(layer(x), layer.norm(x))  # zero-initialised: the plans' normalisation
+    with torch.no_grad():
+        layer.scale.normal_()
+        layer.shift.normal_()
+    normalised = layer.norm(x).detach()
+    scale, shift = layer.scale.detach(), layer.shift.detach()
+    naive = torch.zeros_like(x)
+    for b in range(2):
+        for c in range(3):
+            naive[b, c] = normalised[b, c] * (1 + float(scale[target[b], c])) + float(shift[target[b], c])
+    torch.testing.assert_close(layer(x), naive)
+    layer.target = None
+    with pytest.raises(RuntimeError, match="needs the target modality"):
+        layer(x)
+
+
+def test_the_target_code_reaches_the_inside_of_the_slice_through_the_normalisation():
+    """One-hot input channels alone reach the first stage only at the padded border; the conditional norms do not."""
+    generator = _generator(UTADStudentGenerator, features=(4, 8, 16)).eval()
+    stage = generator.global_encoder.stages[0]
+    image = torch.randn(1, 1, 96, 96)
+
+    def first_stage(target: int) -> torch.Tensor:
+        generator.set_target(torch.tensor([target]))
+        return stage(generator.one_hot_input(image, torch.tensor([target])))[0].detach()
+
+    inside = (slice(None), slice(3, -3), slice(3, -3))
+    border = torch.ones(96, 96, dtype=torch.bool)
+    border[3:-3, 3:-3] = False
+    difference = (first_stage(0) - first_stage(2)).abs()
+    # the one-hot channels' own path: inside, only the normalisation's statistics carry the border's difference
+    assert float(difference[inside].mean()) < 0.2 * float(difference[:, border].mean())
+    with torch.no_grad():
+        for module in generator.conditional_norms:
+            module.shift.normal_()
+    difference = (first_stage(0) - first_stage(2)).abs()
+    assert float(difference[inside].mean()) > 0.5 * float(difference[:, border].mean())
 
 
 def test_discriminators_give_patch_scores_and_modality_logits():
