@@ -14,9 +14,10 @@ Generator G (Fig. 2a): two U-Net encoder-decoder pairs on 2D slices,
 
 The target modality t enters as a one-hot code broadcast to image channels and concatenated to the input of both
 encoders (StarGAN's conditioning), and as a per-target affine map after every normalisation of the generator
-(:class:`ModalityConditionalNorm`, see the deviations below). Encoders and decoders are ``dynamic_network_architectures``' plain (or
-residual) encoder and ``UNetDecoder``, built from the configuration's ``network_arch_init_kwargs`` (features per
-stage, strides, kernel sizes, conv/norm/nonlin ops), so G scales with nnU-Net's planning.
+(:class:`ModalityConditionalNorm`, see the deviations below). Encoders and decoders are
+``dynamic_network_architectures``' plain (or residual) encoder and ``UNetDecoder``, built from the configuration's
+``network_arch_init_kwargs`` (features per stage, strides, kernel sizes, conv/norm/nonlin ops), so G scales with
+nnU-Net's planning.
 
 Discriminators D_g and D_l (Fig. 2b): StarGAN's PatchGAN, ``num_layers`` 4x4 convolutions of stride 2 with
 LeakyReLU(0.01), a real/fake head (3x3 convolution, one score per patch: D_src) and a modality-classification head
