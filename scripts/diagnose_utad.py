@@ -2,6 +2,7 @@
 
     python scripts/diagnose_utad.py --preprocessed bench_conv/nnUNet_preprocessed/Dataset991_BraTSPhantom \
         [--steps 600] [--batch-size 16] [--features 16 32 64 128] [--lr 1e-4] [--seed 0] [--model MODEL_FOLDER]
+        [--border 2]
 
 1. The critic's modality classifier alone: UTAD-Net's PatchDiscriminator trained on the classification term only
    (eq. 3, no adversarial term, no gradient penalty) on real slices. The generator's target code only takes effect
@@ -14,7 +15,10 @@
    the first held-out case is translated from each source to each of the four targets; printed per source: the
    correlation over the brain of each output with the real target slice (the source's own modality included,
    where a faithful generator gives about +1), and the mean absolute difference between the four outputs (0: the
-   code is ignored).
+   code is ignored). Then where the code enters: the mean absolute difference, between the four targets, of the
+   global encoder's first-stage features, in the band of ``--border`` pixels along the slice's edge and inside
+   it. One-hot input channels followed by instance normalisation only reach the features near the zero-padded
+   edge; the generator's conditional normalisations (``ModalityConditionalNorm``) reach the inside as well.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="a trained UTAD-Net model folder: check its target code")
+    parser.add_argument("--border", type=int, default=2,
+                        help="width of the edge band for the first-stage features (default 2: two 3x3 convolutions)")
     args = parser.parse_args()
     folder = Path(args.preprocessed) / "nnUNetPlans_2d"
     volumes = read_volumes(folder)
@@ -94,10 +100,10 @@ def main() -> None:
                        f"accuracy {(predicted == held_y).float().mean():.3f}, confusion {confusion.tolist()} "
                        f"({time.perf_counter() - start:.0f} s)")
     if args.model:
-        check_target_code(Path(args.model), volumes[split])
+        check_target_code(Path(args.model), volumes[split], args.border)
 
 
-def check_target_code(model_folder: Path, volume: np.ndarray) -> None:
+def check_target_code(model_folder: Path, volume: np.ndarray, border: int = 2) -> None:
     """Translate the middle slice of ``volume`` (M, Z, X, Y) from each source to each target; print correlations."""
     from nnunet_missingmod.inference.synthesize import load_synthesis_model
     from nnunet_missingmod.trainers.utad import pad_to_stride
@@ -107,6 +113,9 @@ def check_target_code(model_folder: Path, volume: np.ndarray) -> None:
                            network.total_stride)  # (M, 1, X, Y)
     brain = (slices != 0).any(0)[0]
     names = mods.MODALITIES
+    stage_outputs: list[torch.Tensor] = []
+    hook = network.global_encoder.stages[0].register_forward_hook(
+        lambda module, inputs, output: stage_outputs.append(output.detach()))
     with torch.no_grad():
         for source in range(len(names)):
             outputs = [network.translate(slices[source:source + 1], torch.tensor([target]))[0, 0]
@@ -117,6 +126,16 @@ def check_target_code(model_folder: Path, volume: np.ndarray) -> None:
                               for a in range(len(names)) for b in range(a + 1, len(names))])
             print(f"{names[source]:>5} -> " + ", ".join(f"{names[t]} r = {c:+.2f}" for t, c in enumerate(correlations))
                   + f"; the four outputs differ by {spread:.3f} on average (z-score units)")
+    hook.remove()
+    # stage_outputs: (source, target) in order, each (1, C, X, Y); differences between targets of the same source
+    features = torch.stack([f[0] for f in stage_outputs]).view(len(names), len(names), *stage_outputs[0].shape[1:])
+    edge = torch.ones(features.shape[-2:], dtype=torch.bool)
+    edge[border:-border, border:-border] = False
+    differences = torch.stack([(features[:, a] - features[:, b]).abs().mean(1)  # (sources, X, Y)
+                               for a in range(len(names)) for b in range(a + 1, len(names))])
+    print(f"first encoder stage: the target code changes the features by {float(differences[..., edge].mean()):.4f} "
+          f"within {border} px of the edge and by {float(differences[..., ~edge].mean()):.4f} inside (feature sd "
+          f"{float(features.std()):.3f})")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,20 @@ class ModalityConditionalNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(num_modalities, num_features))
         self.target: torch.Tensor | None = None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a generator saved before this layer existed had the plans' norm in its place (``<prefix>weight``): it
+        # loads as that norm with a zero affine map, which computes exactly what it computed then
+        if not any(key.startswith(prefix + "norm.") for key in state_dict) and \
+                any(key.startswith(prefix) and "." not in key[len(prefix):] for key in state_dict):
+            for name in [key[len(prefix):] for key in state_dict
+                         if key.startswith(prefix) and "." not in key[len(prefix):]]:
+                state_dict[f"{prefix}norm.{name}"] = state_dict.pop(prefix + name)
+            state_dict.setdefault(prefix + "scale", torch.zeros_like(self.scale))
+            state_dict.setdefault(prefix + "shift", torch.zeros_like(self.shift))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.target is None or self.target.shape != (x.shape[0],):
             raise RuntimeError("ModalityConditionalNorm needs the target modality of every sample "

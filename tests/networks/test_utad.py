@@ -142,6 +142,25 @@ def test_conditional_norm_is_the_plans_norm_then_a_per_target_affine_map():
         layer(x)
 
 
+def test_a_generator_saved_without_conditional_norms_loads_and_computes_the_same():
+    generator = _generator(UTADStudentGenerator, features=(4, 8, 16)).eval()
+    old_layout = dict(generator.state_dict())  # the affine maps are still zero: the generator before them
+    for name, module in generator.named_modules(remove_duplicate=False):
+        if isinstance(module, ModalityConditionalNorm):
+            del old_layout[f"{name}.scale"], old_layout[f"{name}.shift"]
+            for key in ("weight", "bias"):
+                old_layout[f"{name}.{key}"] = old_layout.pop(f"{name}.norm.{key}")
+    assert not any(".norm.norm." in key for key in old_layout)
+    loaded = _generator(UTADStudentGenerator, features=(4, 8, 16)).eval()
+    with torch.no_grad():
+        for parameter in loaded.parameters():
+            parameter.normal_()
+    loaded.load_state_dict(old_layout, strict=True)
+    image, target = torch.randn(2, 1, 32, 32), torch.tensor([1, 3])
+    torch.testing.assert_close(loaded.translate(image, target), generator.translate(image, target))
+    assert all(not m.scale.detach().any() and not m.shift.detach().any() for m in loaded.conditional_norms)
+
+
 def test_the_target_code_reaches_the_inside_of_the_slice_through_the_normalisation():
     """One-hot input channels alone reach the first stage only at the padded border; the conditional norms do not."""
     generator = _generator(UTADStudentGenerator, features=(4, 8, 16)).eval()
