@@ -145,10 +145,9 @@ class ModalityConditionalNorm(nn.Module):
                               error_msgs):
         # a generator saved before this layer existed had the plans' norm in its place (``<prefix>weight``): it
         # loads as that norm with a zero affine map, which computes exactly what it computed then
-        if not any(key.startswith(prefix + "norm.") for key in state_dict) and \
-                any(key.startswith(prefix) and "." not in key[len(prefix):] for key in state_dict):
-            for name in [key[len(prefix):] for key in state_dict
-                         if key.startswith(prefix) and "." not in key[len(prefix):]]:
+        old = [key[len(prefix):] for key in state_dict if key.startswith(prefix) and "." not in key[len(prefix):]]
+        if old and not any(key.startswith(prefix + "norm.") for key in state_dict):
+            for name in old:
                 state_dict[f"{prefix}norm.{name}"] = state_dict.pop(prefix + name)
             state_dict.setdefault(prefix + "scale", torch.zeros_like(self.scale))
             state_dict.setdefault(prefix + "shift", torch.zeros_like(self.shift))
