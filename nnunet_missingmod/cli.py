@@ -255,8 +255,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_combine_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine", choices=("ssim", "best", "mean"), default="ssim",
-                   help="several acquired sequences: average weighted by the model's validation SSIM per pair "
-                        "(default), only the best source, or equal weights")
+                   help="several acquired sequences: average weighted by the model's validation SSIM over the brain "
+                        "per pair, negative ones given no weight (default), only the best source, or equal weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -234,7 +234,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     if fill == "synthesize":
         summary["synthesis"] = {"model": str(synthesis_model.folder or "in-memory model"),
                                 "folds": [str(f) for f in synthesis_folds] if synthesis_folds else "all",
-                                "checkpoint": synthesis_checkpoint, "combine": combine}
+                                "checkpoint": synthesis_checkpoint, "combine": combine,
+                                "validation_metric": synthesis_model.validation_metric}
         title += f", missing channels synthesized by {Path(summary['synthesis']['model']).name}"
     write_outputs(out, rows, summary, title=title)
     return out

@@ -344,7 +344,8 @@ def _evaluate(synthesis_model: SynthesisModel, images: Path, usable: Sequence[Sy
     skipped = sorted(c.identifier for c in cases if len(c.acquired) < 2)
     summary.update({"model": str(synthesis_model.folder or "in-memory model"), "images": str(images),
                     "num_cases": len(usable), "skipped_cases": skipped,
-                    "combine": combine, "histogram_reference": reference, "checkpoint": checkpoint_name})
+                    "combine": combine, "validation_metric": synthesis_model.validation_metric,
+                    "histogram_reference": reference, "checkpoint": checkpoint_name})
     write_outputs(output, rows, summary, example_images)
 
 

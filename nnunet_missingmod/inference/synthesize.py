@@ -17,12 +17,16 @@ target_modality (B,)) -> (B, 1, X, Y)``, ``total_stride`` and ``num_modalities``
    (transpose, crop to the non-zero region, z-score normalisation, in-plane resampling to the configuration's
    spacing) with the missing channels zero-filled, then translated slice by slice along the axis nnU-Net's 2d
    configuration slices (the first axis after ``transpose_forward``); slices outside the brain are not run.
-3. With several acquired sequences, each one is translated to the missing sequence and the results are averaged
-   in normalised space, weighted by the model's validation SSIM of each source -> target pair
-   (``fold_F/synthesis_validation.json``; the paper translates from one source). ``combine``:
-   ``ssim`` (default) ``w_s = SSIM[s][t] / sum_s' SSIM[s'][t]``; ``best`` the source with the highest SSIM only;
-   ``mean`` equal weights. Without the file, or where an entry is null or not positive, every rule falls back to
-   equal weights (and says so in the manifest).
+3. With several acquired sequences, the model's validation SSIM of each source -> target pair decides how to
+   use them (``fold_F/synthesis_validation.json``, averaged over folds: its ``ssim_brain``, the SSIM over the
+   brain, or for a model validated before that existed its whole-slice ``ssim``; the manifest's
+   ``validation_metric`` says which). ``combine``: ``ssim`` (default) translates from every acquired sequence and
+   averages in normalised space with ``w_s = max(SSIM[s][t], 0) / sum_s' max(SSIM[s'][t], 0)`` (an inverted
+   contrast scores below 0 and gets no weight); ``best`` takes the source with the highest SSIM only (as the
+   paper, which translates from one source); ``mean`` equal weights. Without the file, where an entry is null, or
+   (``ssim``) where none is positive, the rule falls back to equal weights and says so in the manifest. On the
+   phantoms ``ssim`` gave the better segmentation downstream and ``best`` the better images (docs/RESULTS.md,
+   "Combining sources").
 4. The result is resampled back (nnU-Net's resampling of the configuration), put back into the uncropped image,
    transposed back, and set to exactly 0 outside the brain (the union of the non-zero voxels of the acquired
    sequences). Intensity rule: inside the brain the synthesised z-scores ``z`` become ``mean + sd * z``, where
@@ -85,8 +89,11 @@ from nnunet_missingmod.inference.predict import (
 
 #: Per-fold file of the model's validation SSIM/PSNR per source -> target pair (written by the trainer).
 VALIDATION_FILE = "synthesis_validation.json"
-#: Rules for combining the translations of several acquired sequences.
+#: Rules for combining the translations of several acquired sequences, and the default.
 COMBINE_RULES = ("ssim", "best", "mean")
+DEFAULT_COMBINE = "ssim"
+#: The matrix of ``VALIDATION_FILE`` the rules read when the file has it (else ``ssim``, whole slices).
+BRAIN_SSIM = "ssim_brain"
 #: Folders of a raw dataset that hold cases.
 IMAGE_FOLDERS = ("imagesTr", "imagesTs")
 LABEL_FOLDERS = ("labelsTr", "labelsTs")
@@ -148,11 +155,15 @@ def check_model_folder(folder: str | os.PathLike, folds: Sequence[int | str] | N
     return dataset_json
 
 
-def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None = None) -> np.ndarray:
-    """The M x M SSIM matrix ``[source][target]`` of a ``synthesis_validation.json`` (NaN where null).
+def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None = None,
+                           key: str | None = None) -> tuple[np.ndarray, str]:
+    """An M x M SSIM matrix ``[source][target]`` of a ``synthesis_validation.json`` (NaN where null), and its key.
+
+    ``key`` None: ``ssim_brain`` (the SSIM over the brain, written since it exists) if the file has it, else
+    ``ssim`` (whole slices, the only one of older models).
 
     Raises:
-        SynthesisModelError: not JSON, no ``ssim`` matrix of M x M numbers or nulls, or channel names that differ
+        SynthesisModelError: not JSON, no such matrix of M x M numbers or nulls, or channel names that differ
             from the model's (the message names the file and the key).
     """
     file = Path(file)
@@ -165,20 +176,21 @@ def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None =
     if channel_names is not None and "channel_names" in content and content["channel_names"] != channel_names:
         raise SynthesisModelError(f"{file}: 'channel_names' {content['channel_names']} differ from the model's "
                                   f"{channel_names}")
-    matrix = content.get("ssim")
+    key = key or (BRAIN_SSIM if BRAIN_SSIM in content else "ssim")
+    matrix = content.get(key)
     size = mods.NUM_MODALITIES
     valid = (isinstance(matrix, list) and len(matrix) == size
              and all(isinstance(row, list) and len(row) == size for row in matrix)
              and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for row in matrix
                      for v in row))
     if not valid:
-        raise SynthesisModelError(f"{file}: 'ssim' must be a {size} x {size} list of numbers or nulls "
+        raise SynthesisModelError(f"{file}: {key!r} must be a {size} x {size} list of numbers or nulls "
                                   f"([source][target]), got {matrix!r}")
-    return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float)
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float), key
 
 
 def combination_weights(sources: Sequence[int], target: int, ssim: np.ndarray | None,
-                        rule: str = "ssim") -> tuple[dict[int, float], str]:
+                        rule: str = DEFAULT_COMBINE) -> tuple[dict[int, float], str]:
     """Weights of the translations from ``sources`` to ``target`` (see the module docstring, step 3).
 
     Returns:
@@ -198,12 +210,15 @@ def combination_weights(sources: Sequence[int], target: int, ssim: np.ndarray | 
     if ssim is None:
         return equal, f"mean (fallback: no {VALIDATION_FILE})"
     values = np.array([ssim[s, target] for s in sources], dtype=float)
-    if not (np.all(np.isfinite(values)) and np.all(values > 0)):
-        return equal, "mean (fallback: a validation SSIM is missing or not positive)"
-    if rule == "best":
+    if not np.all(np.isfinite(values)):
+        return equal, "mean (fallback: a validation SSIM is missing)"
+    if rule == "best":  # a negative SSIM (an inverted contrast) simply ranks low
         best = sources[int(np.argmax(values))]
         return {s: float(s == best) for s in sources}, "best"
-    return {s: float(v / values.sum()) for s, v in zip(sources, values, strict=True)}, "ssim"
+    positive = np.maximum(values, 0.0)
+    if positive.sum() <= 0:
+        return equal, "mean (fallback: no validation SSIM is positive)"
+    return {s: float(v / positive.sum()) for s, v in zip(sources, positive, strict=True)}, "ssim"
 
 
 @dataclass
@@ -241,11 +256,13 @@ class SynthesisModel:
         device: torch device of the networks.
         validation_ssim: M x M SSIM matrix ``[source][target]`` for combining sources (None: equal weights).
         folder: the model folder (for messages and the manifest).
+        validation_metric: which matrix of the validation file ``validation_ssim`` is (``ssim_brain`` or ``ssim``;
+            written to the manifest).
     """
 
     def __init__(self, networks: Sequence[torch.nn.Module], plans: dict, configuration: str, dataset_json: dict, *,
                  device: torch.device | str = "cpu", validation_ssim: np.ndarray | None = None,
-                 folder: str | os.PathLike | None = None) -> None:
+                 folder: str | os.PathLike | None = None, validation_metric: str | None = None) -> None:
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -283,6 +300,7 @@ class SynthesisModel:
             stride = tuple(int(np.prod([s[d] for s in strides])) for d in range(2))
         self.total_stride = tuple(int(s) for s in stride)
         self.validation_ssim = validation_ssim
+        self.validation_metric = validation_metric if validation_ssim is not None else None
         self.folder = Path(folder) if folder else None
         self.reader = self.plans_manager.image_reader_writer_class()
 
@@ -353,7 +371,7 @@ class SynthesisModel:
         prepared.cache[key] = output
         return output
 
-    def combine(self, prepared: PreparedCase, sources: Sequence[int], target: int, rule: str = "ssim",
+    def combine(self, prepared: PreparedCase, sources: Sequence[int], target: int, rule: str = DEFAULT_COMBINE,
                 batch_size: int = 16, on_slices: Callable[[int], None] | None = None) -> tuple[np.ndarray, str]:
         """Weighted combination (normalised space) of the translations of ``sources`` to ``target``."""
         weights, how = combination_weights(sources, target, self.validation_ssim, rule)
@@ -380,7 +398,7 @@ class SynthesisModel:
         return np.ascontiguousarray(full.transpose(self.plans_manager.transpose_backward))
 
     def synthesize_channels(self, prepared: PreparedCase, sources: Sequence[int], targets: Sequence[int],
-                            rule: str = "ssim", batch_size: int = 16,
+                            rule: str = DEFAULT_COMBINE, batch_size: int = 16,
                             on_slices: Callable[[int], None] | None = None) -> dict[int, tuple[np.ndarray, str]]:
         """Each target synthesised from ``sources`` in the input geometry, intensity-matched (see the docstring).
 
@@ -439,7 +457,8 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
     The trainer class is looked up by the checkpoint's ``trainer_name`` (``trainer_class`` overrides it), its
     ``build_network_architecture(plans_manager, configuration_manager, in, out, False)`` builds the generator and
     the checkpoint's ``network_weights`` are loaded strictly. The validation SSIM matrices of the folds
-    (``synthesis_validation.json``) are averaged over the folds that have one.
+    (``synthesis_validation.json``: ``ssim_brain`` if every fold's file has it, else the whole-slice ``ssim``) are
+    averaged over the folds that have one.
 
     Raises:
         FileNotFoundError: a missing folder, file or checkpoint.
@@ -486,8 +505,10 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
             raise SynthesisModelError(f"{folder / f'fold_{fold}' / checkpoint_name}: the weights do not fit the "
                                       f"network of {trainer_class.__name__} ({str(error).splitlines()[0]})") from None
         networks.append(network)
-    matrices = [read_validation_matrix(folder / f"fold_{f}" / VALIDATION_FILE, dataset_json["channel_names"])
-                for f in folds if (folder / f"fold_{f}" / VALIDATION_FILE).is_file()]
+    files = [file for f in folds if (file := folder / f"fold_{f}" / VALIDATION_FILE).is_file()]
+    keys = {read_validation_matrix(file, dataset_json["channel_names"])[1] for file in files}
+    key = BRAIN_SSIM if keys == {BRAIN_SSIM} else "ssim"  # folds validated by different versions: the common one
+    matrices = [read_validation_matrix(file, dataset_json["channel_names"], key)[0] for file in files]
     ssim = None
     if matrices:
         stack = np.stack(matrices)
@@ -495,7 +516,7 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
         with np.errstate(invalid="ignore"):
             ssim = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
     return SynthesisModel(networks, plans, configuration, dataset_json, device=device, validation_ssim=ssim,
-                          folder=folder)
+                          folder=folder, validation_metric=key if matrices else None)
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -664,7 +685,7 @@ def merge_parts(output: str | os.PathLike) -> Path | None:
 def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str | os.PathLike | SynthesisModel, *,
                folds: Sequence[int | str] | None = None, checkpoint_name: str = "checkpoint_final.pth",
                available: Sequence[int] | None = None, availability_file: str | os.PathLike | None = None,
-               device: str = "cpu", combine: str = "ssim", batch_size: int = 16, num_parts: int = 1,
+               device: str = "cpu", combine: str = DEFAULT_COMBINE, batch_size: int = 16, num_parts: int = 1,
                part_id: int = 0, progress: bool = True) -> dict:
     """Write a copy of a raw dataset or case folder with every missing sequence synthesised (module docstring).
 
@@ -744,6 +765,7 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
         model, folds, checkpoint_name, device)
     info = {"model": str(synthesis_model.folder or "in-memory model"), "configuration": synthesis_model.configuration,
             "folds": [str(f) for f in folds] if folds else "all", "checkpoint": checkpoint_name, "combine": combine,
+            "validation_metric": synthesis_model.validation_metric,
             "intensity": "mean + sd * z in the brain (means over the acquired sequences), 0 outside",
             "input": str(input_path)}
     with raise_on_sigterm():

@@ -39,9 +39,18 @@ is the best SSIM), PSNR (scikit-image, data range of the real slice) and L1 (nnU
 After training, :meth:`UTADNetTeacherTrainer.final_validation` translates every slice of the fold's validation
 cases for every source -> target pair both channels of the slice have and writes
 ``<fold folder>/synthesis_validation.json`` = ``{"channel_names": dataset.json's, "ssim": M x M, "psnr": M x M,
-"num_slices": M x M}`` (indexed [source][target]; ``null`` on the diagonal, and SSIM/PSNR ``null`` where no slice
-allowed the pair, whose ``num_slices`` is then 0) plus the heat map ``synthesis_validation_ssim.png``. Whole slices
-are used (padded to the network's total stride), background included, averaged over slices.
+"num_slices": M x M, "ssim_brain": M x M, "brain_voxels": M x M}`` (indexed [source][target]; ``null`` on the
+diagonal, and the metrics ``null`` where no slice allowed the pair, whose counts are then 0) plus the heat map of
+``ssim_brain``, ``synthesis_validation_ssim.png``. ``ssim`` and ``psnr`` score whole slices (padded to the network's
+total stride, background included, averaged over slices), as the per-epoch validation does. ``ssim_brain`` is the
+SSIM of ``evaluate-synthesis`` on 2D slices: both slices scaled to [0, 1] by their own 0.5 and 99.5 percentiles in
+the brain (nnU-Net's non-zero mask, label >= 0 in the preprocessed data), the Gaussian SSIM map averaged over every
+brain voxel of the validation slices. ``synthesize`` weighs or picks its sources by ``ssim_brain``: whole-slice SSIM
+rewards the blank background and rated inverted translations about as high as good ones (docs/RESULTS.md,
+"Combining sources").
+``nnUNetv2_train ... -tr UTADNetStudentTrainer --val`` rewrites the file for a model validated before (one of the
+same generator: nnU-Net's ``--val`` also restores the optimiser, whose state does not fit a generator saved before
+the conditional normalisation).
 
 The student loads the frozen teacher from ``utad.teacher_model_folder`` (default: the
 ``UTADNetTeacherTrainer__<plans>__<configuration>`` folder of the same dataset in ``nnUNet_results``), same fold,
@@ -114,6 +123,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.evaluation.synthesis import SSIM_WINDOW, scale_to_unit, ssim_map
 from nnunet_missingmod.losses.adversarial import (
     cycle_reconstruction_loss,
     distillation_loss,
@@ -240,6 +250,20 @@ def slice_quality(generated: np.ndarray, real: np.ndarray) -> tuple[float, float
     with np.errstate(divide="ignore"):  # identical slices: PSNR is +inf
         psnr = peak_signal_noise_ratio(real, generated, data_range=data_range)
     return float(ssim), float(psnr), l1
+
+
+def brain_ssim(generated: np.ndarray, real: np.ndarray, brain: np.ndarray) -> tuple[float, int]:
+    """(sum of the SSIM map over ``brain``, number of brain voxels) of a generated 2D slice against the real one.
+
+    ``evaluate-synthesis``'s ``ssim_brain`` on one slice: both scaled to [0, 1] by their own 0.5 and 99.5 percentiles
+    in the brain, scikit-image's Gaussian SSIM map (sigma 1.5, data range 1). Summed, not averaged, so that slices
+    add up to the mean over every brain voxel. ``(0.0, 0)`` for a slice without brain or smaller than the window.
+    """
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any() or min(brain.shape) < SSIM_WINDOW:
+        return 0.0, 0
+    full = ssim_map(scale_to_unit(real, brain), scale_to_unit(generated, brain))
+    return float(full[brain].sum()), int(brain.sum())
 
 
 def pad_to_stride(images: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
@@ -528,33 +552,41 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         dataset = dataset_class(self.preprocessed_dataset_folder, val_keys)
         size = self.num_modalities
         totals = np.zeros((3, size, size))  # summed SSIM, PSNR, slice count
+        brain_totals = np.zeros((2, size, size))  # SSIM map summed over brain voxels, brain voxel count
         region = np.asarray(mods.REGIONS[self.utad["mask_region"]])
-        for key in val_keys:
+        for number, key in enumerate(val_keys, start=1):
+            self.print_to_log_file(f"final validation: {key} ({number} of {len(val_keys)})")
             data, seg, _, _ = dataset.load_case(key)
             data = np.asarray(data[:size], dtype=np.float32)  # (M, Z, X, Y)
             mask = np.isin(np.asarray(seg[0]), region).astype(np.float32)  # (Z, X, Y)
+            brain = np.asarray(seg[0]) >= 0  # nnU-Net marks voxels outside its non-zero mask -1
             acquired = data.reshape(size, data.shape[1], -1).any(-1)  # (M, Z)
             for source in range(size):
                 for target in range(size):
                     slices = np.flatnonzero(acquired[source] & acquired[target])
                     if source == target or slices.size == 0:
                         continue
-                    for ssim, psnr in self._translate_slices(data[source, slices], mask[slices], data[target, slices],
-                                                             target):
+                    for ssim, psnr, brain_sum, voxels in self._translate_slices(
+                            data[source, slices], mask[slices], data[target, slices], brain[slices], target):
                         if np.isfinite(ssim) and np.isfinite(psnr):
                             totals[:, source, target] += (ssim, psnr, 1)
-        result = synthesis_matrices(totals, self.dataset_json["channel_names"])
+                        brain_totals[:, source, target] += (brain_sum, voxels)
+        result = synthesis_matrices(totals, self.dataset_json["channel_names"], brain_totals)
         with open(join(self.output_folder, SYNTHESIS_VALIDATION_FILE), "w") as f:
             json.dump(result, f, indent=2)
         plot_ssim_matrix(result, join(self.output_folder, SYNTHESIS_HEATMAP_FILE),
-                         title=f"{type(self).__name__}\nvalidation SSIM, {len(val_keys)} case(s), fold {self.fold}")
-        finite = [v for row in result["ssim"] for v in row if v is not None]
-        self.print_to_log_file(f"final validation on {len(val_keys)} case(s): mean SSIM over source->target pairs "
-                               f"{np.mean(finite) if finite else float('nan'):.4f}; written to "
-                               f"{join(self.output_folder, SYNTHESIS_VALIDATION_FILE)}")
+                         title=f"{type(self).__name__}\nvalidation SSIM over the brain, {len(val_keys)} case(s), "
+                               f"fold {self.fold}")
+        means = {name: np.mean(finite) if (finite := [v for row in result[name] for v in row if v is not None])
+                 else float("nan") for name in ("ssim", "ssim_brain")}
+        self.print_to_log_file(f"final validation on {len(val_keys)} case(s): mean over source->target pairs of the "
+                               f"SSIM over the brain {means['ssim_brain']:.4f}, over whole slices {means['ssim']:.4f}; "
+                               f"written to {join(self.output_folder, SYNTHESIS_VALIDATION_FILE)}")
 
-    def _translate_slices(self, sources: np.ndarray, masks: np.ndarray, reals: np.ndarray, target: int):
-        """Yield (SSIM, PSNR) of each (X, Y) slice of ``sources`` translated to ``target``, in chunks."""
+    def _translate_slices(self, sources: np.ndarray, masks: np.ndarray, reals: np.ndarray, brains: np.ndarray,
+                          target: int):
+        """Yield, for each (X, Y) slice of ``sources`` translated to ``target`` (in chunks), the whole slice's SSIM
+        and PSNR, and the sum of the SSIM map over the slice's brain voxels with their count (:func:`brain_ssim`)."""
         stride = self.generator_module.total_stride
         for start in range(0, len(sources), FINAL_VALIDATION_BATCH):
             chunk = slice(start, start + FINAL_VALIDATION_BATCH)
@@ -565,8 +597,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             with self._autocast():
                 generated = self.generate(pad_to_stride(source, stride), pad_to_stride(mask, stride), modality).whole
             generated = generated[:, 0, :shape[0], :shape[1]].float().cpu().numpy()
-            for k, real in enumerate(reals[chunk]):
-                yield slice_quality(generated[k], real)[:2]
+            for k, (real, brain) in enumerate(zip(reals[chunk], brains[chunk], strict=True)):
+                yield *slice_quality(generated[k], real)[:2], *brain_ssim(generated[k], real, brain)
 
 
 class UTADNetStudentTrainer(UTADNetTeacherTrainer):
@@ -704,33 +736,42 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def synthesis_matrices(totals: np.ndarray, channel_names: dict) -> dict:
-    """``synthesis_validation.json``'s content from (3, M, M) sums of SSIM, PSNR and slice counts."""
+def synthesis_matrices(totals: np.ndarray, channel_names: dict, brain_totals: np.ndarray | None = None) -> dict:
+    """``synthesis_validation.json``'s content from (3, M, M) sums of SSIM, PSNR and slice counts, and (2, M, M)
+    sums of the SSIM map over brain voxels and brain voxel counts (``ssim_brain``, ``brain_voxels``)."""
     size = totals.shape[1]
 
     def matrix(values: np.ndarray, counts: np.ndarray) -> list[list[float | None]]:
         return [[None if s == t or counts[s, t] == 0 else float(values[s, t] / counts[s, t]) for t in range(size)]
                 for s in range(size)]
 
+    def integers(counts: np.ndarray) -> list[list[int | None]]:
+        return [[None if s == t else int(counts[s, t]) for t in range(size)] for s in range(size)]
+
     counts = totals[2]
-    return {"channel_names": dict(channel_names), "ssim": matrix(totals[0], counts), "psnr": matrix(totals[1], counts),
-            "num_slices": [[None if s == t else int(counts[s, t]) for t in range(size)] for s in range(size)]}
+    result = {"channel_names": dict(channel_names), "ssim": matrix(totals[0], counts),
+              "psnr": matrix(totals[1], counts), "num_slices": integers(counts)}
+    if brain_totals is not None:
+        result |= {"ssim_brain": matrix(brain_totals[0], brain_totals[1]), "brain_voxels": integers(brain_totals[1])}
+    return result
 
 
-def plot_ssim_matrix(result: dict, filename: str, title: str) -> None:
-    """Heat map of the [source][target] SSIM matrix of :func:`synthesis_matrices`."""
+def plot_ssim_matrix(result: dict, filename: str, title: str, key: str = "ssim_brain") -> None:
+    """Heat map of the [source][target] SSIM matrix ``key`` of :func:`synthesis_matrices` (``ssim`` if absent)."""
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
-    names = [result["channel_names"][str(c)] for c in range(len(result["ssim"]))]
-    values = np.array([[np.nan if v is None else v for v in row] for row in result["ssim"]], dtype=float)
+    key = key if key in result else "ssim"
+    names = [result["channel_names"][str(c)] for c in range(len(result[key]))]
+    values = np.array([[np.nan if v is None else v for v in row] for row in result[key]], dtype=float)
     with plt.style.context("default"):  # nnU-Net's progress plot changes the global style (seaborn, large fonts)
         _draw_ssim_matrix(plt, names, values, filename, title)
 
 
 def _draw_ssim_matrix(plt, names: list[str], values: np.ndarray, filename: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 1.1 * len(names) + 1.5))
-    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
+    low = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, low), vmax=1)  # an inverted contrast scores < 0
     for s in range(len(names)):
         for t in range(len(names)):
             label = "–" if np.isnan(values[s, t]) else f"{values[s, t]:.3f}"

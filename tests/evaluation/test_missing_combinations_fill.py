@@ -94,6 +94,7 @@ def test_synthesized_fill_matches_synthesize_then_predict(trained_model, phantom
                             use_mirroring=False, progress=False, batch_size=1, case_filter={case})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fill"] == "synthesize" and summary["synthesis"]["combine"] == "mean"
+    assert summary["synthesis"]["validation_metric"] == "ssim"  # the stand-in's file has whole slices only
     assert json.loads((zero / "summary.json").read_text())["fill"] == "zero"
     assert "missing channels synthesized by" in (out / "table.md").read_text().splitlines()[0]
     synth_rows, zero_rows = _rows(out), _rows(zero)

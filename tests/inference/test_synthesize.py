@@ -89,8 +89,10 @@ def synthesis_plans(in_plane_spacing=(1.0, 1.0), transpose=(0, 1, 2)) -> dict:
 
 
 def make_model(root: Path, *, plans: dict | None = None, validation=VALIDATION, channel_names=None,
-               folds=(0,)) -> Path:
-    """An nnU-Net trainer folder of the stand-in (plans.json, dataset.json, fold_F/checkpoint_final.pth)."""
+               folds=(0,), brain=None, brain_folds=None) -> Path:
+    """An nnU-Net trainer folder of the stand-in (plans.json, dataset.json, fold_F/checkpoint_final.pth); the
+    validation file has ``validation`` as its whole-slice matrices and ``brain`` as ``ssim_brain`` (in the folds
+    ``brain_folds``, default all), if given."""
     folder = root / "Dataset971_Synth" / "StandInSynthesisTrainer__nnUNetPlans__2d"
     folder.mkdir(parents=True)
     dataset_json = tiny_dataset_json()
@@ -103,9 +105,11 @@ def make_model(root: Path, *, plans: dict | None = None, validation=VALIDATION, 
         torch.save({"network_weights": LinearGenerator().state_dict(), "trainer_name": "StandInSynthesisTrainer",
                     "init_args": {"configuration": "2d"}}, folder / f"fold_{fold}" / "checkpoint_final.pth")
         if validation is not None:
-            (folder / f"fold_{fold}" / synthesis.VALIDATION_FILE).write_text(json.dumps(
-                {"channel_names": dataset_json["channel_names"], "ssim": validation, "psnr": validation,
-                 "num_slices": [[1] * 4] * 4}))
+            content = {"channel_names": dataset_json["channel_names"], "ssim": validation, "psnr": validation,
+                       "num_slices": [[1] * 4] * 4}
+            if brain is not None and (brain_folds is None or fold in brain_folds):
+                content["ssim_brain"] = brain
+            (folder / f"fold_{fold}" / synthesis.VALIDATION_FILE).write_text(json.dumps(content))
     return folder
 
 
@@ -218,7 +222,7 @@ def test_raw_dataset_only_missing_channels_synthesised_as_computed_by_hand(datas
     source, arrays, model = dataset
     before = snapshot(source)
     out = tmp_path / "raw" / "Dataset972_SynthOutput"
-    result = synthesize(source, out, _load(model), progress=False)
+    result = synthesize(source, out, _load(model), combine="ssim", progress=False)
     assert result["cases"] == 3 and result["synthesized_channels"] == 2 + 1 + 1
     assert snapshot(source) == before  # the input is never touched
     expected_acquired = {"A": (0, 3), "B": (0, 1, 2), "C": (1, 2, 3)}
@@ -303,18 +307,51 @@ def test_best_rule_and_missing_validation_file(tmp_path):
     assert manifest["synthesis"]["combination"]["Q/flair"] == "mean (fallback: no synthesis_validation.json)"
 
 
+def test_the_rules_read_the_ssim_over_the_brain_where_the_file_has_it(tmp_path):
+    """A model validated since ``ssim_brain`` exists is combined by it; an older one (``ssim`` only), or folds of
+    both kinds, by the whole-slice ``ssim``; the manifest says which."""
+    cases = tmp_path / "cases"
+    arrays = write_case(cases, "R", (0, 2), seed=6)
+    brain = [[None, 0.7, 0.6, 0.45], [0.8, None, 0.4, 0.3], [0.6, 0.5, None, -0.2], [0.5, 0.4, 0.9, None]]
+    for name, kwargs, source, metric in (("new", {"brain": brain}, 0, "ssim_brain"),  # flair: t1 0.45 > t2 -0.2
+                                         ("old", {}, 2, "ssim"),  # whole slices: t1 0.5 < t2 0.9
+                                         ("mixed", {"brain": brain, "folds": (0, 1), "brain_folds": (0,)}, 2, "ssim")):
+        model = _load(make_model(tmp_path / f"r_{name}", **kwargs))
+        assert model.validation_metric == metric
+        synthesize(cases, tmp_path / name, model, combine="best", progress=False)
+        values, _ = read(tmp_path / name / "R_0003.nii.gz")
+        np.testing.assert_allclose(values, expected_channel(arrays, (0, 2), 3, {source: 1.0}), rtol=1e-4, atol=1e-2)
+        manifest = json.loads((tmp_path / name / "modality_availability.json").read_text())
+        assert manifest["synthesis"]["validation_metric"] == metric
+        assert manifest["synthesis"]["combine"] == "best" and manifest["synthesis"]["combination"]["R/flair"] == "best"
+
+
+def test_every_command_offers_the_rules_with_the_library_default():
+    parser = cli.build_parser()
+    for argv in (["synthesize", "-i", "I", "-o", "O", "-m", "M"], ["evaluate-synthesis", "-i", "I", "-o", "O", "-m", "M"],
+                 ["evaluate-missing", "-d", "1", "-c", "3d", "-o", "O"]):
+        assert parser.parse_args(argv).combine == synthesis.DEFAULT_COMBINE, argv
+        for rule in synthesis.COMBINE_RULES:
+            assert parser.parse_args([*argv, "--combine", rule]).combine == rule
+
+
 def test_combination_weights_by_hand():
     ssim = np.array(VALIDATION, dtype=float)
-    weights, how = combination_weights([0, 3], 2, ssim)
+    weights, how = combination_weights([0, 3], 2, ssim)  # the default
     assert how == "ssim" and weights == pytest.approx({0: 0.6 / 1.5, 3: 0.9 / 1.5})
     assert combination_weights([0, 3], 2, ssim, "best") == ({0: 0.0, 3: 1.0}, "best")
     assert combination_weights([0, 3], 2, ssim, "mean") == ({0: 0.5, 3: 0.5}, "mean")
     assert combination_weights([1], 2, ssim) == ({1: 1.0}, "single source")
-    assert combination_weights([0, 1], 0, ssim)[1].startswith("mean (fallback")  # null on the diagonal
+    assert combination_weights([0, 1], 0, ssim)[1] == "mean (fallback: a validation SSIM is missing)"  # diagonal
     negative = ssim.copy()
-    negative[1, 2] = -0.1
-    assert combination_weights([0, 1], 2, negative) == ({0: 0.5, 1: 0.5},
-                                                        "mean (fallback: a validation SSIM is missing or not positive)")
+    negative[1, 2] = -0.1  # an inverted translation: no weight, and never the best
+    assert combination_weights([0, 1, 3], 2, negative, "ssim") == (
+        pytest.approx({0: 0.6 / 1.5, 1: 0.0, 3: 0.9 / 1.5}), "ssim")
+    assert combination_weights([0, 1], 2, negative, "best") == ({0: 1.0, 1: 0.0}, "best")
+    negative[0, 2] = -0.2
+    assert combination_weights([0, 1], 2, negative, "ssim") == (
+        {0: 0.5, 1: 0.5}, "mean (fallback: no validation SSIM is positive)")
+    assert combination_weights([0, 1], 2, negative, "best") == ({0: 0.0, 1: 1.0}, "best")
     with pytest.raises(ValueError, match="combine rule must be one of ssim, best, mean"):
         combination_weights([0, 1], 2, ssim, "median")
 
@@ -325,7 +362,7 @@ def test_resampled_configuration_returns_to_the_original_geometry(tmp_path):
     arrays = write_case(cases, "R", (0, 3), seed=6)
     model = make_model(tmp_path / "results", plans=synthesis_plans(in_plane_spacing=(0.5, 0.5)))
     loaded = _load(model)
-    synthesize(cases, tmp_path / "out", loaded, progress=False)
+    synthesize(cases, tmp_path / "out", loaded, combine="ssim", progress=False)
     extent = _brain_extent()  # nnU-Net crops to the brain first: (z, y, x) extent of the ellipsoid
     padded = tuple(8 * int(np.ceil(2 * n / 8)) for n in extent[1:])  # y, x at 0.5 mm, padded to the stride 8
     assert {s[2:] for s in loaded.networks[0].seen_shapes} == {padded}

@@ -24,8 +24,10 @@ from nnunet_missingmod.trainers.utad import (
     SYNTHESIS_VALIDATION_FILE,
     UTADNetStudentTrainer,
     UTADNetTeacherTrainer,
+    brain_ssim,
     draw_paired_pairs,
     draw_unpaired_pairs,
+    slice_quality,
     synthesis_matrices,
 )
 from tests.conftest import SYNTHESIS_CONFIGURATION, SYNTHESIS_NAME, make_tiny_trainer
@@ -490,6 +492,33 @@ def test_synthesis_matrices_against_hand_made_sums():
     assert result["channel_names"] == {"0": "A", "1": "B", "2": "C"}
 
 
+def test_synthesis_matrices_brain_ssim_weighs_slices_by_their_brain_voxels():
+    totals = np.zeros((3, 2, 2))
+    totals[:, 0, 1] = (1.0, 40.0, 2)
+    brain = np.zeros((2, 2, 2))
+    brain[:, 0, 1] = (0.9 * 10 + 0.3 * 30, 40)  # a slice of 10 brain voxels at SSIM 0.9, one of 30 at 0.3
+    result = synthesis_matrices(totals, {"0": "A", "1": "B"}, brain)
+    assert result["ssim_brain"] == [[None, pytest.approx(0.45)], [None, None]]
+    assert result["brain_voxels"] == [[None, 40], [0, None]] and result["ssim"][0][1] == 0.5
+
+
+def test_brain_ssim_ignores_the_background_and_sees_an_inverted_contrast():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:40, :36]
+    brain = (yy - 20) ** 2 / 16 ** 2 + (xx - 18) ** 2 / 14 ** 2 <= 1
+    real = np.where(brain, rng.normal(1.0, 0.5, brain.shape) + 0.05 * yy, 0.0)
+    other_background = real + np.where(brain, 0.0, rng.normal(0.0, 2.0, brain.shape))
+    total, voxels = brain_ssim(other_background, real, brain)
+    assert voxels == brain.sum() and total / voxels == pytest.approx(1.0)  # only the background differs
+    assert slice_quality(other_background, real)[0] < 0.9  # the whole-slice SSIM counts the background
+    affine = np.where(brain, 3.0 * real + 7.0, 0.0)  # the same contrast on another scale: percentile scaling
+    assert brain_ssim(affine, real, brain)[0] / voxels == pytest.approx(1.0, abs=1e-6)
+    inverted = np.where(brain, -real, 0.0)
+    assert brain_ssim(inverted, real, brain)[0] / voxels < -0.3  # (the brain edge, 0 outside, agrees)
+    assert brain_ssim(real, real, np.zeros_like(brain)) == (0.0, 0)
+    assert brain_ssim(real[:8, :8], real[:8, :8], brain[:8, :8]) == (0.0, 0)  # smaller than the 11-pixel window
+
+
 # ---------------------------------------------------------------------------------------------- through nnU-Net
 def test_teacher_then_student_through_nnunet_train(trained_synthesis_model):
     work, student_folder = trained_synthesis_model
@@ -499,14 +528,17 @@ def test_teacher_then_student_through_nnunet_train(trained_synthesis_model):
                           (student_folder, TEACHER_TERMS | {"dis_feature", "dis_image"})):
         fold = folder / "fold_0"
         result = json.loads((fold / SYNTHESIS_VALIDATION_FILE).read_text())
-        assert result.keys() == {"channel_names", "ssim", "psnr", "num_slices"}
+        assert result.keys() == {"channel_names", "ssim", "psnr", "num_slices", "ssim_brain", "brain_voxels"}
         assert result["channel_names"] == dataset_json["channel_names"]
         size = len(dataset_json["channel_names"])
         for s in range(size):
-            assert result["ssim"][s][s] is None and result["psnr"][s][s] is None and result["num_slices"][s][s] is None
+            assert all(result[k][s][s] is None for k in ("ssim", "psnr", "num_slices", "ssim_brain", "brain_voxels"))
             for t in set(range(size)) - {s}:  # phantoms have every sequence: every pair has slices
                 assert isinstance(result["num_slices"][s][t], int) and result["num_slices"][s][t] > 0
                 assert -1 <= result["ssim"][s][t] <= 1 and math.isfinite(result["psnr"][s][t])
+                # every voxel of nnU-Net's non-zero mask counts once per slice both sequences have
+                assert result["brain_voxels"][s][t] > 10 * result["num_slices"][s][t]
+                assert -1 <= result["ssim_brain"][s][t] <= 1
         assert (fold / SYNTHESIS_HEATMAP_FILE).stat().st_size > 5000
         assert (fold / "examples" / "epoch_0000.png").stat().st_size > 5000
         assert (fold / "progress_adversarial.png").stat().st_size > 5000
