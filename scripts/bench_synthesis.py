@@ -27,7 +27,8 @@ from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
    reading and writing included), model loading excluded.
 
 Outputs in ``<work-dir>/synthesis_<regime>``: ``report.md`` and ``report.json`` (budgets, plateau check of the
-validation SSIM, teacher vs student validation SSIM per pair, the image-quality table with the goal checks, the
+validation SSIM, teacher vs student validation SSIM per pair over whole slices and, for models validated since it
+exists, over the brain, the image-quality table with the goal checks, the
 downstream Dice table with synthesis / all-real ratios, speed), and ``figures/``: ``learning_curves.png`` (the
 validation SSIM and every loss term per epoch of both trainers), ``synthesis_examples.png``, ``downstream.png``
 (Dice per combination and region, zero-fill vs synthesis vs all real). ``--dry-run`` prints the steps and what
@@ -407,14 +408,36 @@ def ratio_table(zero: dict, synthesized: dict) -> tuple[list[str], list[dict]]:
     return lines, records
 
 
-def validation_matrices(work: Path, regime: Regime, variant: str | None = None) -> dict[str, np.ndarray | None]:
+#: The matrices of the trainers' ``synthesis_validation.json`` that the report compares, and how each is measured.
+VALIDATION_MATRICES = {"ssim": "whole slices, z-score space", "ssim_brain": "over the brain"}
+
+
+def validation_matrices(work: Path, regime: Regime, variant: str | None = None,
+                        key: str = "ssim") -> dict[str, np.ndarray | None]:
+    """Teacher's and student's validation matrix ``key`` ([source][target]); None where a file or the key is
+    missing (``ssim_brain`` exists only in files written since it was added)."""
     result = {}
     for trainer in (TEACHER, STUDENT):
         file = synthesis_model_dir(work, regime, trainer, variant) / "fold_0" / "synthesis_validation.json"
-        result[trainer] = (np.array([[np.nan if v is None else v for v in row]
-                                     for row in json.loads(file.read_text())["ssim"]], dtype=float)
-                           if file.is_file() else None)
+        matrix = json.loads(file.read_text()).get(key) if file.is_file() else None
+        result[trainer] = (None if matrix is None else
+                           np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float))
     return result
+
+
+def teacher_student_table(teacher: np.ndarray, student: np.ndarray, what: str) -> list[str]:
+    """Markdown section: the trainers' final validation SSIM per pair, and the goal (student within 0.01)."""
+    difference = student - teacher
+    lines = [f"## Teacher vs student (trainers' final validation SSIM, {what})", "",
+             "| source → target | teacher | student | student − teacher |", "|---|---|---|---|"]
+    for s in range(mods.NUM_MODALITIES):
+        for t in range(mods.NUM_MODALITIES):
+            if s != t and np.isfinite(difference[s, t]):
+                lines.append(f"| {mods.MODALITIES[s]} → {mods.MODALITIES[t]} | {teacher[s, t]:.4f} | "
+                             f"{student[s, t]:.4f} | {difference[s, t]:+.4f} |")
+    worst = float(np.nanmin(difference))
+    return lines + ["", f"Goal (student within 0.01 SSIM of its teacher on every pair): "
+                        f"{'met' if worst >= -0.01 else 'not met'} (largest shortfall {abs(min(worst, 0.0)):.4f}).", ""]
 
 
 def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict,
@@ -444,20 +467,11 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
             plateau = {True: "yes", False: "no", None: "too few epochs"}[check["plateaued"]]
             lines.append(f"| {trainer} | {check['epochs']} | {float(log['ema_fg_dice'][-1]):.4f} | {plateau} |")
         lines += ["", "![learning curves](figures/learning_curves.png)", ""]
-    matrices = validation_matrices(work, regime, variant)
-    if all(m is not None for m in matrices.values()):
-        difference = matrices[STUDENT] - matrices[TEACHER]
-        report["validation_ssim"] = {t: m.tolist() for t, m in matrices.items()}
-        lines += ["## Teacher vs student (trainers' final validation SSIM, z-score space)", "",
-                  "| source → target | teacher | student | student − teacher |", "|---|---|---|---|"]
-        for s in range(mods.NUM_MODALITIES):
-            for t in range(mods.NUM_MODALITIES):
-                if s != t and np.isfinite(difference[s, t]):
-                    lines.append(f"| {mods.MODALITIES[s]} → {mods.MODALITIES[t]} | {matrices[TEACHER][s, t]:.4f} | "
-                                 f"{matrices[STUDENT][s, t]:.4f} | {difference[s, t]:+.4f} |")
-        worst = float(np.nanmin(difference))
-        lines += ["", f"Goal (student within 0.01 SSIM of its teacher on every pair): "
-                      f"{'met' if worst >= -0.01 else 'not met'} (largest shortfall {-min(worst, 0):.4f}).", ""]
+    for key, what in VALIDATION_MATRICES.items():
+        matrices = validation_matrices(work, regime, variant, key)
+        if all(m is not None for m in matrices.values()):
+            report[f"validation_{key}"] = {t: m.tolist() for t, m in matrices.items()}
+            lines += teacher_student_table(matrices[TEACHER], matrices[STUDENT], what)
     evaluation = out / "evaluate_synthesis"
     if (evaluation / "summary.json").is_file():
         summary = json.loads((evaluation / "summary.json").read_text())

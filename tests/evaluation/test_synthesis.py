@@ -365,6 +365,37 @@ def test_benchmark_downstream_ratios_by_hand():
     assert lines == ["| t1+t1ce+t2 | 20.0 / 76.0 / 0.950 | 30.0 / 50.0 / 1.000 | 10.0 / 20.0 / 0.500 |"]
 
 
+def test_benchmark_teacher_student_table_and_goal(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    teacher = np.full((4, 4), np.nan)
+    teacher[0, 1], teacher[2, 3] = 0.50, -0.10
+    student = teacher.copy()
+    student[0, 1], student[2, 3] = 0.495, -0.13  # 0.005 and 0.03 below the teacher
+    lines = bench_synthesis.teacher_student_table(teacher, student, "over the brain")
+    assert lines[0] == "## Teacher vs student (trainers' final validation SSIM, over the brain)"
+    assert "| t1 → t1ce | 0.5000 | 0.4950 | -0.0050 |" in lines
+    assert "| t2 → flair | -0.1000 | -0.1300 | -0.0300 |" in lines
+    assert len([line for line in lines if line.startswith("| t")]) == 2  # NaN pairs (no slices) left out
+    assert lines[-2].endswith("not met (largest shortfall 0.0300).")
+    assert bench_synthesis.teacher_student_table(teacher, teacher, "x")[-2].endswith("met (largest shortfall 0.0000).")
+    regime = REGIMES["converged"]
+    for trainer, values in (("UTADNetTeacherTrainer", teacher), ("UTADNetStudentTrainer", student)):
+        fold = bench_synthesis.synthesis_model_dir(tmp_path, regime, trainer) / "fold_0"
+        fold.mkdir(parents=True)
+        rows = [[None if np.isnan(v) else v for v in row] for row in values.tolist()]
+        (fold / "synthesis_validation.json").write_text(json.dumps({"ssim": rows}))  # written before ssim_brain
+    whole = bench_synthesis.validation_matrices(tmp_path, regime)
+    np.testing.assert_array_equal(whole["UTADNetStudentTrainer"], student)
+    assert bench_synthesis.validation_matrices(tmp_path, regime, key="ssim_brain") == {
+        "UTADNetTeacherTrainer": None, "UTADNetStudentTrainer": None}
+
+
 def test_benchmark_downstream_uses_the_robustness_benchmarks_finished_model(tmp_path):
     import sys
     from pathlib import Path

@@ -328,7 +328,8 @@ def test_the_rules_read_the_ssim_over_the_brain_where_the_file_has_it(tmp_path):
 
 def test_every_command_offers_the_rules_with_the_library_default():
     parser = cli.build_parser()
-    for argv in (["synthesize", "-i", "I", "-o", "O", "-m", "M"], ["evaluate-synthesis", "-i", "I", "-o", "O", "-m", "M"],
+    for argv in (["synthesize", "-i", "I", "-o", "O", "-m", "M"],
+                 ["evaluate-synthesis", "-i", "I", "-o", "O", "-m", "M"],
                  ["evaluate-missing", "-d", "1", "-c", "3d", "-o", "O"]):
         assert parser.parse_args(argv).combine == synthesis.DEFAULT_COMBINE, argv
         for rule in synthesis.COMBINE_RULES:
