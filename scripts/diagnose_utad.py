@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--border", type=int, default=2,
                         help="width of the edge band for the first-stage features (default 2: two 3x3 convolutions)")
     args = parser.parse_args()
+    if args.border < 1:
+        parser.error(f"--border must be at least 1 pixel, got {args.border}")
     folder = Path(args.preprocessed) / "nnUNetPlans_2d"
     volumes = read_volumes(folder)
     if len(volumes) < 4:

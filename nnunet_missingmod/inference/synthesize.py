@@ -506,9 +506,10 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
                                       f"network of {trainer_class.__name__} ({str(error).splitlines()[0]})") from None
         networks.append(network)
     files = [file for f in folds if (file := folder / f"fold_{f}" / VALIDATION_FILE).is_file()]
-    keys = {read_validation_matrix(file, dataset_json["channel_names"])[1] for file in files}
-    key = BRAIN_SSIM if keys == {BRAIN_SSIM} else "ssim"  # folds validated by different versions: the common one
-    matrices = [read_validation_matrix(file, dataset_json["channel_names"], key)[0] for file in files]
+    found = [read_validation_matrix(file, dataset_json["channel_names"]) for file in files]
+    key = BRAIN_SSIM if {k for _, k in found} == {BRAIN_SSIM} else "ssim"  # folds of both versions: the common one
+    matrices = [matrix if k == key else read_validation_matrix(file, dataset_json["channel_names"], key)[0]
+                for file, (matrix, k) in zip(files, found, strict=True)]
     ssim = None
     if matrices:
         stack = np.stack(matrices)
