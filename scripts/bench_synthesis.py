@@ -3,7 +3,8 @@ synthesised vs zero-filled sequences, and the speed of ``synthesize``.
 
     python scripts/bench_synthesis.py [--work-dir bench_work] [--regime {short,converged,smoke}]
         [--epochs 40] [--iterations 50] [--batch-size 4] [--eval-cases 10] [--combinations {one-missing,all}]
-        [--speed-cases 5] [--dropout] [--step-size 1.0] [-device cpu] [--variant LABEL SETTINGS.json] [--dry-run]
+        [--speed-cases 5] [--dropout] [--no-downstream] [--step-size 1.0] [-device cpu]
+        [--variant LABEL SETTINGS.json] [--dry-run]
 
 Steps (every one resumable: a finished model, evaluation or timing is reused, an interrupted training goes on
 from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
@@ -21,7 +22,8 @@ from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
    by ``evaluate-missing`` on the held-out phantoms with the missing sequences zero-filled and synthesised by
    the student: ``--combinations one-missing`` (default: the BraSyn setting, the four combinations lacking
    exactly one sequence, plus all four real) or ``all`` (the 15 combinations). ``--dropout`` adds
-   ``ModalityDropoutTrainer`` (zero-fill) at the same budget.
+   ``ModalityDropoutTrainer`` (zero-fill) at the same budget. ``--no-downstream`` skips this step (no
+   segmentation model is trained; the report says so): image quality only.
 5. Speed: ``synthesize`` on ``--speed-cases`` held-out phantoms with one sequence missing (a different one per
    case), and with only FLAIR acquired: slices per second (translation loop) and seconds per case (everything,
    reading and writing included), model loading excluded.
@@ -490,7 +492,9 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
     downstream = {name: downstream_dir(work, regime, name, fill, variant) / "summary.json"
                   for name, (_, fill) in DOWNSTREAM.items()}
     summaries = {name: json.loads(file.read_text()) for name, file in downstream.items() if file.is_file()}
-    if "zero" in summaries and "synthesized" in summaries:
+    if not getattr(args, "downstream", True):
+        lines += ["## Downstream segmentation", "", "Not run (`--no-downstream`): image quality only.", ""]
+    elif "zero" in summaries and "synthesized" in summaries:
         table, records = ratio_table(summaries["zero"], summaries["synthesized"])
         report["downstream"] = records
         plot_downstream({{"zero": "zero-fill", "synthesized": "synthesised", "dropout": DROPOUT}[k]: v
@@ -541,6 +545,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--combinations", choices=("one-missing", "all"), default="one-missing")
     parser.add_argument("--speed-cases", type=int, default=None, help="cases timed (default 5; smoke 2)")
     parser.add_argument("--dropout", action="store_true", help="also ModalityDropoutTrainer (zero-fill)")
+    parser.add_argument("--no-downstream", dest="downstream", action="store_false",
+                        help="skip the downstream segmentation (step 4): no segmentation model is trained")
     parser.add_argument("--step-size", type=float, default=1.0, help="sliding-window step of evaluate-missing")
     parser.add_argument("-device", default="cpu")
     parser.add_argument("--variant", nargs=2, metavar=("LABEL", "SETTINGS.json"), default=None,
@@ -555,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.iterations = args.iterations or (2 if smoke else 50)
     cases = args.eval_cases or (2 if smoke else 10)
     speed_cases = args.speed_cases or (2 if smoke else 5)
+    if args.dropout and not args.downstream:
+        parser.error("--dropout is a downstream comparison: it cannot go with --no-downstream")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (UTAD-Net pairs every sample with another of the batch)")
     work = Path(args.work_dir).resolve()
@@ -579,12 +587,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for trainer in (TEACHER, STUDENT):
         steps[trainer] = train_synthesis(work, regime, env, trainer, args.epochs, args.iterations, args.device,
                                          args.dry_run, timings, variant, settings)
-    steps[SEGMENTATION] = train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings)
+    if args.downstream:
+        steps[SEGMENTATION] = train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings)
     if args.dropout:
         steps[DROPOUT] = train_segmentation(work, regime, DROPOUT, args.device, args.dry_run, timings)
     steps["evaluate-synthesis"] = run_evaluate_synthesis(work, regime, cases, args.device, args.dry_run, variant)
+    if not args.downstream:
+        steps["downstream"] = "skipped (--no-downstream)"
     for name, step in (("zero", "zero-fill"), ("synthesized", "synthesised"), ("dropout", "dropout")):
-        if name != "dropout" or args.dropout:
+        if args.downstream and (name != "dropout" or args.dropout):
             steps[f"downstream {step}"] = run_downstream(work, regime, name, combinations, cases, args.step_size,
                                                          args.device, args.dry_run, variant)
     steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run, variant)

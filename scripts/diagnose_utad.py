@@ -2,7 +2,7 @@
 
     python scripts/diagnose_utad.py --preprocessed bench_conv/nnUNet_preprocessed/Dataset991_BraTSPhantom \
         [--steps 600] [--batch-size 16] [--features 16 32 64 128] [--lr 1e-4] [--seed 0] [--model MODEL_FOLDER]
-        [--border 2]
+        [--border 2] [--classifier-blur-sigma 0]
 
 1. The critic's modality classifier alone: UTAD-Net's PatchDiscriminator trained on the classification term only
    (eq. 3, no adversarial term, no gradient penalty) on real slices. The generator's target code only takes effect
@@ -10,7 +10,9 @@
    signal to make its output depend on the code. Slices from the middle half of each volume (mostly brain), one
    random modality each; the first 75% of the cases train, the rest are held out. Prints, every 100 steps, the
    held-out cross-entropy (chance: ln 4 = 1.386), accuracy and confusion matrix (rows: true t1, t1ce, t2, flair;
-   columns: predicted). ``--steps 0`` skips it.
+   columns: predicted). ``--steps 0`` skips it. ``--classifier-blur-sigma S`` trains the classifier on images
+   blurred by a Gaussian of sigma S pixels (``utad.discriminator.classifier_blur_sigma``): how well the modality
+   can be told from the contrast alone.
 2. With ``--model`` (a trained UTAD-Net model folder): does the generator use the target code? The middle slice of
    the first held-out case is translated from each source to each of the four targets; printed per source: the
    correlation over the brain of each output with the real target slice (the source's own modality included,
@@ -70,9 +72,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a trained UTAD-Net model folder: check its target code")
     parser.add_argument("--border", type=int, default=2,
                         help="width of the edge band for the first-stage features (default 2: two 3x3 convolutions)")
+    parser.add_argument("--classifier-blur-sigma", type=float, default=0.0,
+                        help="the classifier reads images blurred by a Gaussian of this sigma in pixels (default 0)")
     args = parser.parse_args()
     if args.border < 1:
         parser.error(f"--border must be at least 1 pixel, got {args.border}")
+    if not args.classifier_blur_sigma >= 0:
+        parser.error(f"--classifier-blur-sigma must be >= 0, got {args.classifier_blur_sigma}")
     folder = Path(args.preprocessed) / "nnUNetPlans_2d"
     volumes = read_volumes(folder)
     if len(volumes) < 4:
@@ -83,7 +89,8 @@ def main() -> None:
     size = tuple(max(stride, n - n % stride) for n in volumes[0].shape[2:])
     split = int(0.75 * len(volumes))
     held_x, held_y = sample(volumes[split:], 400, size, rng)
-    critic = PatchDiscriminator(num_modalities=mods.NUM_MODALITIES, features=args.features)
+    critic = PatchDiscriminator(num_modalities=mods.NUM_MODALITIES, features=args.features,
+                                classifier_blur_sigma=args.classifier_blur_sigma)
     optimizer = torch.optim.Adam(critic.parameters(), args.lr, betas=(0.9, 0.999))
     start = time.perf_counter()
     for step in tqdm(range(1, args.steps + 1), desc="classifier steps", disable=args.steps == 0):

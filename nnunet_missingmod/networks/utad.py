@@ -55,6 +55,11 @@ Deviations from the paper and the authors' code, and why:
   least 2x2 scores).
 * Optional (``utad.discriminator.conditional``, off by default as in the paper): a real/fake head conditional on
   the modality (projection discriminator), see :class:`UTADDiscriminators`.
+* Optional (``utad.discriminator.classifier_blur_sigma``, 0 by default as in the paper): the modality classifier
+  reads the image low-passed by a Gaussian of that sigma (pixels), through the same trunk; the real/fake head
+  still reads the image itself. On the phantoms the generator satisfied the classifier with a high-frequency
+  texture instead of the target's contrast (docs/RESULTS.md, "A heavier modality classifier"); a classifier that
+  only sees low frequencies can only be satisfied by the contrast.
 """
 
 from __future__ import annotations
@@ -326,11 +331,21 @@ class PatchDiscriminator(nn.Module):
             discriminator, Miyato & Koyama 2018, applied per patch): ``D_src(x, t) = head(f(x)) + <e_t, f(x)>`` at
             every patch, ``e_t`` a learned embedding of modality t. Off in the paper (StarGAN's unconditional
             D_src); see :class:`UTADDiscriminators` for why it is offered.
+        classifier_blur_sigma: when > 0, D_cls reads the image blurred by a Gaussian of this sigma in pixels
+            (torchvision's ``gaussian_blur``, kernel 2 * ceil(3 sigma) + 1, reflected edges; 2D images only) through
+            the same trunk, so that only the image's low frequencies (its contrast) decide the modality; D_src
+            reads the image as it is. 0: the paper's classifier on the image itself.
     """
 
     def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d,
-                 in_channels: int = 1, conditional: bool = False) -> None:
+                 in_channels: int = 1, conditional: bool = False, classifier_blur_sigma: float = 0.0) -> None:
         super().__init__()
+        if isinstance(classifier_blur_sigma, bool) or not isinstance(classifier_blur_sigma, (int, float)) \
+                or not math.isfinite(classifier_blur_sigma) or classifier_blur_sigma < 0:
+            raise ValueError(f"classifier_blur_sigma must be a number >= 0 (pixels), got {classifier_blur_sigma!r}")
+        if classifier_blur_sigma > 0 and conv_op is not nn.Conv2d:
+            raise ValueError("classifier_blur_sigma is for 2D images (nn.Conv2d) only")
+        self.classifier_blur_sigma = float(classifier_blur_sigma)
         layers, channels = [], in_channels
         for width in features:
             layers += [conv_op(channels, int(width), 4, 2, 1), nn.LeakyReLU(0.01)]
@@ -357,9 +372,23 @@ class PatchDiscriminator(nn.Module):
                 raise ValueError("a conditional discriminator needs the modality of every image")
             embedding = self.modality_embedding(modality.long())  # (B, C)
             scores = scores + (features * embedding[(...,) + (None,) * (features.ndim - 2)]).sum(1, keepdim=True)
+        if self.classifier_blur_sigma > 0:
+            features = self.main(self.blur(image))
         pooled = features.mean(dim=tuple(range(2, features.ndim)), keepdim=True)  # (B, C, 1, 1)
         logits = self.class_head(pooled).flatten(1)  # (B, M)
         return scores, logits
+
+    def blur(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` (B, C, X, Y) low-passed as the classifier reads it (unchanged when the sigma is 0)."""
+        if self.classifier_blur_sigma <= 0:
+            return image
+        from torchvision.transforms.v2.functional import gaussian_blur
+
+        radius = math.ceil(3 * self.classifier_blur_sigma)
+        if min(image.shape[2:]) <= radius:
+            raise ValueError(f"classifier_blur_sigma {self.classifier_blur_sigma} needs images larger than "
+                             f"{radius} pixels per axis, got {list(image.shape[2:])}")
+        return gaussian_blur(image, [2 * radius + 1] * 2, [self.classifier_blur_sigma] * 2)
 
 
 class UTADDiscriminators(nn.Module):
@@ -378,17 +407,18 @@ class UTADDiscriminators(nn.Module):
         features: width of each stride-2 layer of both discriminators.
         conv_op: convolution class.
         conditional: real/fake scores conditional on the modality (:class:`PatchDiscriminator`).
+        classifier_blur_sigma: Gaussian sigma (pixels) of the image the modality classifier reads (0: the image).
     """
 
     BRANCHES = ("global", "local")
 
     def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d,
-                 conditional: bool = False):
+                 conditional: bool = False, classifier_blur_sigma: float = 0.0):
         super().__init__()
         self.global_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op,
-                                                conditional=conditional)
+                                                conditional=conditional, classifier_blur_sigma=classifier_blur_sigma)
         self.local_critic = PatchDiscriminator(num_modalities=num_modalities, features=features, conv_op=conv_op,
-                                               conditional=conditional)
+                                               conditional=conditional, classifier_blur_sigma=classifier_blur_sigma)
 
     def forward(self, image: torch.Tensor, branch: str, modality: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

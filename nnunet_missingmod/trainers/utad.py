@@ -98,6 +98,9 @@ Deviations from the paper, and why:
 * ``utad.discriminator.conditional`` (default false, the paper's unconditional real/fake head) makes both critics'
   real/fake scores conditional on the modality: reals are judged as their own modality t, fakes as the requested
   t (networks/utad.py, ``UTADDiscriminators``, for why).
+* ``utad.discriminator.classifier_blur_sigma`` (default 0, the paper's classifier) makes both critics' modality
+  classifiers read the image blurred by a Gaussian of that sigma in pixels, so that the generator can satisfy them
+  only with the target's contrast, not with a high-frequency texture (networks/utad.py, ``PatchDiscriminator``).
 * SSIM/PSNR of the per-epoch validation and of ``synthesis_validation.json`` are over whole slices in z-score space
   with the real slice's range as data range, for model selection and for weighting sources; the paper's metrics
   (and BraSyn's) are computed by ``evaluate-synthesis``.
@@ -320,12 +323,16 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         examples = settings["num_examples"]
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
             raise ValueError(f"utad.num_examples must be an integer >= 1, got {examples!r}")
-        if set(settings["discriminator"]) != {"num_layers", "features", "conditional"}:
-            raise ValueError(f"utad.discriminator must have exactly the keys num_layers, features and conditional, "
+        keys = {"num_layers", "features", "conditional", "classifier_blur_sigma"}
+        if set(settings["discriminator"]) != keys:
+            raise ValueError(f"utad.discriminator must have exactly the keys {', '.join(sorted(keys))}, "
                              f"got {sorted(settings['discriminator'])}")
         if not isinstance(settings["discriminator"]["conditional"], bool):
             raise ValueError(f"utad.discriminator.conditional must be true or false, got "
                              f"{settings['discriminator']['conditional']!r}")
+        sigma = settings["discriminator"]["classifier_blur_sigma"]
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0 or sigma == float("inf"):
+            raise ValueError(f"utad.discriminator.classifier_blur_sigma must be a number >= 0 (pixels), got {sigma!r}")
         return settings
 
     @classmethod
@@ -349,7 +356,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                                           layers, settings["features"])
         return UTADDiscriminators(num_modalities=self.num_modalities, features=features,
                                   conv_op=self.generator_module.global_encoder.conv_op,
-                                  conditional=settings["conditional"])
+                                  conditional=settings["conditional"],
+                                  classifier_blur_sigma=settings["classifier_blur_sigma"])
 
     def initialize(self) -> None:
         super().initialize()

@@ -477,3 +477,26 @@ def test_benchmark_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
                          "UTADNetStudentTrainer: train"]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing created or rewritten
     assert (preprocessed / "nnUNetPlans.json").read_text() == plans
+
+
+def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, monkeypatch, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    regime = REGIMES["converged"]
+    preprocessed = tmp_path / "nnUNet_preprocessed" / regime.dataset_name
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}}))
+    monkeypatch.setattr(bench_synthesis, "train_segmentation", lambda *a, **k: pytest.fail("segmentation trained"))
+    monkeypatch.setattr(bench_synthesis, "run_downstream", lambda *a, **k: pytest.fail("downstream evaluated"))
+    bench_synthesis.main(["--work-dir", str(tmp_path), "--regime", "converged", "--no-downstream", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "downstream: skipped (--no-downstream)" in lines
+    assert not any(line.startswith(("nnUNetTrainer", "downstream zero")) for line in lines)
+    with pytest.raises(SystemExit):
+        bench_synthesis.main(["--work-dir", str(tmp_path), "--no-downstream", "--dropout", "--dry-run"])
+    assert "cannot go with --no-downstream" in capsys.readouterr().err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import math
 
+import numpy as np
 import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -218,6 +220,48 @@ def test_conditional_discriminator_adds_the_projection_of_each_patch_on_the_moda
     assert plain.modality_embedding is None
     with pytest.raises(ValueError, match="needs the modality"):
         critic(image)
+
+
+def test_blurred_classifier_reads_the_gaussian_low_pass_and_the_source_head_the_image():
+    from scipy.ndimage import gaussian_filter
+
+    torch.manual_seed(0)
+    sigma = 1.5
+    critic = PatchDiscriminator(num_modalities=4, features=[4, 8, 16], classifier_blur_sigma=sigma)
+    plain = PatchDiscriminator(num_modalities=4, features=[4, 8, 16])
+    plain.load_state_dict(critic.state_dict())  # no new weights: a saved critic loads either way
+    image = torch.randn(2, 1, 32, 40)
+    scores, logits = critic(image)
+    # reference: scipy's Gaussian filter (reflected edges without repeating the edge pixel, truncated at 3 sigma
+    # rounded up), then the same trunk and head
+    reference = torch.tensor(np.stack([gaussian_filter(image[b, 0].numpy().astype(np.float64), sigma, mode="mirror",
+                                                       truncate=math.ceil(3 * sigma) / sigma)
+                                       for b in range(2)])[:, None], dtype=torch.float32)
+    torch.testing.assert_close(critic.blur(image), reference, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        expected = critic.class_head(critic.main(reference).mean(dim=(2, 3), keepdim=True)).flatten(1)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores, plain(image)[0])  # real/fake: the image itself
+    assert not torch.allclose(logits, plain(image)[1])
+    # a texture at the pixel scale (a checkerboard of amplitude 1) is gone from what the classifier reads
+    checker = torch.tensor([[(-1.0) ** (x + y) for y in range(40)] for x in range(32)])
+    textured = image + checker
+    assert float((critic.blur(textured) - critic.blur(image)).abs().max()) < 1e-3
+    assert torch.equal(plain.blur(image), image)  # sigma 0: the paper's classifier
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), True])
+def test_blurred_classifier_rejects_a_bad_sigma(sigma):
+    with pytest.raises(ValueError, match="classifier_blur_sigma must be a number >= 0"):
+        PatchDiscriminator(num_modalities=4, features=[4, 8], classifier_blur_sigma=sigma)
+
+
+def test_blurred_classifier_is_2d_only_and_needs_images_larger_than_the_kernel():
+    with pytest.raises(ValueError, match="2D images"):
+        PatchDiscriminator(num_modalities=4, features=[4, 8], conv_op=torch.nn.Conv3d, classifier_blur_sigma=1.0)
+    critic = PatchDiscriminator(num_modalities=4, features=[4, 8], classifier_blur_sigma=2.0)
+    with pytest.raises(ValueError, match=r"larger than 6 pixels per axis, got \[16, 6\]"):
+        critic(torch.randn(1, 1, 16, 6))
 
 
 def test_discriminator_depth_and_widths():

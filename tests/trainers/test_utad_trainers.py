@@ -252,6 +252,19 @@ def test_conditional_critic_judges_reals_as_their_modality_and_fakes_as_the_requ
         make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
 
 
+def test_classifier_blur_reaches_both_critics_and_bad_values_are_refused(tmp_path, monkeypatch):
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path / "default", monkeypatch)
+    assert trainer.discriminator_module.global_critic.classifier_blur_sigma == 0.0  # the paper's classifier
+    _override(tmp_path, monkeypatch, {"utad": {"discriminator": {"classifier_blur_sigma": 1.5}}})
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path / "blur", monkeypatch)
+    assert trainer.discriminator_module.global_critic.classifier_blur_sigma == 1.5
+    assert trainer.discriminator_module.local_critic.classifier_blur_sigma == 1.5
+    for bad in (-0.5, "2", None):
+        with pytest.raises(ValueError, match="utad.discriminator.classifier_blur_sigma must be a number >= 0"):
+            _override(tmp_path, monkeypatch, {"utad": {"discriminator": {"classifier_blur_sigma": bad}}})
+            make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / f"bad{bad}", monkeypatch, **TINY)
+
+
 def test_student_step_adds_distillation_and_never_gives_the_network_a_mask(tmp_path, monkeypatch):
     _teacher_checkpoint(tmp_path, monkeypatch)
     student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
