@@ -59,7 +59,8 @@ Deviations from the paper and the authors' code, and why:
   reads the image low-passed by a Gaussian of that sigma (pixels), through the same trunk; the real/fake head
   still reads the image itself. On the phantoms the generator satisfied the classifier with a high-frequency
   texture instead of the target's contrast (docs/RESULTS.md, "A heavier modality classifier"); a classifier that
-  only sees low frequencies can only be satisfied by the contrast.
+  only sees low frequencies can only be satisfied by the contrast. Measured at sigma 2: not the fix (the generator
+  then inverts every source instead of keeping its contrast; docs/RESULTS.md).
 """
 
 from __future__ import annotations
