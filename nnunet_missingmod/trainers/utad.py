@@ -331,7 +331,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             raise ValueError(f"utad.discriminator.conditional must be true or false, got "
                              f"{settings['discriminator']['conditional']!r}")
         sigma = settings["discriminator"]["classifier_blur_sigma"]
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma >= 0 or sigma == float("inf"):
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not np.isfinite(sigma) or sigma < 0:
             raise ValueError(f"utad.discriminator.classifier_blur_sigma must be a number >= 0 (pixels), got {sigma!r}")
         return settings
 
