@@ -84,7 +84,8 @@ Deviations from the paper, and why:
   modalities are hard to tell apart (docs/RESULTS.md, "UTAD-Net synthesis").
 * Every modality of every training case serves as a source and as a real target. The paper (Sec. IV-A-1) uses
   each training subject in one modality only; no loss here compares a generated slice with a real slice of its
-  own case, so the setting stays unpaired, but the model sees more images per modality than in the paper.
+  own case (unless ``utad.lambda_paired`` > 0, below), so the setting stays unpaired, but the model sees more
+  images per modality than in the paper.
 * Samples with no usable (source, target) pair are left out of a step; a batch without any gives zero losses
   (kept in the autograd graph) for that update. ``batch_size`` must be at least 2 (unpaired partner).
 * Images are z-scored (nnU-Net's 2d preprocessing), not scaled to [-1, 1]; the tumour image is the image times
@@ -98,6 +99,13 @@ Deviations from the paper, and why:
 * ``utad.discriminator.conditional`` (default false, the paper's unconditional real/fake head) makes both critics'
   real/fake scores conditional on the modality: reals are judged as their own modality t, fakes as the requested
   t (networks/utad.py, ``UTADDiscriminators``, for why).
+* ``utad.lambda_paired`` (default 0: unpaired, as in the paper) adds ``lambda_paired * E|I_target - I^real_target|``
+  to the generator loss (eq. 12/13), the reference being the source sample's OWN slice of modality t (logged as
+  ``paired``). BraTS sequences (and the phantoms) are co-registered, so every training slice has its paired
+  targets; the critics, the cycle and everything else stay as they are. The paper's unpaired losses are satisfied
+  as well by a generator that keeps or inverts the source's contrast without reading the target code (measured,
+  docs/RESULTS.md); the paired term is what rules that out. nnU-Net's spatial augmentation moves all channels of a
+  sample together, so the pairs stay aligned.
 * ``utad.discriminator.classifier_blur_sigma`` (default 0, the paper's classifier) makes both critics' modality
   classifiers read the image blurred by a Gaussian of that sigma in pixels, so that the generator can satisfy them
   only with the target's contrast, not with a high-frequency texture (networks/utad.py, ``PatchDiscriminator``).
@@ -131,6 +139,7 @@ from nnunet_missingmod.losses.adversarial import (
     cycle_reconstruction_loss,
     distillation_loss,
     gradient_penalty,
+    l1_distance,
     local_consistency_loss,
     modality_classification_loss,
     wgan_critic_loss,
@@ -236,6 +245,18 @@ def _pair_draw(draws: list[tuple[int, int, int, int]]) -> PairDraw:
     return PairDraw(*columns)
 
 
+def paired_translation_loss(generated: torch.Tensor, same_slice_target: torch.Tensor, available: torch.Tensor
+                            ) -> torch.Tensor:
+    """``E|I_target - I^real_target|`` over the samples whose own slice has the target modality (``available``).
+
+    The optional paired term (``utad.lambda_paired``; not in the paper): the source's co-registered slice of the
+    target modality is the reference. Zero, kept in the autograd graph, when no sample has it.
+    """
+    if not bool(available.any()):
+        return generated.sum() * 0.0
+    return l1_distance(same_slice_target[available], generated[available])
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 def slice_quality(generated: np.ndarray, real: np.ndarray) -> tuple[float, float, float]:
     """(SSIM, PSNR, L1) of a generated 2D slice against the real one (scikit-image; data range of the real slice).
@@ -290,6 +311,8 @@ class UnpairedBatch:
     real_tumour: torch.Tensor  # (V, 1, X, Y) real x the partner's mask
     source_has_tumour: torch.Tensor  # (V,) bool: the source slice's mask is not empty
     real_has_tumour: torch.Tensor  # (V,) bool: the partner's mask is not empty
+    same_slice_target: torch.Tensor  # (V, 1, X, Y) the source sample's own slice of modality t (utad.lambda_paired)
+    has_same_slice_target: torch.Tensor  # (V,) bool: the source sample has modality t
 
 
 class UTADNetTeacherTrainer(AdversarialTrainer):
@@ -305,6 +328,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.utad = self.check_settings(self.trainer_config["utad"])
+        if self.utad["lambda_paired"] > 0:  # logged and plotted only when it is on
+            self.generator_terms = (*type(self).generator_terms, "paired")
         self.example_batch: dict | None = None  # fixed validation batch of write_examples (set on first use)
         self._mask_channel: int | None = None
 
@@ -313,9 +338,9 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         """The ``utad`` config section, checked (ValueError naming the key)."""
         if settings["mask_region"] not in mods.REGIONS:
             raise ValueError(f"utad.mask_region must be one of {list(mods.REGIONS)}, got {settings['mask_region']!r}")
-        for key in ("lambda_gp", "lambda1", "lambda_cls"):
+        for key in ("lambda_gp", "lambda1", "lambda_cls", "lambda_paired"):
             value = settings[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
                 raise ValueError(f"utad.{key} must be a number >= 0, got {value!r}")
         if not isinstance(settings["intensity_augmentation"], bool):
             raise ValueError(f"utad.intensity_augmentation must be true or false, got "
@@ -417,7 +442,10 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         return UnpairedBatch(source=data[rows, source_modality][:, None], source_mask=mask[rows],
                              source_modality=source_modality, target_modality=target_modality, real=real,
                              real_tumour=real * mask[partner], source_has_tumour=has_tumour[rows],
-                             real_has_tumour=has_tumour[partner])
+                             real_has_tumour=has_tumour[partner],
+                             same_slice_target=data[rows, target_modality][:, None],
+                             has_same_slice_target=torch.as_tensor(acquired[draw.rows, draw.target],
+                                                                   device=data.device))
 
     def generate(self, image: torch.Tensor, mask: torch.Tensor, target_modality: torch.Tensor) -> GeneratorOutput:
         """G for the teacher: the local branch reads the tumour image ``image x mask``."""
@@ -489,6 +517,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         losses["rec"] = cycle_reconstruction_loss(batch.source, cycle.whole)
         losses["local"] = local_consistency_loss(fake.tumour, fake.whole * batch.source_mask,
                                                  batch.source * batch.source_mask, cycle.tumour)
+        if self.utad["lambda_paired"] > 0:
+            losses["paired"] = paired_translation_loss(fake.whole, batch.same_slice_target, batch.has_same_slice_target)
         losses.update(self.extra_generator_losses(batch, fake))
         losses["total"] = sum(weight * losses[name] for name, weight in self.term_weights().items())
         return losses
@@ -500,8 +530,11 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
     def term_weights(self) -> dict[str, float]:
         """Weight of each generator term in the total (eq. 12)."""
         lambda1, lambda_cls = float(self.utad["lambda1"]), float(self.utad["lambda_cls"])
-        return {"adv_global": 1.0, "adv_local": 1.0, "cls_global": lambda_cls, "cls_local": lambda_cls, "rec": lambda1,
-                "local": lambda1}
+        weights = {"adv_global": 1.0, "adv_local": 1.0, "cls_global": lambda_cls, "cls_local": lambda_cls,
+                   "rec": lambda1, "local": lambda1}
+        if self.utad["lambda_paired"] > 0:
+            weights["paired"] = float(self.utad["lambda_paired"])
+        return weights
 
     # ------------------------------------------------------------------ validation
     def paired_translation(self, data: torch.Tensor, target: torch.Tensor, draw: PairDraw

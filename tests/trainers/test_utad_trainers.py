@@ -214,6 +214,48 @@ def test_lambda_cls_weighs_the_classification_terms_of_both_sides(tmp_path, monk
         make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
 
 
+def test_paired_term_is_the_l1_to_the_same_slice_of_the_target_modality(tmp_path, monkeypatch):
+    _override(tmp_path, monkeypatch, {"utad": {"lambda_paired": 2.0}})
+    trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
+    assert "paired" in trainer.generator_terms and trainer.term_weights()["paired"] == 2.0
+    trainer.network.eval()  # the same forward twice
+    excluded = 0
+    for seed in range(6):
+        batch = _batch(seed, missing={0: [2], 2: [0, 3]})  # sample 0 lacks T1ce, sample 2 T1 and FLAIR
+        data, target = trainer._to_device(batch)
+        np.random.seed(seed)
+        losses = trainer.generator_losses(data, target)
+        np.random.seed(seed)  # the same draw, by hand
+        draw = draw_unpaired_pairs((data.flatten(2).abs().sum(-1) > 0).numpy())
+        with torch.no_grad():
+            generated = trainer.generate(data[draw.rows, draw.source][:, None],
+                                         trainer.tumour_mask(target)[draw.rows],
+                                         torch.as_tensor(draw.target)).whole
+        differences = []
+        for v, (i, t) in enumerate(zip(draw.rows, draw.target, strict=True)):
+            if data[i, t].abs().sum() == 0:  # the source's own slice lacks the target: no reference
+                excluded += 1
+                continue
+            differences.append(float((generated[v, 0] - data[i, t]).abs().mean()))
+        assert float(losses["paired"].detach()) == pytest.approx(np.mean(differences), rel=1e-5)
+        expected = losses["adv_global"] + losses["adv_local"] + losses["cls_global"] + losses["cls_local"] + \
+            10.0 * (losses["rec"] + losses["local"]) + 2.0 * losses["paired"]
+        assert float(losses["total"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert excluded > 0
+    trainer.network.train()
+    np.random.seed(0)
+    assert "loss_paired" in trainer.train_step(_batch(1))
+    monkeypatch.delenv(OVERRIDE_ENV)
+    default = _trainer(UTADNetTeacherTrainer, tmp_path / "default", monkeypatch)
+    assert "paired" not in default.generator_terms and "paired" not in default.term_weights()
+    np.random.seed(0)
+    assert "paired" not in default.generator_losses(*default._to_device(_batch(1)))
+    for bad in (-1, float("nan"), True):
+        with pytest.raises(ValueError, match="utad.lambda_paired must be a number >= 0"):
+            _override(tmp_path, monkeypatch, {"utad": {"lambda_paired": bad}})
+            make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / f"bad{bad}", monkeypatch, **TINY)
+
+
 def test_conditional_critic_judges_reals_as_their_modality_and_fakes_as_the_requested_one(tmp_path, monkeypatch):
     _override(tmp_path, monkeypatch, {"utad": {"discriminator": {"conditional": True}}})
     trainer = _trainer(UTADNetTeacherTrainer, tmp_path, monkeypatch)
