@@ -13,14 +13,16 @@ One training step, per sample of an nnU-Net 2D batch (data (B, M, X, Y), region 
 * training is **unpaired**: the real slice the critics compare with comes from another sample of the batch, of
   another case (partner j: the first of i + 1, i + 2, ... mod B whose case differs, by the batch's ``keys``), in a
   modality t != s that the partner has;
-  I_target = G(I_source, T_source, t) is never compared with a real image of the same slice;
+  I_target = G(I_source, T_source, t) is never compared with a real image of the same slice (unless the optional
+  paired term is on, ``utad.lambda_paired`` > 0, below);
 * the tumour mask M is nnU-Net's region target of ``utad.mask_region`` (WT, TC or ET; default WT);
   T_source = I_source x M_i, the real tumour image is data[j, t] x M_j.
 
 Critic step (eq. 11, both discriminators): ``L_D = -E[D_src(real)] + E[D_src(fake)] + lambda_gp GP + L_r_cls``
 for D_g on whole images and D_l on tumour images, GP of WGAN-GP with lambda_gp = 1 (eq. 1-4).
 
-Generator step (eq. 12): ``L_G = L_adv^g + L_adv^l + L_f_cls + lambda1 (L_rec + L_local)``, lambda1 = 10, with
+Generator step (eq. 12): ``L_G = L_adv^g + L_adv^l + L_f_cls + lambda1 (L_rec + L_local)`` (+ ``lambda_paired
+L_paired`` when that optional term is on), lambda1 = 10, with
 the cycle ``(I'_source, T'_source) = G(I_target, T'_target, s)``, T'_target = I_target x M (eq. 5-9).
 The student adds ``lambda2 L_dis`` (eq. 10, 13; lambda2 = 10): L1 between the teacher's and the student's fused
 features F and generated target images, the frozen teacher reading the tumour image, the student the whole image.
@@ -29,7 +31,8 @@ code, but never its network.
 
 Logged per epoch (``loss_<term>``, plotted in ``progress_adversarial.png``): generator terms ``adv_global``,
 ``adv_local`` (the generator's ``-E[D_src(fake)]``), ``cls_global``, ``cls_local`` (eq. 5, 6), ``rec`` (eq. 9),
-``local`` (eq. 8), for the student ``dis_feature`` and ``dis_image`` (the two terms of eq. 10); critic terms
+``local`` (eq. 8), for the student ``dis_feature`` and ``dis_image`` (the two terms of eq. 10), ``paired`` when
+``utad.lambda_paired`` > 0; critic terms
 ``d_adv_*`` (``-E[D(real)] + E[D(fake)]``), ``d_gp_*`` and ``d_cls_*`` (eq. 3, 4) for both discriminators.
 
 Validation (replaces nnU-Net's pseudo Dice): per sample a target modality the slice has is generated from another
@@ -101,11 +104,12 @@ Deviations from the paper, and why:
   t (networks/utad.py, ``UTADDiscriminators``, for why).
 * ``utad.lambda_paired`` (default 0: unpaired, as in the paper) adds ``lambda_paired * E|I_target - I^real_target|``
   to the generator loss (eq. 12/13), the reference being the source sample's OWN slice of modality t (logged as
-  ``paired``). BraTS sequences (and the phantoms) are co-registered, so every training slice has its paired
-  targets; the critics, the cycle and everything else stay as they are. The paper's unpaired losses are satisfied
-  as well by a generator that keeps or inverts the source's contrast without reading the target code (measured,
-  docs/RESULTS.md); the paired term is what rules that out. nnU-Net's spatial augmentation moves all channels of a
-  sample together, so the pairs stay aligned.
+  ``paired``; a sample whose own slice lacks t is left out of it). BraTS sequences (and the phantoms) are
+  co-registered, so every acquired sequence of a training slice is a paired target; the critics, the cycle and
+  everything else stay as they are. The paper's unpaired losses are satisfied as well by a generator that keeps or
+  inverts the source's contrast without reading the target code (measured, docs/RESULTS.md); the paired term is
+  meant to rule that out (docs/RESULTS.md, "A paired term"). nnU-Net's spatial augmentation moves all channels of
+  a sample together, so the pairs stay aligned.
 * ``utad.discriminator.classifier_blur_sigma`` (default 0, the paper's classifier) makes both critics' modality
   classifiers read the image blurred by a Gaussian of that sigma in pixels, so that the generator can satisfy them
   only with the target's contrast, not with a high-frequency texture (networks/utad.py, ``PatchDiscriminator``).
@@ -117,6 +121,7 @@ Deviations from the paper, and why:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -340,7 +345,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             raise ValueError(f"utad.mask_region must be one of {list(mods.REGIONS)}, got {settings['mask_region']!r}")
         for key in ("lambda_gp", "lambda1", "lambda_cls", "lambda_paired"):
             value = settings[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"utad.{key} must be a number >= 0, got {value!r}")
         if not isinstance(settings["intensity_augmentation"], bool):
             raise ValueError(f"utad.intensity_augmentation must be true or false, got "
@@ -656,7 +661,7 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
     def check_settings(self, settings: dict) -> dict:
         settings = super().check_settings(settings)
         value = settings["lambda2"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"utad.lambda2 must be a number >= 0, got {value!r}")
         if not isinstance(settings["init_from_teacher"], bool):
             raise ValueError(f"utad.init_from_teacher must be true or false, got {settings['init_from_teacher']!r}")

@@ -27,6 +27,7 @@ from nnunet_missingmod.trainers.utad import (
     brain_ssim,
     draw_paired_pairs,
     draw_unpaired_pairs,
+    paired_translation_loss,
     slice_quality,
     synthesis_matrices,
 )
@@ -254,6 +255,31 @@ def test_paired_term_is_the_l1_to_the_same_slice_of_the_target_modality(tmp_path
         with pytest.raises(ValueError, match="utad.lambda_paired must be a number >= 0"):
             _override(tmp_path, monkeypatch, {"utad": {"lambda_paired": bad}})
             make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / f"bad{bad}", monkeypatch, **TINY)
+
+
+def test_paired_term_by_hand_and_without_any_reference():
+    generated = torch.zeros(3, 1, 4, 4, requires_grad=True)
+    reference = torch.stack((torch.full((1, 4, 4), 2.0), torch.full((1, 4, 4), 9.0), torch.full((1, 4, 4), -1.0)))
+    available = torch.tensor([True, False, True])
+    assert float(paired_translation_loss(generated, reference, available)) == pytest.approx((2.0 + 1.0) / 2)
+    none = paired_translation_loss(generated, reference, torch.zeros(3, dtype=torch.bool))
+    assert float(none) == 0.0 and none.requires_grad  # kept in the graph: backward and the step still work
+    none.backward()
+    assert torch.equal(generated.grad, torch.zeros_like(generated))
+
+
+def test_student_adds_the_paired_term_beside_the_distillation(tmp_path, monkeypatch):
+    _override(tmp_path, monkeypatch, {"utad": {"lambda_paired": 0.5}})
+    _teacher_checkpoint(tmp_path, monkeypatch)
+    student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
+    assert {"paired", "dis_feature", "dis_image"} <= set(student.generator_terms)
+    weights = student.term_weights()
+    assert weights["paired"] == 0.5 and weights["dis_feature"] == weights["dis_image"] == 10.0
+    np.random.seed(0)
+    losses = student.generator_losses(*student._to_device(_batch(4)))
+    expected = sum(weight * losses[name] for name, weight in weights.items())
+    assert float(losses["paired"].detach()) > 0
+    assert float(losses["total"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 def test_conditional_critic_judges_reals_as_their_modality_and_fakes_as_the_requested_one(tmp_path, monkeypatch):
