@@ -108,8 +108,9 @@ Deviations from the paper, and why:
   co-registered, so every acquired sequence of a training slice is a paired target; the critics, the cycle and
   everything else stay as they are. The paper's unpaired losses are satisfied as well by a generator that keeps or
   inverts the source's contrast without reading the target code (measured, docs/RESULTS.md); the paired term was
-  meant to rule that out, but at weight 10 the generator still inverts every source (docs/RESULTS.md, "A paired
-  term"). nnU-Net's spatial augmentation moves all channels of a sample together, so the pairs stay aligned.
+  meant to rule that out: at weight 10 the generator still inverts every source, at 100 it reads the code but
+  blurs (docs/RESULTS.md, "A paired term"). nnU-Net's spatial augmentation moves all channels of a sample
+  together, so the pairs stay aligned.
 * ``utad.discriminator.classifier_blur_sigma`` (default 0, the paper's classifier) makes both critics' modality
   classifiers read the image blurred by a Gaussian of that sigma in pixels, so that the generator can satisfy them
   only with the target's contrast, not with a high-frequency texture (networks/utad.py, ``PatchDiscriminator``).
