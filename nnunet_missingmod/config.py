@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from importlib.resources import files
 from pathlib import Path
 
 OVERRIDE_ENV = "nnUNet_missingmod_config"
+
+
+def is_non_negative_number(value: object) -> bool:
+    """True for a finite int or float >= 0 (not a bool, NaN or inf): the check of every loss weight in the configs."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 def config_dir() -> Path:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nnunet_missingmod.config import OVERRIDE_ENV, config_dir, load_trainer_config
+from nnunet_missingmod.config import OVERRIDE_ENV, config_dir, is_non_negative_number, load_trainer_config
 from nnunet_missingmod.trainers import MissingModTrainerBase, ModalityDropoutTrainer
 
 
@@ -37,3 +37,12 @@ def test_override_with_unknown_key_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv(OVERRIDE_ENV, str(override))
     with pytest.raises(KeyError, match="num_epoch"):
         load_trainer_config(ModalityDropoutTrainer)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (0, True), (0.0, True), (10, True), (2.5, True),
+    (-1, False), (-1e-9, False), (float("nan"), False), (float("inf"), False), (True, False), (False, False),
+    ("1", False), (None, False), ([1], False),
+])
+def test_loss_weights_must_be_finite_numbers_at_least_zero(value, expected):
+    assert is_non_negative_number(value) is expected

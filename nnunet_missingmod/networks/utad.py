@@ -80,6 +80,7 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from nnunet_missingmod.config import is_non_negative_number
 from nnunet_missingmod.networks.shared_latent import SUPPORTED_ARCHITECTURES, resolve_architecture_kwargs
 
 #: StarGAN's / UTAD-Net's number of stride-2 discriminator layers (for 128x128 images).
@@ -341,8 +342,7 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, *, num_modalities: int, features: Sequence[int], conv_op: type[nn.Module] = nn.Conv2d,
                  in_channels: int = 1, conditional: bool = False, classifier_blur_sigma: float = 0.0) -> None:
         super().__init__()
-        if isinstance(classifier_blur_sigma, bool) or not isinstance(classifier_blur_sigma, (int, float)) \
-                or not math.isfinite(classifier_blur_sigma) or classifier_blur_sigma < 0:
+        if not is_non_negative_number(classifier_blur_sigma):
             raise ValueError(f"classifier_blur_sigma must be a number >= 0 (pixels), got {classifier_blur_sigma!r}")
         if classifier_blur_sigma > 0 and conv_op is not nn.Conv2d:
             raise ValueError("classifier_blur_sigma is for 2D images (nn.Conv2d) only")

@@ -100,7 +100,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_missingmod import modalities as mods
-from nnunet_missingmod.config import load_trainer_config
+from nnunet_missingmod.config import is_non_negative_number, load_trainer_config
 from nnunet_missingmod.losses.adversarial import (
     cycle_consistency_loss,
     lsgan_discriminator_loss,
@@ -217,7 +217,7 @@ class CMFTPretrainer(AdversarialTrainer):
         settings = self.trainer_config["cmft"]
         self.pairs = _pairs(settings, self.num_modalities, "cmft")
         weight = settings["lambda_cycle"]
-        if not (isinstance(weight, (int, float)) and weight >= 0):
+        if not is_non_negative_number(weight):
             raise ValueError(f"cmft.lambda_cycle must be a number >= 0, got {weight!r}")
         self.lambda_cycle = float(weight)
         self._example: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -122,7 +122,6 @@ Deviations from the paper, and why:
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,6 +139,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from nnunet_missingmod import modalities as mods
+from nnunet_missingmod.config import is_non_negative_number
 from nnunet_missingmod.evaluation.synthesis import SSIM_WINDOW, scale_to_unit, ssim_map
 from nnunet_missingmod.losses.adversarial import (
     cycle_reconstruction_loss,
@@ -317,8 +317,9 @@ class UnpairedBatch:
     real_tumour: torch.Tensor  # (V, 1, X, Y) real x the partner's mask
     source_has_tumour: torch.Tensor  # (V,) bool: the source slice's mask is not empty
     real_has_tumour: torch.Tensor  # (V,) bool: the partner's mask is not empty
-    same_slice_target: torch.Tensor  # (V, 1, X, Y) the source sample's own slice of modality t (utad.lambda_paired)
-    has_same_slice_target: torch.Tensor  # (V,) bool: the source sample has modality t
+    # only built when asked (the generator step with utad.lambda_paired > 0):
+    same_slice_target: torch.Tensor | None = None  # (V, 1, X, Y) the source sample's own slice of modality t
+    has_same_slice_target: torch.Tensor | None = None  # (V,) bool: the source sample has modality t
 
 
 class UTADNetTeacherTrainer(AdversarialTrainer):
@@ -346,7 +347,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             raise ValueError(f"utad.mask_region must be one of {list(mods.REGIONS)}, got {settings['mask_region']!r}")
         for key in ("lambda_gp", "lambda1", "lambda_cls", "lambda_paired"):
             value = settings[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_non_negative_number(value):
                 raise ValueError(f"utad.{key} must be a number >= 0, got {value!r}")
         if not isinstance(settings["intensity_augmentation"], bool):
             raise ValueError(f"utad.intensity_augmentation must be true or false, got "
@@ -362,7 +363,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
             raise ValueError(f"utad.discriminator.conditional must be true or false, got "
                              f"{settings['discriminator']['conditional']!r}")
         sigma = settings["discriminator"]["classifier_blur_sigma"]
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not np.isfinite(sigma) or sigma < 0:
+        if not is_non_negative_number(sigma):
             raise ValueError(f"utad.discriminator.classifier_blur_sigma must be a number >= 0 (pixels), got {sigma!r}")
         return settings
 
@@ -433,8 +434,13 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         labels = torch.as_tensor(mods.REGIONS[self.utad["mask_region"]], device=target.device)
         return torch.isin(target[:, :1].long(), labels).float()
 
-    def unpaired_batch(self, data: torch.Tensor, target: torch.Tensor) -> UnpairedBatch | None:
-        """Draw the sources, targets and partners of one step (None if no sample has a pair)."""
+    def unpaired_batch(self, data: torch.Tensor, target: torch.Tensor, *,
+                       with_same_slice: bool = False) -> UnpairedBatch | None:
+        """Draw the sources, targets and partners of one step (None if no sample has a pair).
+
+        ``with_same_slice`` also gathers each source sample's own slice of its target modality (the reference of the
+        paired term); the critic steps and runs with the term off skip that copy.
+        """
         acquired = acquired_modalities(data, self.num_modalities, batched=True).cpu().numpy()
         cases = self.batch_keys if self.batch_keys is not None and len(self.batch_keys) == len(data) else None
         draw = draw_unpaired_pairs(acquired, cases=cases)
@@ -445,13 +451,14 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         source_modality, target_modality = (torch.as_tensor(a, device=data.device) for a in (draw.source, draw.target))
         real = data[partner, target_modality][:, None]  # (V, 1, X, Y)
         has_tumour = mask.flatten(1).any(1)  # (B,)
-        return UnpairedBatch(source=data[rows, source_modality][:, None], source_mask=mask[rows],
-                             source_modality=source_modality, target_modality=target_modality, real=real,
-                             real_tumour=real * mask[partner], source_has_tumour=has_tumour[rows],
-                             real_has_tumour=has_tumour[partner],
-                             same_slice_target=data[rows, target_modality][:, None],
-                             has_same_slice_target=torch.as_tensor(acquired[draw.rows, draw.target],
-                                                                   device=data.device))
+        batch = UnpairedBatch(source=data[rows, source_modality][:, None], source_mask=mask[rows],
+                              source_modality=source_modality, target_modality=target_modality, real=real,
+                              real_tumour=real * mask[partner], source_has_tumour=has_tumour[rows],
+                              real_has_tumour=has_tumour[partner])
+        if with_same_slice:
+            batch.same_slice_target = data[rows, target_modality][:, None]
+            batch.has_same_slice_target = torch.as_tensor(acquired[draw.rows, draw.target], device=data.device)
+        return batch
 
     def generate(self, image: torch.Tensor, mask: torch.Tensor, target_modality: torch.Tensor) -> GeneratorOutput:
         """G for the teacher: the local branch reads the tumour image ``image x mask``."""
@@ -504,7 +511,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
 
     def generator_losses(self, data: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 12 (teacher) or eq. 13 (student): every term and their weighted ``total``."""
-        batch = self.unpaired_batch(data, target)
+        batch = self.unpaired_batch(data, target, with_same_slice=self.utad["lambda_paired"] > 0)
         if batch is None:
             return self._zero_losses(self.network, self.generator_terms)
         fake = self.generate(batch.source, batch.source_mask, batch.target_modality)
@@ -662,7 +669,7 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
     def check_settings(self, settings: dict) -> dict:
         settings = super().check_settings(settings)
         value = settings["lambda2"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_non_negative_number(value):
             raise ValueError(f"utad.lambda2 must be a number >= 0, got {value!r}")
         if not isinstance(settings["init_from_teacher"], bool):
             raise ValueError(f"utad.init_from_teacher must be true or false, got {settings['init_from_teacher']!r}")

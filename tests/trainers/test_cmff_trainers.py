@@ -420,6 +420,8 @@ def test_variant_config_shapes_its_network(tmp_path, monkeypatch):
 @pytest.mark.parametrize("trainer_class, settings, error, message", [
     (CMFTPretrainer, {"cmft": {"pairs": {"a": ["t1", "t2"], "b": ["t2"]}}}, ValueError, r"cmft\.pairs: pairs a and b"),
     (CMFTPretrainer, {"cmft": {"lambda_cycle": -1}}, ValueError, "lambda_cycle must be a number >= 0"),
+    (CMFTPretrainer, {"cmft": {"lambda_cycle": True}}, ValueError, "lambda_cycle must be a number >= 0"),
+    (CMFTPretrainer, {"cmft": {"lambda_cycle": float("inf")}}, ValueError, "lambda_cycle must be a number >= 0"),
     (CMFFTrainer, {"cmff": {"optimizer": "rmsprop"}}, ValueError, "cmff.optimizer must be 'adam' or 'sgd'"),
     (CMFFTrainer, {"cmff": {"network": {"attention": "spatial"}}}, ValueError, "attention must be one of"),
 ])

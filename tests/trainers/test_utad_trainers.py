@@ -246,6 +246,8 @@ def test_paired_term_is_the_l1_to_the_same_slice_of_the_target_modality(tmp_path
     trainer.network.train()
     np.random.seed(0)
     assert "loss_paired" in trainer.train_step(_batch(1))
+    critic_batch = trainer.unpaired_batch(*trainer._to_device(_batch(1)))  # the critic steps skip the reference
+    assert critic_batch.same_slice_target is None and critic_batch.has_same_slice_target is None
     monkeypatch.delenv(OVERRIDE_ENV)
     default = _trainer(UTADNetTeacherTrainer, tmp_path / "default", monkeypatch)
     assert "paired" not in default.generator_terms and "paired" not in default.term_weights()
