@@ -2,9 +2,9 @@
 synthesised vs zero-filled sequences, and the speed of ``synthesize``.
 
     python scripts/bench_synthesis.py [--work-dir bench_work] [--regime {short,converged,smoke}]
-        [--epochs 40] [--iterations 50] [--batch-size 4] [--eval-cases 10] [--combinations {one-missing,all}]
-        [--speed-cases 5] [--dropout] [--no-downstream] [--step-size 1.0] [-device cpu]
-        [--variant LABEL SETTINGS.json] [--dry-run]
+        [--epochs 40] [--teacher-epochs N] [--iterations 50] [--batch-size 4] [--eval-cases 10]
+        [--combinations {one-missing,all}] [--speed-cases 5] [--dropout] [--no-downstream] [--step-size 1.0]
+        [-device cpu] [--variant LABEL SETTINGS.json] [--dry-run]
 
 Steps (every one resumable: a finished model, evaluation or timing is reused, an interrupted training goes on
 from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
@@ -14,7 +14,8 @@ from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
    16-128, batch ``--batch-size``).
 2. ``UTADNetTeacherTrainer`` then ``UTADNetStudentTrainer`` on ``2d_cpu``, fold 0, through ``nnUNetv2_train`` with
    the budget ``--epochs`` x ``--iterations`` in an ``nnUNet_missingmod_config`` override file (both trainers the
-   same budget; the final validation writes ``synthesis_validation.json``).
+   same budget, unless ``--teacher-epochs`` gives the teacher its own number of epochs; the final validation
+   writes ``synthesis_validation.json``).
 3. ``evaluate-synthesis`` of the student on the first ``--eval-cases`` held-out phantoms (zero-fill and
    histogram-matching baselines in the same run).
 4. Downstream: a plain full-modality ``nnUNetTrainer`` (the regime's 3d_cpu budget, as in
@@ -447,12 +448,16 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
     out = output_dir(work, regime, variant)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    report: dict = {"regime": regime.name, "budget": {"epochs": args.epochs, "iterations": args.iterations},
+    report: dict = {"regime": regime.name, "budget": {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
+                                                      "iterations": args.iterations},
                     "variant": None if variant is None else {"label": variant, "settings": settings},
                     "steps": steps, "timings": timings}
     title = "" if variant is None else f", variant {variant}"
     lines = [f"# UTAD-Net synthesis benchmark ({regime.name} regime, {regime.spacing} mm phantoms{title})", "",
-             f"Teacher and student: {args.epochs} epochs x {args.iterations} iterations each on `{CONFIGURATION_2D}`; "
+             (f"Teacher and student: {args.epochs} epochs x {args.iterations} iterations each"
+              if args.teacher_epochs == args.epochs else
+              f"Teacher {args.teacher_epochs}, student {args.epochs} epochs x {args.iterations} iterations")
+             + f" on `{CONFIGURATION_2D}`; "
              f"segmentation: {SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`.", ""]
     if variant is not None:
         lines += [f"Settings of both trainers (`nnUNet_missingmod_config` on top of the shipped ones): "
@@ -538,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work-dir", default="bench_work")
     parser.add_argument("--regime", choices=(*REGIMES, "smoke"), default="short")
     parser.add_argument("--epochs", type=int, default=None, help="teacher and student epochs (default 40; smoke 1)")
+    parser.add_argument("--teacher-epochs", type=int, default=None,
+                        help="the teacher's epochs when they differ from --epochs (a teacher that has not reached "
+                             "its plateau; the student starts from it)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="generator updates per epoch (default 50; smoke 2)")
     parser.add_argument("--batch-size", type=int, default=4, help="2d_cpu batch size (at least 2)")
@@ -558,6 +566,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]
     smoke = regime is SMOKE
     args.epochs = args.epochs or (1 if smoke else 40)
+    args.teacher_epochs = args.teacher_epochs or args.epochs
+    if min(args.epochs, args.teacher_epochs) < 1:
+        parser.error("--epochs and --teacher-epochs must be at least 1")
     args.iterations = args.iterations or (2 if smoke else 50)
     cases = args.eval_cases or (2 if smoke else 10)
     speed_cases = args.speed_cases or (2 if smoke else 5)
@@ -585,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     combinations = one_missing() if args.combinations == "one-missing" else mods.all_combinations()
     steps = {"2d configuration": prepare_2d(work, regime, env, args.batch_size, args.dry_run)}
     for trainer in (TEACHER, STUDENT):
-        steps[trainer] = train_synthesis(work, regime, env, trainer, args.epochs, args.iterations, args.device,
+        epochs = args.teacher_epochs if trainer == TEACHER else args.epochs
+        steps[trainer] = train_synthesis(work, regime, env, trainer, epochs, args.iterations, args.device,
                                          args.dry_run, timings, variant, settings)
     if args.downstream:
         steps[SEGMENTATION] = train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings)

@@ -500,3 +500,28 @@ def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, mon
     with pytest.raises(SystemExit):
         bench_synthesis.main(["--work-dir", str(tmp_path), "--no-downstream", "--dropout", "--dry-run"])
     assert "cannot go with --no-downstream" in capsys.readouterr().err
+
+
+def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    regime = REGIMES["converged"]
+    preprocessed = tmp_path / "nnUNet_preprocessed" / regime.dataset_name
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}}))
+    epochs = {}
+    monkeypatch.setattr(bench_synthesis, "train_synthesis",
+                        lambda work, regime, env, trainer, n, *a, **k: epochs.setdefault(trainer, n) and "run")
+    common = ["--work-dir", str(tmp_path), "--regime", "converged", "--no-downstream", "--dry-run"]
+    bench_synthesis.main([*common, "--epochs", "30", "--teacher-epochs", "90"])
+    assert epochs == {"UTADNetTeacherTrainer": 90, "UTADNetStudentTrainer": 30}
+    epochs.clear()
+    bench_synthesis.main([*common, "--epochs", "30"])  # without it, both the same
+    assert epochs == {"UTADNetTeacherTrainer": 30, "UTADNetStudentTrainer": 30}
+    with pytest.raises(SystemExit):
+        bench_synthesis.main([*common, "--teacher-epochs", "-2"])
