@@ -15,7 +15,8 @@ from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
 2. ``UTADNetTeacherTrainer`` then ``UTADNetStudentTrainer`` on ``2d_cpu``, fold 0, through ``nnUNetv2_train`` with
    the budget ``--epochs`` x ``--iterations`` in an ``nnUNet_missingmod_config`` override file (both trainers the
    same budget, unless ``--teacher-epochs`` gives the teacher its own number of epochs; the final validation
-   writes ``synthesis_validation.json``).
+   writes ``synthesis_validation.json``). A finished model is reused whatever the budget asked now: train a
+   different budget under a new ``--variant`` label.
 3. ``evaluate-synthesis`` of the student on the first ``--eval-cases`` held-out phantoms (zero-fill and
    histogram-matching baselines in the same run).
 4. Downstream: a plain full-modality ``nnUNetTrainer`` (the regime's 3d_cpu budget, as in
@@ -565,10 +566,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]
     smoke = regime is SMOKE
-    args.epochs = args.epochs or (1 if smoke else 40)
-    args.teacher_epochs = args.teacher_epochs or args.epochs
+    args.epochs = (1 if smoke else 40) if args.epochs is None else args.epochs
+    args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
     if min(args.epochs, args.teacher_epochs) < 1:
-        parser.error("--epochs and --teacher-epochs must be at least 1")
+        parser.error(f"--epochs and --teacher-epochs must be at least 1, got {args.epochs} and {args.teacher_epochs}")
     args.iterations = args.iterations or (2 if smoke else 50)
     cases = args.eval_cases or (2 if smoke else 10)
     speed_cases = args.speed_cases or (2 if smoke else 5)

@@ -502,7 +502,8 @@ def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, mon
     assert "cannot go with --no-downstream" in capsys.readouterr().err
 
 
-def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch):
+def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch, capsys):
+    import argparse
     import sys
     from pathlib import Path
 
@@ -523,5 +524,15 @@ def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch):
     epochs.clear()
     bench_synthesis.main([*common, "--epochs", "30"])  # without it, both the same
     assert epochs == {"UTADNetTeacherTrainer": 30, "UTADNetStudentTrainer": 30}
-    with pytest.raises(SystemExit):
-        bench_synthesis.main([*common, "--teacher-epochs", "-2"])
+    for bad in ("-2", "0"):
+        with pytest.raises(SystemExit):
+            bench_synthesis.main([*common, "--teacher-epochs", bad])
+        assert f"must be at least 1, got 40 and {bad}" in capsys.readouterr().err
+    # the report's header and budget record say what each trainer had
+    for teacher, header in ((90, "Teacher 90, student 30 epochs x 50 iterations on"),
+                            (30, "Teacher and student: 30 epochs x 50 iterations each on")):
+        args = argparse.Namespace(epochs=30, teacher_epochs=teacher, iterations=50, downstream=False)
+        report = bench_synthesis.write_report(tmp_path, regime, args, {}, {}, variant=f"t{teacher}")
+        assert header in report.read_text()
+        budget = json.loads(report.with_suffix(".json").read_text())["budget"]
+        assert budget == {"epochs": 30, "teacher_epochs": teacher, "iterations": 50}
