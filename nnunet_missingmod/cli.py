@@ -141,7 +141,8 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
                            use_mirroring=not args.disable_tta, batch_size=args.batch_size, fill=args.fill,
                            synthesis_model=args.m, synthesis_folds=args.synthesis_folds,
                            synthesis_checkpoint=args.synthesis_chk, combine=args.combine,
-                           num_parts=args.num_parts, part_id=args.part_id)
+                           num_parts=args.num_parts, part_id=args.part_id,
+                           histogram_fallback=args.histogram_fallback)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_table(summary, "Dice"))
     fill = "synthesised by " + args.m if args.fill == "synthesize" else "zero-filled"
@@ -170,7 +171,7 @@ def _synthesize(args: argparse.Namespace) -> None:
     result = synthesize(args.i, args.o, args.m, folds=args.f, checkpoint_name=args.chk, device=device,
                         available=mods.parse_modalities(args.available) if args.available else None,
                         availability_file=args.availability, combine=args.combine, batch_size=args.batch_size,
-                        num_parts=args.num_parts, part_id=args.part_id)
+                        num_parts=args.num_parts, part_id=args.part_id, histogram_fallback=args.histogram_fallback)
     speed = result["slices"] / result["seconds"] if result["seconds"] > 0 else 0.0
     print(f"synthesised {result['synthesized_channels']} channel(s) in {result['cases']} case(s) into {args.o} "
           f"({result['slices']} slice translations, {speed:.1f}/s); acquired and synthetic sequences per case in "
@@ -188,7 +189,8 @@ def _evaluate_synthesis(args: argparse.Namespace) -> None:
                              device=device,
                              available=mods.parse_modalities(args.available) if args.available else None,
                              availability_file=args.availability, num_cases=args.num_cases, combine=args.combine,
-                             combined=not args.no_combined, batch_size=args.batch_size, examples=args.examples)
+                             combined=not args.no_combined, batch_size=args.batch_size, examples=args.examples,
+                             histogram_fallback=args.histogram_fallback)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_tables(summary))
     print(f"per_case.csv, summary.json, table.md and examples.png in {out}")
@@ -257,6 +259,10 @@ def _add_combine_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine", choices=("ssim", "best", "mean"), default="ssim",
                    help="several acquired sequences: average weighted by the model's validation SSIM over the brain "
                         "per pair, negative ones given no weight (default), only the best source, or equal weights")
+    p.add_argument("--no-histogram-fallback", dest="histogram_fallback", action="store_false",
+                   help="always use the model; by default a source -> target pair on which plain histogram matching "
+                        "scored a higher validation SSIM than the model (stored with the model) uses histogram "
+                        "matching instead")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -124,7 +124,7 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      fill: str = "zero", synthesis_model: str | os.PathLike | SynthesisModel | None = None,
                      synthesis_folds: Sequence[int | str] | None = None,
                      synthesis_checkpoint: str = "checkpoint_final.pth", combine: str = "ssim",
-                     num_parts: int = 1, part_id: int = 0) -> Path:
+                     num_parts: int = 1, part_id: int = 0, histogram_fallback: bool = True) -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
 
     ``num_parts`` / ``part_id`` split the cases as ``nnUNetv2_predict`` does (every ``num_parts``-th case, starting
@@ -137,7 +137,7 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
 
     ``fill``: ``zero`` (default) or ``synthesize``, which needs ``synthesis_model`` (a model folder or a
     :class:`~nnunet_missingmod.inference.synthesize.SynthesisModel`), with its ``synthesis_folds``,
-    ``synthesis_checkpoint`` and ``combine`` rule.
+    ``synthesis_checkpoint``, ``combine`` rule and ``histogram_fallback`` (as for ``synthesize``).
 
     Returns:
         The output folder.
@@ -186,7 +186,7 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                                          tile_step_size=tile_step_size, use_mirroring=use_mirroring)
     if fill == "synthesize" and not isinstance(synthesis_model, synthesis.SynthesisModel):
         synthesis_model = synthesis.load_synthesis_model(synthesis_model, synthesis_folds, synthesis_checkpoint,
-                                                         device)
+                                                         device, histogram_fallback=histogram_fallback)
     if fill == "synthesize" and type(predictor.reader) is not type(synthesis_model.reader):
         raise ValueError(f"the segmentation model reads images with {type(predictor.reader).__name__}, the "
                          f"synthesis model with {type(synthesis_model.reader).__name__}; they must agree")
@@ -235,7 +235,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
         summary["synthesis"] = {"model": str(synthesis_model.folder or "in-memory model"),
                                 "folds": [str(f) for f in synthesis_folds] if synthesis_folds else "all",
                                 "checkpoint": synthesis_checkpoint, "combine": combine,
-                                "validation_metric": synthesis_model.validation_metric}
+                                "validation_metric": synthesis_model.validation_metric,
+                                "histogram_fallback": synthesis_model.fallback_names}
         title += f", missing channels synthesized by {Path(summary['synthesis']['model']).name}"
     write_outputs(out, rows, summary, title=title)
     return out

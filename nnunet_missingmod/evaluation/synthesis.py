@@ -68,6 +68,7 @@ from nnunet_missingmod.inference.synthesize import (
     check_model_folder,
     check_synthesis_case,
     find_synthesis_cases,
+    histogram_matched,
     load_synthesis_model,
 )
 
@@ -213,16 +214,6 @@ def image_metrics(real: np.ndarray, synthetic: np.ndarray, brain: np.ndarray, tu
     return metrics
 
 
-def histogram_matched(source: np.ndarray, brain: np.ndarray, reference_values: np.ndarray) -> np.ndarray:
-    """``source``'s brain voxels with the histogram of ``reference_values`` (scikit-image); 0 outside the brain."""
-    from skimage.exposure import match_histograms
-
-    output = np.zeros(source.shape, dtype=np.float32)
-    if brain.any() and reference_values.size:
-        output[brain] = match_histograms(source[brain].astype(np.float64), reference_values.astype(np.float64))
-    return output
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -250,7 +241,7 @@ def evaluate_synthesis(images: str | os.PathLike, model: str | os.PathLike | Syn
                        device: str = "cpu", available: Sequence[int] | None = None,
                        availability_file: str | os.PathLike | None = None, num_cases: int | None = None,
                        combine: str = "ssim", combined: bool = True, batch_size: int = 16, examples: int = 4,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, histogram_fallback: bool = True) -> Path:
     """Score synthesis against the hidden real sequences and both baselines (see the module docstring).
 
     Args:
@@ -258,7 +249,8 @@ def evaluate_synthesis(images: str | os.PathLike, model: str | os.PathLike | Syn
         model: synthesis model folder, or a :class:`SynthesisModel`.
         output: folder for the results (created; files in it are replaced).
         labels: folder of ``<case>`` label files (default: ``labelsXx`` beside ``imagesXx``).
-        folds, checkpoint_name, device, combine, batch_size: as for ``synthesize``.
+        folds, checkpoint_name, device, combine, batch_size, histogram_fallback: as for ``synthesize`` (with the
+            fallback, ``synthesis`` rows of its pairs are histogram matching to the model's training histogram).
         available, availability_file: which sequences each case has, as for ``synthesize``.
         num_cases: evaluate only the first N usable cases (sorted by name).
         combined: also synthesise each target from all other acquired sequences together (source ``all``).
@@ -309,7 +301,7 @@ def evaluate_synthesis(images: str | os.PathLike, model: str | os.PathLike | Syn
         if problem:
             raise InputImageError(f"case {case.identifier}: {label} and {reference.name} differ in {problem}")
     synthesis_model = model if isinstance(model, SynthesisModel) else load_synthesis_model(
-        model, folds, checkpoint_name, device)
+        model, folds, checkpoint_name, device, histogram_fallback=histogram_fallback)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     try:
@@ -345,6 +337,7 @@ def _evaluate(synthesis_model: SynthesisModel, images: Path, usable: Sequence[Sy
     summary.update({"model": str(synthesis_model.folder or "in-memory model"), "images": str(images),
                     "num_cases": len(usable), "skipped_cases": skipped,
                     "combine": combine, "validation_metric": synthesis_model.validation_metric,
+                    "histogram_fallback": synthesis_model.fallback_names,
                     "histogram_reference": reference, "checkpoint": checkpoint_name})
     write_outputs(output, rows, summary, example_images)
 

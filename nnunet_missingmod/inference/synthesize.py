@@ -27,6 +27,14 @@ target_modality (B,)) -> (B, 1, X, Y)``, ``total_stride`` and ``num_modalities``
    (``ssim``) where none is positive, the rule falls back to equal weights and says so in the manifest. On the
    phantoms ``ssim`` gave the better segmentation downstream and ``best`` the better images (docs/RESULTS.md,
    "Combining sources").
+
+   Histogram fallback (on unless ``histogram_fallback=False``, ``--no-histogram-fallback``): a model validated
+   since it exists also records, per pair, the validation SSIM over the brain of plain histogram matching (the
+   source's brain voxels given the target sequence's histogram, pooled from the fold's training cases and stored as
+   quantiles in the same file: ``histogram_ssim_brain``, ``histogram_quantiles``). Where histogram matching scored
+   higher than the model on a pair, that pair's translation is the histogram-matched source instead of the
+   generator's output, and its weight in ``ssim`` / ``best`` is histogram matching's SSIM. The manifest lists these
+   pairs (``histogram_fallback``); models whose validation file lacks the two entries are used as before.
 4. The result is resampled back (nnU-Net's resampling of the configuration), put back into the uncropped image,
    transposed back, and set to exactly 0 outside the brain (the union of the non-zero voxels of the acquired
    sequences). Intensity rule: inside the brain the synthesised z-scores ``z`` become ``mean + sd * z``, where
@@ -48,6 +56,8 @@ into ``modality_availability.json`` (:func:`merge_parts`, also callable by hand)
 Deviations from the paper:
 
 * Several sources are combined (weighted average, see 3.); the paper translates from a single source image.
+* Pairs that the model renders worse than histogram matching on its validation cases use histogram matching
+  (3., histogram fallback).
 * Slices keep the resolution of nnU-Net's 2d configuration instead of being resized to 128 x 128, and are padded
   to a multiple of the generator's ``total_stride`` rather than cropped.
 * Several folds are ensembled by averaging their outputs (nnU-Net's convention for segmentation logits).
@@ -94,6 +104,10 @@ COMBINE_RULES = ("ssim", "best", "mean")
 DEFAULT_COMBINE = "ssim"
 #: The matrix of ``VALIDATION_FILE`` the rules read when the file has it (else ``ssim``, whole slices).
 BRAIN_SSIM = "ssim_brain"
+#: ``VALIDATION_FILE`` entries of the histogram fallback (module docstring, 3.): histogram matching's SSIM over the
+#: brain per pair, and the quantiles of each target sequence's pooled training histogram (a row per sequence).
+HISTOGRAM_SSIM = "histogram_ssim_brain"
+HISTOGRAM_QUANTILES = "histogram_quantiles"
 #: Folders of a raw dataset that hold cases.
 IMAGE_FOLDERS = ("imagesTr", "imagesTs")
 LABEL_FOLDERS = ("labelsTr", "labelsTs")
@@ -189,6 +203,47 @@ def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None =
     return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float), key
 
 
+def read_histogram_quantiles(file: str | os.PathLike) -> np.ndarray | None:
+    """The (M, Q) ``histogram_quantiles`` of a ``synthesis_validation.json`` (a NaN row where null); None if absent.
+
+    Raises:
+        SynthesisModelError: not M rows of null or the same number (at least 2) of finite non-decreasing numbers.
+    """
+    file = Path(file)
+    try:
+        rows = json.loads(file.read_text()).get(HISTOGRAM_QUANTILES)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise SynthesisModelError(f"{file} is not a JSON object: {error}") from None
+    if rows is None:
+        return None
+    lengths = {len(row) for row in rows if isinstance(row, list)} if isinstance(rows, list) else set()
+    valid = (isinstance(rows, list) and len(rows) == mods.NUM_MODALITIES and len(lengths) <= 1
+             and all(row is None or (isinstance(row, list) and len(row) >= 2
+                                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row))
+                     for row in rows))
+    if valid:
+        quantiles = np.full((mods.NUM_MODALITIES, max(lengths, default=2)), np.nan)
+        for m, row in enumerate(rows):
+            if row is not None:
+                quantiles[m] = row
+        valid = all(np.isnan(row).all() or (np.isfinite(row).all() and np.all(np.diff(row) >= 0))
+                    for row in quantiles)
+    if not valid:
+        raise SynthesisModelError(f"{file}: {HISTOGRAM_QUANTILES!r} must be {mods.NUM_MODALITIES} rows, each null or "
+                                  f"the same number (at least 2) of finite non-decreasing numbers")
+    return quantiles
+
+
+def histogram_matched(source: np.ndarray, brain: np.ndarray, reference_values: np.ndarray) -> np.ndarray:
+    """``source``'s brain voxels with the histogram of ``reference_values`` (scikit-image); 0 outside the brain."""
+    from skimage.exposure import match_histograms
+
+    output = np.zeros(source.shape, dtype=np.float32)
+    if brain.any() and reference_values.size:
+        output[brain] = match_histograms(source[brain].astype(np.float64), reference_values.astype(np.float64))
+    return output
+
+
 def combination_weights(sources: Sequence[int], target: int, ssim: np.ndarray | None,
                         rule: str = DEFAULT_COMBINE) -> tuple[dict[int, float], str]:
     """Weights of the translations from ``sources`` to ``target`` (see the module docstring, step 3).
@@ -258,11 +313,17 @@ class SynthesisModel:
         folder: the model folder (for messages and the manifest).
         validation_metric: which matrix of the validation file ``validation_ssim`` is (``ssim_brain`` or ``ssim``;
             written to the manifest).
+        histogram_ssim: M x M validation SSIM over the brain of histogram matching (None: no fallback).
+        histogram_quantiles: (M, Q) quantiles of each target's training histogram (None: no fallback).
+        histogram_fallback: use histogram matching on the pairs where it validated better than the model
+            (``fallback_pairs``; only when ``validation_metric`` is ``ssim_brain`` and both entries are given).
     """
 
     def __init__(self, networks: Sequence[torch.nn.Module], plans: dict, configuration: str, dataset_json: dict, *,
                  device: torch.device | str = "cpu", validation_ssim: np.ndarray | None = None,
-                 folder: str | os.PathLike | None = None, validation_metric: str | None = None) -> None:
+                 folder: str | os.PathLike | None = None, validation_metric: str | None = None,
+                 histogram_ssim: np.ndarray | None = None, histogram_quantiles: np.ndarray | None = None,
+                 histogram_fallback: bool = True) -> None:
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -301,8 +362,23 @@ class SynthesisModel:
         self.total_stride = tuple(int(s) for s in stride)
         self.validation_ssim = validation_ssim
         self.validation_metric = validation_metric if validation_ssim is not None else None
+        self.histogram_quantiles = histogram_quantiles
+        self.fallback_pairs: frozenset[tuple[int, int]] = frozenset()
+        self.weight_ssim = validation_ssim  # what combination_weights reads: the model's SSIM, or histogram
+        if histogram_fallback and histogram_ssim is not None and histogram_quantiles is not None \
+                and self.validation_metric == BRAIN_SSIM:  # matching's where that replaces the model
+            with np.errstate(invalid="ignore"):
+                better = (histogram_ssim > validation_ssim) & np.isfinite(histogram_quantiles).all(axis=1)[None, :]
+            self.fallback_pairs = frozenset((int(s), int(t)) for s, t in zip(*np.nonzero(better), strict=True)
+                                            if s != t)
+            self.weight_ssim = np.where(better, histogram_ssim, validation_ssim)
         self.folder = Path(folder) if folder else None
         self.reader = self.plans_manager.image_reader_writer_class()
+
+    @property
+    def fallback_names(self) -> list[str]:
+        """The histogram-fallback pairs as ``source->target`` names (for manifests and summaries)."""
+        return [f"{mods.MODALITIES[s]}->{mods.MODALITIES[t]}" for s, t in sorted(self.fallback_pairs)]
 
     # ----------------------------------------------------------------------------------- reading
     def read_case(self, files: dict[int, Path], channels: Sequence[int], identifier: str = "") -> tuple[np.ndarray,
@@ -341,7 +417,8 @@ class SynthesisModel:
                          on_slices: Callable[[int], None] | None = None) -> np.ndarray:
         """(S, X, Y) translation of channel ``source`` to ``target`` in normalised space (0 outside the brain).
 
-        Cached per case; ``on_slices(n)`` is called with the number of slices run per batch (progress).
+        Cached per case; ``on_slices(n)`` is called with the number of slices run per batch (progress). A pair of
+        ``fallback_pairs`` is the source histogram-matched to the target's training histogram instead (no network).
         """
         key = (source, target)
         if key in prepared.cache:
@@ -349,6 +426,9 @@ class SynthesisModel:
         if source not in prepared.present:
             raise ValueError(f"source {mods.MODALITIES[source]} was not among the channels given to prepare()")
         volume = prepared.data[source]  # (S, X, Y)
+        if key in self.fallback_pairs:
+            prepared.cache[key] = histogram_matched(volume, prepared.brain, self.histogram_quantiles[target])
+            return prepared.cache[key]
         output = np.zeros(volume.shape, dtype=np.float32)
         slices = np.flatnonzero(prepared.brain.reshape(prepared.brain.shape[0], -1).any(axis=1))
         pad = [(0, (-n) % s) for n, s in zip(volume.shape[1:], self.total_stride, strict=True)]
@@ -374,12 +454,13 @@ class SynthesisModel:
     def combine(self, prepared: PreparedCase, sources: Sequence[int], target: int, rule: str = DEFAULT_COMBINE,
                 batch_size: int = 16, on_slices: Callable[[int], None] | None = None) -> tuple[np.ndarray, str]:
         """Weighted combination (normalised space) of the translations of ``sources`` to ``target``."""
-        weights, how = combination_weights(sources, target, self.validation_ssim, rule)
+        weights, how = combination_weights(sources, target, self.weight_ssim, rule)
         combined = np.zeros(prepared.brain.shape, dtype=np.float32)
         for source, weight in weights.items():
             if weight > 0:
                 combined += weight * self.translate_volume(prepared, source, target, batch_size, on_slices)
-        return combined, how
+        matched = [mods.MODALITIES[s] for s, w in weights.items() if w > 0 and (s, target) in self.fallback_pairs]
+        return combined, how + (f" (histogram matching from {', '.join(matched)})" if matched else "")
 
     # ----------------------------------------------------------------------------------- back to the image
     def to_original(self, volume: np.ndarray, prepared: PreparedCase) -> np.ndarray:
@@ -451,14 +532,15 @@ def find_trainer_class(trainer_name: str) -> type:
 
 def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] | None = None,
                          checkpoint_name: str = "checkpoint_final.pth", device: torch.device | str = "cpu",
-                         trainer_class: type | None = None) -> SynthesisModel:
+                         trainer_class: type | None = None, histogram_fallback: bool = True) -> SynthesisModel:
     """Restore the generator of a trained model folder as nnU-Net's predictor restores a network.
 
     The trainer class is looked up by the checkpoint's ``trainer_name`` (``trainer_class`` overrides it), its
     ``build_network_architecture(plans_manager, configuration_manager, in, out, False)`` builds the generator and
     the checkpoint's ``network_weights`` are loaded strictly. The validation SSIM matrices of the folds
     (``synthesis_validation.json``: ``ssim_brain`` if every fold's file has it, else the whole-slice ``ssim``) are
-    averaged over the folds that have one.
+    averaged over the folds that have one; so are the histogram fallback's entries when every such file has them
+    (``histogram_fallback`` False ignores them).
 
     Raises:
         FileNotFoundError: a missing folder, file or checkpoint.
@@ -510,14 +592,27 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
     key = BRAIN_SSIM if {k for _, k in found} == {BRAIN_SSIM} else "ssim"  # folds of both versions: the common one
     matrices = [matrix if k == key else read_validation_matrix(file, dataset_json["channel_names"], key)[0]
                 for file, (matrix, k) in zip(files, found, strict=True)]
-    ssim = None
-    if matrices:
-        stack = np.stack(matrices)
-        counts = np.isfinite(stack).sum(axis=0)
-        with np.errstate(invalid="ignore"):
-            ssim = np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
+    ssim = _fold_mean(matrices) if matrices else None
+    histogram_ssim = histogram_quantiles = None
+    if histogram_fallback and matrices and key == BRAIN_SSIM:
+        quantiles = [read_histogram_quantiles(file) for file in files]
+        if all(q is not None for q in quantiles):
+            histogram_ssim = _fold_mean([read_validation_matrix(file, dataset_json["channel_names"], HISTOGRAM_SSIM)[0]
+                                         for file in files])
+            if len({q.shape for q in quantiles}) > 1:
+                raise SynthesisModelError(f"{folder}: the folds' {HISTOGRAM_QUANTILES!r} have different lengths")
+            histogram_quantiles = _fold_mean(quantiles)
     return SynthesisModel(networks, plans, configuration, dataset_json, device=device, validation_ssim=ssim,
-                          folder=folder, validation_metric=key if matrices else None)
+                          folder=folder, validation_metric=key if matrices else None, histogram_ssim=histogram_ssim,
+                          histogram_quantiles=histogram_quantiles, histogram_fallback=histogram_fallback)
+
+
+def _fold_mean(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Element-wise mean over the folds of the finite values (NaN where no fold has one)."""
+    stack = np.stack(arrays)
+    counts = np.isfinite(stack).sum(axis=0)
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, np.nansum(stack, axis=0) / np.maximum(counts, 1), np.nan)
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -687,7 +782,7 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
                folds: Sequence[int | str] | None = None, checkpoint_name: str = "checkpoint_final.pth",
                available: Sequence[int] | None = None, availability_file: str | os.PathLike | None = None,
                device: str = "cpu", combine: str = DEFAULT_COMBINE, batch_size: int = 16, num_parts: int = 1,
-               part_id: int = 0, progress: bool = True) -> dict:
+               part_id: int = 0, progress: bool = True, histogram_fallback: bool = True) -> dict:
     """Write a copy of a raw dataset or case folder with every missing sequence synthesised (module docstring).
 
     Everything is checked before the model is loaded and anything is written: the parts, the output (must not
@@ -709,6 +804,8 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
         num_parts: split the cases of a case folder into this many parts (not for raw datasets).
         part_id: the part this call writes.
         progress: show a progress bar.
+        histogram_fallback: histogram matching on the pairs where it validated better (module docstring, step 3;
+            ignored for a :class:`SynthesisModel`, which was built with or without it).
 
     Returns:
         ``{"output", "cases", "synthesized_channels", "slices", "seconds"}``: ``slices`` counts slice translations
@@ -763,10 +860,11 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
     if num_parts > 1:
         _check_part_targets(output, [case for _, case in work], file_ending, num_parts, part_id)
     synthesis_model = model if isinstance(model, SynthesisModel) else load_synthesis_model(
-        model, folds, checkpoint_name, device)
+        model, folds, checkpoint_name, device, histogram_fallback=histogram_fallback)
     info = {"model": str(synthesis_model.folder or "in-memory model"), "configuration": synthesis_model.configuration,
             "folds": [str(f) for f in folds] if folds else "all", "checkpoint": checkpoint_name, "combine": combine,
             "validation_metric": synthesis_model.validation_metric,
+            "histogram_fallback": synthesis_model.fallback_names,
             "intensity": "mean + sd * z in the brain (means over the acquired sequences), 0 outside",
             "input": str(input_path)}
     with raise_on_sigterm():

@@ -117,6 +117,10 @@ Deviations from the paper, and why:
 * SSIM/PSNR of the per-epoch validation and of ``synthesis_validation.json`` are over whole slices in z-score space
   with the real slice's range as data range, for model selection and for weighting sources; the paper's metrics
   (and BraSyn's) are computed by ``evaluate-synthesis``.
+* ``synthesis_validation.json`` also scores plain histogram matching on the same validation slices
+  (``histogram_ssim_brain``: the source's brain voxels of the case given the target's histogram, pooled from the
+  fold's training cases and stored as ``histogram_quantiles``), so that ``synthesize`` can use it on the pairs
+  where it beats the model (inference/synthesize.py, histogram fallback). Not in the paper.
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ from torch import nn
 from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.config import is_non_negative_number
 from nnunet_missingmod.evaluation.synthesis import SSIM_WINDOW, scale_to_unit, ssim_map
+from nnunet_missingmod.inference.synthesize import HISTOGRAM_QUANTILES, HISTOGRAM_SSIM, histogram_matched
 from nnunet_missingmod.losses.adversarial import (
     cycle_reconstruction_loss,
     distillation_loss,
@@ -174,6 +179,9 @@ SYNTHESIS_VALIDATION_FILE = "synthesis_validation.json"
 SYNTHESIS_HEATMAP_FILE = "synthesis_validation_ssim.png"
 #: Slices translated at once in the final validation.
 FINAL_VALIDATION_BATCH = 16
+#: The histogram fallback's reference: brain voxels sampled per training case and sequence, and quantiles kept.
+HISTOGRAM_SAMPLE_PER_CASE = 20_000
+HISTOGRAM_LEVELS = 1001
 
 
 # ---------------------------------------------------------------------------------------------- pair drawing
@@ -598,15 +606,20 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                       filename, title=f"{type(self).__name__}, epoch {self.current_epoch}")
 
     def final_validation(self) -> None:
-        """Translate the validation cases' slices for every pair; write the SSIM/PSNR matrices and heat map."""
+        """Translate the validation cases' slices for every pair; write the SSIM/PSNR matrices and heat map.
+
+        Histogram matching to the training cases' histograms is scored on the same slices (module docstring).
+        """
         if self.local_rank != 0:
             return
-        _, val_keys = self.do_split()
+        train_keys, val_keys = self.do_split()
         dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
         dataset = dataset_class(self.preprocessed_dataset_folder, val_keys)
         size = self.num_modalities
         totals = np.zeros((3, size, size))  # summed SSIM, PSNR, slice count
         brain_totals = np.zeros((2, size, size))  # SSIM map summed over brain voxels, brain voxel count
+        histogram_totals = np.zeros((2, size, size))  # the same for histogram matching
+        quantiles = self.histogram_reference(dataset_class(self.preprocessed_dataset_folder, train_keys), train_keys)
         region = np.asarray(mods.REGIONS[self.utad["mask_region"]])
         for number, key in enumerate(val_keys, start=1):
             self.print_to_log_file(f"final validation: {key} ({number} of {len(val_keys)})")
@@ -625,17 +638,47 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                         if np.isfinite(ssim) and np.isfinite(psnr):
                             totals[:, source, target] += (ssim, psnr, 1)
                         brain_totals[:, source, target] += (brain_sum, voxels)
+                    if np.isfinite(quantiles[target]).all():
+                        matched = histogram_matched(data[source, slices], brain[slices], quantiles[target])
+                        for generated, real, in_brain in zip(matched, data[target, slices], brain[slices],
+                                                             strict=True):
+                            histogram_totals[:, source, target] += brain_ssim(generated, real, in_brain)
         result = synthesis_matrices(totals, self.dataset_json["channel_names"], brain_totals)
+        result[HISTOGRAM_SSIM] = pair_means(histogram_totals[0], histogram_totals[1])
+        result[HISTOGRAM_QUANTILES] = [None if not np.isfinite(row).all() else [round(float(v), 6) for v in row]
+                                       for row in quantiles]
         with open(join(self.output_folder, SYNTHESIS_VALIDATION_FILE), "w") as f:
             json.dump(result, f, indent=2)
         plot_ssim_matrix(result, join(self.output_folder, SYNTHESIS_HEATMAP_FILE),
                          title=f"{type(self).__name__}\nvalidation SSIM over the brain, {len(val_keys)} case(s), "
                                f"fold {self.fold}")
         means = {name: np.mean(finite) if (finite := [v for row in result[name] for v in row if v is not None])
-                 else float("nan") for name in ("ssim", "ssim_brain")}
+                 else float("nan") for name in ("ssim", "ssim_brain", HISTOGRAM_SSIM)}
         self.print_to_log_file(f"final validation on {len(val_keys)} case(s): mean over source->target pairs of the "
-                               f"SSIM over the brain {means['ssim_brain']:.4f}, over whole slices {means['ssim']:.4f}; "
+                               f"SSIM over the brain {means['ssim_brain']:.4f} (histogram matching "
+                               f"{means[HISTOGRAM_SSIM]:.4f}), over whole slices {means['ssim']:.4f}; "
                                f"written to {join(self.output_folder, SYNTHESIS_VALIDATION_FILE)}")
+
+    def histogram_reference(self, dataset, keys: Sequence[str]) -> np.ndarray:
+        """(M, HISTOGRAM_LEVELS) quantiles of each sequence's brain voxels over the cases ``keys`` (preprocessed,
+        z-scores; up to HISTOGRAM_SAMPLE_PER_CASE voxels of a case's acquired slices; a NaN row where none has it)."""
+        size = self.num_modalities
+        rng = np.random.default_rng(0)
+        samples: list[list[np.ndarray]] = [[] for _ in range(size)]
+        for key in keys:
+            data, seg, _, _ = dataset.load_case(key)
+            brain = np.asarray(seg[0]) >= 0
+            for modality in range(size):
+                channel = np.asarray(data[modality], dtype=np.float32)
+                acquired = channel.reshape(channel.shape[0], -1).any(axis=1)  # zero-filled slices are missing
+                values = channel[acquired][brain[acquired]]
+                if values.size > HISTOGRAM_SAMPLE_PER_CASE:
+                    values = rng.choice(values, HISTOGRAM_SAMPLE_PER_CASE, replace=False)
+                if values.size:
+                    samples[modality].append(values)
+        levels = np.linspace(0.0, 1.0, HISTOGRAM_LEVELS)
+        return np.stack([np.quantile(np.concatenate(s), levels) if s else np.full(HISTOGRAM_LEVELS, np.nan)
+                         for s in samples])
 
     def _translate_slices(self, sources: np.ndarray, masks: np.ndarray, reals: np.ndarray, brains: np.ndarray,
                           target: int):
@@ -790,23 +833,26 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def pair_means(values: np.ndarray, counts: np.ndarray) -> list[list[float | None]]:
+    """M x M ``values / counts`` per source -> target pair; None on the diagonal and where the count is 0."""
+    size = values.shape[0]
+    return [[None if s == t or counts[s, t] == 0 else float(values[s, t] / counts[s, t]) for t in range(size)]
+            for s in range(size)]
+
+
 def synthesis_matrices(totals: np.ndarray, channel_names: dict, brain_totals: np.ndarray | None = None) -> dict:
     """``synthesis_validation.json``'s content from (3, M, M) sums of SSIM, PSNR and slice counts, and (2, M, M)
     sums of the SSIM map over brain voxels and brain voxel counts (``ssim_brain``, ``brain_voxels``)."""
     size = totals.shape[1]
-
-    def matrix(values: np.ndarray, counts: np.ndarray) -> list[list[float | None]]:
-        return [[None if s == t or counts[s, t] == 0 else float(values[s, t] / counts[s, t]) for t in range(size)]
-                for s in range(size)]
-
     def integers(counts: np.ndarray) -> list[list[int | None]]:
         return [[None if s == t else int(counts[s, t]) for t in range(size)] for s in range(size)]
 
     counts = totals[2]
-    result = {"channel_names": dict(channel_names), "ssim": matrix(totals[0], counts),
-              "psnr": matrix(totals[1], counts), "num_slices": integers(counts)}
+    result = {"channel_names": dict(channel_names), "ssim": pair_means(totals[0], counts),
+              "psnr": pair_means(totals[1], counts), "num_slices": integers(counts)}
     if brain_totals is not None:
-        result |= {"ssim_brain": matrix(brain_totals[0], brain_totals[1]), "brain_voxels": integers(brain_totals[1])}
+        result |= {"ssim_brain": pair_means(brain_totals[0], brain_totals[1]),
+                   "brain_voxels": integers(brain_totals[1])}
     return result
 
 

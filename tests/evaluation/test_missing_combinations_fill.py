@@ -95,6 +95,7 @@ def test_synthesized_fill_matches_synthesize_then_predict(trained_model, phantom
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fill"] == "synthesize" and summary["synthesis"]["combine"] == "mean"
     assert summary["synthesis"]["validation_metric"] == "ssim"  # the stand-in's file has whole slices only
+    assert summary["synthesis"]["histogram_fallback"] == []  # (and no histogram entries)
     assert json.loads((zero / "summary.json").read_text())["fill"] == "zero"
     assert "missing channels synthesized by" in (out / "table.md").read_text().splitlines()[0]
     synth_rows, zero_rows = _rows(out), _rows(zero)

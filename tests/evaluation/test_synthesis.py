@@ -244,6 +244,7 @@ def test_evaluation_rows_metrics_and_baselines(evaluation_setup, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cases"] == 3 and summary["histogram_reference"] == "leave-one-out pool"
     assert summary["combine"] == "ssim" and summary["validation_metric"] == "ssim"  # the stand-in's whole slices
+    assert summary["histogram_fallback"] == []
     pair = summary["per_pair"]["t1ce->t1"]["synthesis"]
     values = [float(r["ssim_brain"]) for r in rows if r["method"] == "synthesis" and r["source"] == "t1ce"
               and r["target"] == "t1"]

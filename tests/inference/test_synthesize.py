@@ -89,10 +89,10 @@ def synthesis_plans(in_plane_spacing=(1.0, 1.0), transpose=(0, 1, 2)) -> dict:
 
 
 def make_model(root: Path, *, plans: dict | None = None, validation=VALIDATION, channel_names=None,
-               folds=(0,), brain=None, brain_folds=None) -> Path:
+               folds=(0,), brain=None, brain_folds=None, histogram=None) -> Path:
     """An nnU-Net trainer folder of the stand-in (plans.json, dataset.json, fold_F/checkpoint_final.pth); the
     validation file has ``validation`` as its whole-slice matrices and ``brain`` as ``ssim_brain`` (in the folds
-    ``brain_folds``, default all), if given."""
+    ``brain_folds``, default all), if given, and the entries of the dict ``histogram`` (histogram fallback)."""
     folder = root / "Dataset971_Synth" / "StandInSynthesisTrainer__nnUNetPlans__2d"
     folder.mkdir(parents=True)
     dataset_json = tiny_dataset_json()
@@ -109,6 +109,7 @@ def make_model(root: Path, *, plans: dict | None = None, validation=VALIDATION, 
                        "num_slices": [[1] * 4] * 4}
             if brain is not None and (brain_folds is None or fold in brain_folds):
                 content["ssim_brain"] = brain
+            content |= histogram or {}
             (folder / f"fold_{fold}" / synthesis.VALIDATION_FILE).write_text(json.dumps(content))
     return folder
 
@@ -326,12 +327,87 @@ def test_the_rules_read_the_ssim_over_the_brain_where_the_file_has_it(tmp_path):
         assert manifest["synthesis"]["combine"] == "best" and manifest["synthesis"]["combination"]["R/flair"] == "best"
 
 
+def _z_scores(arrays: dict[int, np.ndarray], acquired) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """By hand: each acquired channel's z-score over the brain (the union of the acquired non-zero voxels)."""
+    brain = np.zeros(SHAPE, dtype=bool)
+    for channel in acquired:
+        brain |= arrays[channel] != 0
+    z = {}
+    for channel in acquired:
+        values = arrays[channel].astype(np.float64)
+        z[channel] = (values - values[brain].mean()) / values[brain].std()
+    return z, brain
+
+
+def test_histogram_fallback_replaces_the_pairs_where_histogram_matching_validated_better(tmp_path):
+    """t2 -> flair: histogram matching 0.5 > the model's 0.3, so that pair is the t2 z-scores given flair's stored
+    histogram; t1 -> flair keeps the model (0.2 < 0.45). The stored flair histogram is a scaled, shifted copy of
+    this case's own t2 z-scores, so histogram matching must give 1.5 z + 0.25 (the increasing map of a distribution
+    onto such a copy of itself is that affine map)."""
+    cases = tmp_path / "cases"
+    arrays = write_case(cases, "H", (0, 2), seed=7)
+    z, brain = _z_scores(arrays, (0, 2))
+    flair = np.quantile(1.5 * z[2][brain] + 0.25, np.linspace(0, 1, 1001))
+    brain_ssim = [[None, 0.7, 0.6, 0.45], [0.8, None, 0.4, 0.3], [0.6, 0.5, None, 0.3], [0.5, 0.4, 0.9, None]]
+    matched_ssim = [[None, 0.1, 0.1, 0.2], [0.1, None, 0.1, 0.1], [0.1, 0.1, None, 0.5], [0.1, 0.1, 0.1, None]]
+    quantiles = [np.linspace(-2, 2, 1001).tolist()] * 3 + [flair.tolist()]
+    folder = make_model(tmp_path / "r", brain=brain_ssim,
+                        histogram={"histogram_ssim_brain": matched_ssim, "histogram_quantiles": quantiles})
+    model = _load(folder)
+    assert model.fallback_pairs == {(2, 3)} and model.fallback_names == ["t2->flair"]
+    synthesize(cases, tmp_path / "out", model, combine="ssim", progress=False)
+    weights = {0: 0.45 / 0.95, 2: 0.5 / 0.95}
+    combined = weights[0] * (SCALE[3] * z[0] + SHIFT[3]) + weights[2] * (1.5 * z[2] + 0.25)
+    mean = np.mean([arrays[c][brain].astype(np.float64).mean() for c in (0, 2)])
+    sd = np.mean([arrays[c][brain].astype(np.float64).std() for c in (0, 2)])
+    values, _ = read(tmp_path / "out" / "H_0003.nii.gz")
+    error = np.abs(values[brain] - (mean + sd * combined)[brain]) / sd  # in z-score units
+    # 1001 stored quantiles: exact but for the interpolation between them, coarse only in the tails
+    assert np.quantile(error, 0.99) < 0.02 and error.max() < 0.15
+    assert np.all(values[~brain] == 0)
+    manifest = json.loads((tmp_path / "out" / "modality_availability.json").read_text())["synthesis"]
+    assert manifest["histogram_fallback"] == ["t2->flair"]
+    assert manifest["combination"]["H/flair"] == "ssim (histogram matching from t2)"
+    assert manifest["combination"]["H/t1ce"] == "ssim"  # t1 -> t1ce and t2 -> t1ce keep the model
+    # switched off (--no-histogram-fallback): the model on every pair, weighted by its own SSIM
+    plain = _load(folder, histogram_fallback=False)
+    assert plain.fallback_pairs == frozenset()
+    synthesize(cases, tmp_path / "plain", plain, combine="ssim", progress=False)
+    values, _ = read(tmp_path / "plain" / "H_0003.nii.gz")
+    np.testing.assert_allclose(values, expected_channel(arrays, (0, 2), 3, {0: 0.45 / 0.75, 2: 0.3 / 0.75}),
+                               rtol=1e-4, atol=1e-2)
+    assert json.loads((tmp_path / "plain" / "modality_availability.json").read_text())["synthesis"][
+        "histogram_fallback"] == []
+
+
+def test_histogram_fallback_needs_both_entries_the_brain_ssim_and_a_target_histogram(tmp_path):
+    brain_ssim = [[None, 0.2, 0.2, 0.2]] + [[0.2 if s != t else None for t in range(4)] for s in range(1, 4)]
+    better = [[None if s == t else 0.5 for t in range(4)] for s in range(4)]
+    quantiles = [np.linspace(-2, 2, 11).tolist()] * 4
+    entries = {"histogram_ssim_brain": better, "histogram_quantiles": quantiles}
+    assert len(_load(make_model(tmp_path / "all", brain=brain_ssim, histogram=entries)).fallback_pairs) == 12
+    assert not _load(make_model(tmp_path / "whole", histogram=entries)).fallback_pairs  # no ssim_brain: no fallback
+    assert not _load(make_model(tmp_path / "half", brain=brain_ssim,
+                                histogram={"histogram_ssim_brain": better})).fallback_pairs  # no histograms
+    no_flair = {**entries, "histogram_quantiles": quantiles[:3] + [None]}
+    model = _load(make_model(tmp_path / "noflair", brain=brain_ssim, histogram=no_flair))
+    assert model.fallback_pairs == {(s, t) for s in range(4) for t in range(3) if s != t}  # never to flair
+    for bad in ([[0.0, 1.0]] * 3, [[0.0, 1.0]] * 3 + [[0.0, 1.0, 2.0]], [[1.0, 0.0]] * 4, [[0.0, float("nan")]] * 4,
+                [[0.0]] * 4, "x"):
+        folder = make_model(tmp_path / f"bad{len(list(tmp_path.iterdir()))}", brain=brain_ssim,
+                            histogram={"histogram_ssim_brain": better, "histogram_quantiles": bad})
+        with pytest.raises(SynthesisModelError, match=r"synthesis_validation\.json: 'histogram_quantiles' must be"):
+            _load(folder)
+
+
 def test_every_command_offers_the_rules_with_the_library_default():
     parser = cli.build_parser()
     for argv in (["synthesize", "-i", "I", "-o", "O", "-m", "M"],
                  ["evaluate-synthesis", "-i", "I", "-o", "O", "-m", "M"],
                  ["evaluate-missing", "-d", "1", "-c", "3d", "-o", "O"]):
         assert parser.parse_args(argv).combine == synthesis.DEFAULT_COMBINE, argv
+        assert parser.parse_args(argv).histogram_fallback is True
+        assert parser.parse_args([*argv, "--no-histogram-fallback"]).histogram_fallback is False
         for rule in synthesis.COMBINE_RULES:
             assert parser.parse_args([*argv, "--combine", rule]).combine == rule
 
@@ -470,9 +546,24 @@ def test_student_of_the_trainers_synthesizes_a_case_folder(trained_synthesis_mod
             (cases / f"{case}_{channel:04d}.nii.gz").read_bytes()
     manifest = json.loads((tmp_path / "out" / "modality_availability.json").read_text())
     assert manifest["synthetic"] == {case: ["t1", "t2"]}
-    # the trainer's validation matrix is read and used for the two sources
-    assert manifest["synthesis"]["combination"][f"{case}/t1"] in ("ssim", "mean (fallback: a validation SSIM is "
-                                                                           "missing or not positive)")
+    # the trainer's validation matrices are read and used for the two sources: the model, or histogram matching on
+    # the pairs where that validated better (a one-epoch model loses most of them)
+    validation = json.loads((student / "fold_0" / synthesis.VALIDATION_FILE).read_text())
+    fallback = [(s, t) for s in range(4) for t in range(4) if s != t
+                and validation["histogram_ssim_brain"][s][t] > validation["ssim_brain"][s][t]]
+    assert manifest["synthesis"]["histogram_fallback"] == [f"{mods.MODALITIES[s]}->{mods.MODALITIES[t]}"
+                                                           for s, t in fallback]
+    for target in (0, 2):
+        how = manifest["synthesis"]["combination"][f"{case}/{mods.MODALITIES[target]}"]
+        weight = {s: validation["histogram_ssim_brain" if (s, target) in fallback else "ssim_brain"][s][target]
+                  for s in (1, 3)}
+        matched = [mods.MODALITIES[s] for s in (1, 3) if (s, target) in fallback and weight[s] > 0]
+        if max(weight.values()) <= 0:  # equal weights: every source counts
+            matched = [mods.MODALITIES[s] for s in (1, 3) if (s, target) in fallback]
+            assert how == "mean (fallback: no validation SSIM is positive)" + (
+                f" (histogram matching from {', '.join(matched)})" if matched else ""), how
+        else:
+            assert how == "ssim" + (f" (histogram matching from {', '.join(matched)})" if matched else ""), how
     labels = images[0].parent.parent / ("labelsTs" if images[0].parent.name == "imagesTs" else "labelsTr")
     code = cli.main(["evaluate-synthesis", "-i", str(images[0].parent), "-l", str(labels), "-o",
                      str(tmp_path / "eval"), "-m", str(student), "--num-cases", "1", "-device", "cpu"])

@@ -611,7 +611,10 @@ def test_teacher_then_student_through_nnunet_train(trained_synthesis_model):
                           (student_folder, TEACHER_TERMS | {"dis_feature", "dis_image"})):
         fold = folder / "fold_0"
         result = json.loads((fold / SYNTHESIS_VALIDATION_FILE).read_text())
-        assert result.keys() == {"channel_names", "ssim", "psnr", "num_slices", "ssim_brain", "brain_voxels"}
+        assert result.keys() == {"channel_names", "ssim", "psnr", "num_slices", "ssim_brain", "brain_voxels",
+                                 "histogram_ssim_brain", "histogram_quantiles"}
+        for row in result["histogram_quantiles"]:  # the phantoms' training cases have every sequence
+            assert len(row) == 1001 and np.all(np.diff(row) >= 0) and row[0] < 0 < row[-1]  # z-scores
         assert result["channel_names"] == dataset_json["channel_names"]
         size = len(dataset_json["channel_names"])
         for s in range(size):
@@ -621,7 +624,7 @@ def test_teacher_then_student_through_nnunet_train(trained_synthesis_model):
                 assert -1 <= result["ssim"][s][t] <= 1 and math.isfinite(result["psnr"][s][t])
                 # every voxel of nnU-Net's non-zero mask counts once per slice both sequences have
                 assert result["brain_voxels"][s][t] > 10 * result["num_slices"][s][t]
-                assert -1 <= result["ssim_brain"][s][t] <= 1
+                assert -1 <= result["ssim_brain"][s][t] <= 1 and -1 <= result["histogram_ssim_brain"][s][t] <= 1
         assert (fold / SYNTHESIS_HEATMAP_FILE).stat().st_size > 5000
         assert (fold / "examples" / "epoch_0000.png").stat().st_size > 5000
         assert (fold / "progress_adversarial.png").stat().st_size > 5000
@@ -649,3 +652,34 @@ def test_student_checkpoint_loads_strictly_into_the_inference_network(trained_sy
     with torch.no_grad():
         out = network.translate(torch.randn(2, 1, 48, 40), torch.tensor([0, 3]))
     assert out.shape == (2, 1, 48, 40) and torch.isfinite(out).all()
+
+
+def test_histogram_reference_pools_the_brain_voxels_of_the_acquired_slices():
+    """Quantiles of each sequence over the cases' brain voxels (seg >= 0), slices that are all zero left out."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    cases = {}
+    for key in ("a", "b"):
+        data = rng.normal(size=(4, 3, 6, 5)).astype(np.float32)
+        seg = np.zeros((1, 3, 6, 5), dtype=np.int8)
+        seg[0, :, 0, :] = -1  # outside nnU-Net's non-zero mask
+        cases[key] = (data, seg)
+    cases["a"][0][1, 2] = 0  # case a lacks T1ce on its last slice (zero-filled)
+    cases["b"][0][3] = 0  # case b lacks FLAIR
+    dataset = SimpleNamespace(load_case=lambda key: (*cases[key], None, None))
+    trainer = SimpleNamespace(num_modalities=4)
+    quantiles = UTADNetTeacherTrainer.histogram_reference(trainer, dataset, ["a", "b"])
+    assert quantiles.shape == (4, 1001)
+    for modality in range(4):
+        values = []
+        for data, seg in cases.values():
+            for z in range(3):
+                if data[modality, z].any():
+                    values += [data[modality, z, x, y] for x in range(6) for y in range(5) if seg[0, z, x, y] >= 0]
+        expected = np.quantile(np.array(values), np.linspace(0, 1, 1001))
+        np.testing.assert_allclose(quantiles[modality], expected, rtol=1e-6)
+    empty = {"a": (np.zeros((4, 2, 3, 3), np.float32), np.zeros((1, 2, 3, 3), np.int8))}
+    none = UTADNetTeacherTrainer.histogram_reference(
+        trainer, SimpleNamespace(load_case=lambda key: (*empty[key], None, None)), ["a"])
+    assert np.isnan(none).all()  # no acquired voxel of any sequence: no reference
