@@ -4,7 +4,9 @@ Method evaluated: the UTAD-Net student (Huang, Wei, Li, "Unsupervised Tumor-Awar
 Brain Image Translation"), used through :mod:`nnunet_missingmod.inference.synthesize`. On every case, each
 acquired sequence in turn is hidden (set to zero before nnU-Net's preprocessing) and synthesised from each other
 acquired sequence (one row per source -> target pair, as the paper's Table I reports), and, with ``combined``, from
-all of them together (source ``all``, the rule of ``synthesize``). Compared in the input geometry, per case:
+all of them together (source ``all``, the rule of ``synthesize``; with its histogram fallback, the ``synthesis``
+rows of the pairs listed in ``summary.json``'s ``histogram_fallback`` are histogram matching to the model's
+training histogram, not the generator). Compared in the input geometry, per case:
 
 * ``ssim_brain``, ``psnr_brain`` (the paper's SSIM and PSNR): each image is scaled to [0, 1] by its own 0.5 and
   99.5 percentiles in the brain (values clipped; the brain is the union of the case's acquired sequences'

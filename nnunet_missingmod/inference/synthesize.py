@@ -594,9 +594,10 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
                 for file, (matrix, k) in zip(files, found, strict=True)]
     ssim = _fold_mean(matrices) if matrices else None
     histogram_ssim = histogram_quantiles = None
-    if histogram_fallback and matrices and key == BRAIN_SSIM:
+    if histogram_fallback and matrices and key == BRAIN_SSIM and all(
+            {HISTOGRAM_SSIM, HISTOGRAM_QUANTILES} <= json.loads(file.read_text()).keys() for file in files):
         quantiles = [read_histogram_quantiles(file) for file in files]
-        if all(q is not None for q in quantiles):
+        if all(q is not None for q in quantiles):  # (null: no fallback)
             histogram_ssim = _fold_mean([read_validation_matrix(file, dataset_json["channel_names"], HISTOGRAM_SSIM)[0]
                                          for file in files])
             if len({q.shape for q in quantiles}) > 1:
@@ -809,7 +810,8 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
 
     Returns:
         ``{"output", "cases", "synthesized_channels", "slices", "seconds"}``: ``slices`` counts slice translations
-        (one slice from one source to one target), ``seconds`` the processing loop.
+        by the network (one slice from one source to one target; pairs of the histogram fallback run none),
+        ``seconds`` the processing loop.
 
     Raises:
         ValueError: invalid parts, rule or batch size; the output equal to or inside the input.

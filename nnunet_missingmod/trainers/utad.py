@@ -47,10 +47,11 @@ diagonal, and the metrics ``null`` where no slice allowed the pair, whose counts
 ``ssim_brain``, ``synthesis_validation_ssim.png``. ``ssim`` and ``psnr`` score whole slices (padded to the network's
 total stride, background included, averaged over slices), as the per-epoch validation does. ``ssim_brain`` is the
 SSIM of ``evaluate-synthesis`` on 2D slices: both slices scaled to [0, 1] by their own 0.5 and 99.5 percentiles in
-the brain (nnU-Net's non-zero mask, label >= 0 in the preprocessed data), the Gaussian SSIM map averaged over every
-brain voxel of the validation slices. ``synthesize`` weighs or picks its sources by ``ssim_brain``: whole-slice SSIM
-rewards the blank background and rated inverted translations about as high as good ones (docs/RESULTS.md,
-"Combining sources").
+the brain (nnU-Net's non-zero mask, label >= 0 in the preprocessed data; 0 outside it), the Gaussian SSIM map
+averaged over every brain voxel of the validation slices. The file also holds ``histogram_ssim_brain`` (M x M, the
+same SSIM for plain histogram matching) and ``histogram_quantiles`` (M rows; see the list below). ``synthesize``
+weighs or picks its sources by ``ssim_brain``: whole-slice SSIM rewards the blank background and rated inverted
+translations about as high as good ones (docs/RESULTS.md, "Combining sources").
 ``nnUNetv2_train ... -tr UTADNetStudentTrainer --val`` rewrites the file for a model validated before (one of the
 same generator: nnU-Net's ``--val`` also restores the optimiser, whose state does not fit a generator saved before
 the conditional normalisation).
@@ -639,10 +640,8 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                             totals[:, source, target] += (ssim, psnr, 1)
                         brain_totals[:, source, target] += (brain_sum, voxels)
                     if np.isfinite(quantiles[target]).all():
-                        matched = histogram_matched(data[source, slices], brain[slices], quantiles[target])
-                        for generated, real, in_brain in zip(matched, data[target, slices], brain[slices],
-                                                             strict=True):
-                            histogram_totals[:, source, target] += brain_ssim(generated, real, in_brain)
+                        histogram_totals[:, source, target] += histogram_matching_ssim(
+                            data[source, slices], data[target, slices], brain[slices], quantiles[target])
         result = synthesis_matrices(totals, self.dataset_json["channel_names"], brain_totals)
         result[HISTOGRAM_SSIM] = pair_means(histogram_totals[0], histogram_totals[1])
         result[HISTOGRAM_QUANTILES] = [None if not np.isfinite(row).all() else [round(float(v), 6) for v in row]
@@ -833,6 +832,19 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def histogram_matching_ssim(sources: np.ndarray, reals: np.ndarray, brains: np.ndarray,
+                            quantiles: np.ndarray) -> tuple[float, int]:
+    """(sum of the SSIM map over the brain voxels, their number) of the (n, X, Y) ``sources`` of one case, their brain
+    voxels matched together to the target histogram ``quantiles``, against the real target slices (:func:`brain_ssim`
+    per slice, summed): the histogram fallback's validation score of one pair on one case."""
+    matched = histogram_matched(sources, brains, quantiles)
+    total, voxels = 0.0, 0
+    for generated, real, brain in zip(matched, reals, brains, strict=True):
+        slice_sum, slice_voxels = brain_ssim(generated, real, brain)
+        total, voxels = total + slice_sum, voxels + slice_voxels
+    return total, voxels
+
+
 def pair_means(values: np.ndarray, counts: np.ndarray) -> list[list[float | None]]:
     """M x M ``values / counts`` per source -> target pair; None on the diagonal and where the count is 0."""
     size = values.shape[0]

@@ -395,6 +395,19 @@ def test_benchmark_teacher_student_table_and_goal(tmp_path):
     np.testing.assert_array_equal(whole["UTADNetStudentTrainer"], student)
     assert bench_synthesis.validation_matrices(tmp_path, regime, key="ssim_brain") == {
         "UTADNetTeacherTrainer": None, "UTADNetStudentTrainer": None}
+    import argparse  # the report lists the pairs synthesize's histogram fallback would take over
+    args = argparse.Namespace(epochs=2, teacher_epochs=2, iterations=3, downstream=False)
+    assert "Histogram fallback" not in bench_synthesis.write_report(tmp_path, regime, args, {}, {}).read_text()
+    histogram = np.full((4, 4), np.nan)
+    histogram[0, 1], histogram[2, 3] = 0.45, 0.2  # below the student on t1 -> t1ce, above on t2 -> flair
+    for trainer, values in (("UTADNetTeacherTrainer", teacher), ("UTADNetStudentTrainer", student)):
+        file = bench_synthesis.synthesis_model_dir(tmp_path, regime, trainer) / "fold_0" / "synthesis_validation.json"
+        rows = [[None if np.isnan(v) else v for v in row] for row in values.tolist()]
+        file.write_text(json.dumps({"ssim": rows, "ssim_brain": rows, "histogram_ssim_brain": [
+            [None if np.isnan(v) else v for v in row] for row in histogram.tolist()]}))
+    report = bench_synthesis.write_report(tmp_path, regime, args, {}, {})
+    assert "validated better than the student: t2 → flair." in report.read_text()
+    assert json.loads(report.with_suffix(".json").read_text())["histogram_fallback_pairs"] == ["t2 → flair"]
 
 
 def test_benchmark_downstream_uses_the_robustness_benchmarks_finished_model(tmp_path):

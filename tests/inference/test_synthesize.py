@@ -389,6 +389,8 @@ def test_histogram_fallback_needs_both_entries_the_brain_ssim_and_a_target_histo
     assert not _load(make_model(tmp_path / "whole", histogram=entries)).fallback_pairs  # no ssim_brain: no fallback
     assert not _load(make_model(tmp_path / "half", brain=brain_ssim,
                                 histogram={"histogram_ssim_brain": better})).fallback_pairs  # no histograms
+    assert not _load(make_model(tmp_path / "other_half", brain=brain_ssim,
+                                histogram={"histogram_quantiles": quantiles})).fallback_pairs  # no scores
     no_flair = {**entries, "histogram_quantiles": quantiles[:3] + [None]}
     model = _load(make_model(tmp_path / "noflair", brain=brain_ssim, histogram=no_flair))
     assert model.fallback_pairs == {(s, t) for s in range(4) for t in range(3) if s != t}  # never to flair

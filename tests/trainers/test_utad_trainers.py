@@ -27,6 +27,7 @@ from nnunet_missingmod.trainers.utad import (
     brain_ssim,
     draw_paired_pairs,
     draw_unpaired_pairs,
+    histogram_matching_ssim,
     paired_translation_loss,
     slice_quality,
     synthesis_matrices,
@@ -631,8 +632,54 @@ def test_teacher_then_student_through_nnunet_train(trained_synthesis_model):
         log = next(fold.glob("training_log_*.txt")).read_text()
         assert all(f"loss_{term} " in log for term in terms | CRITIC_TERMS), log[-3000:]
         assert json.loads((fold / "trainer_config.json").read_text())["trainer"] == folder.name.split("__")[0]
+    _check_histogram_scores(work, student_folder)
     assert f"teacher loaded from {teacher_folder / 'fold_0' / 'checkpoint_final.pth'}" in \
         next((student_folder / "fold_0").glob("training_log_*.txt")).read_text()
+
+
+def _check_histogram_scores(work: Path, model_folder: Path) -> None:
+    """The file's histogram_ssim_brain, recomputed from the fold's validation cases: the TARGET's stored histogram,
+    the slices both sequences have, summed over cases (wiring; the score itself is tested by hand below)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    result = json.loads((model_folder / "fold_0" / SYNTHESIS_VALIDATION_FILE).read_text())
+    preprocessed = work / "nnUNet_preprocessed" / SYNTHESIS_NAME
+    val_keys = json.loads((preprocessed / "splits_final.json").read_text())[0]["val"]
+    identifier = PlansManager(str(model_folder / "plans.json")).get_configuration(
+        SYNTHESIS_CONFIGURATION).data_identifier
+    folder = str(preprocessed / identifier)
+    dataset = infer_dataset_class(folder)(folder, val_keys)
+    totals = np.zeros((2, 4, 4))
+    for key in val_keys:
+        data, seg, _, _ = dataset.load_case(key)
+        data, brain = np.asarray(data[:4], dtype=np.float32), np.asarray(seg[0]) >= 0
+        acquired = data.reshape(4, data.shape[1], -1).any(-1)
+        for s in range(4):
+            for t in set(range(4)) - {s}:
+                slices = np.flatnonzero(acquired[s] & acquired[t])
+                totals[:, s, t] += histogram_matching_ssim(data[s, slices], data[t, slices], brain[slices],
+                                                           np.asarray(result["histogram_quantiles"][t]))
+    for s in range(4):
+        for t in set(range(4)) - {s}:
+            assert result["histogram_ssim_brain"][s][t] == pytest.approx(totals[0, s, t] / totals[1, s, t], abs=1e-4)
+
+
+def test_histogram_matching_ssim_by_hand():
+    """Histogram matching onto the histogram of an increasing affine copy of the sources gives that copy: SSIM 1
+    against it; against an inverted copy the same matched images score below 0. Voxels: every brain voxel."""
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[:24, :24]
+    brains = np.stack([(y - 12) ** 2 + (x - 11) ** 2 < 90 + 10 * k for k in range(3)])
+    sources = np.stack([np.sin(x / (3.0 + k)) + np.cos(y / 4.0) + 0.2 * rng.normal(size=(24, 24)) for k in range(3)])
+    copy = np.where(brains, 2.0 * sources + 1.0, 0.0)
+    quantiles = np.quantile(copy[brains], np.linspace(0, 1, 1001))
+    total, voxels = histogram_matching_ssim(sources, copy, brains, quantiles)
+    assert voxels == brains.sum() and total / voxels > 0.99
+    inverted = np.where(brains, -sources, 0.0)
+    total, voxels = histogram_matching_ssim(sources, inverted, brains, np.quantile(inverted[brains],
+                                                                                    np.linspace(0, 1, 1001)))
+    assert total / voxels < -0.1
 
 
 def test_student_checkpoint_loads_strictly_into_the_inference_network(trained_synthesis_model):
@@ -683,3 +730,9 @@ def test_histogram_reference_pools_the_brain_voxels_of_the_acquired_slices():
     none = UTADNetTeacherTrainer.histogram_reference(
         trainer, SimpleNamespace(load_case=lambda key: (*empty[key], None, None)), ["a"])
     assert np.isnan(none).all()  # no acquired voxel of any sequence: no reference
+    big = {"c": (rng.normal(size=(4, 30, 30, 30)).astype(np.float32), np.zeros((1, 30, 30, 30), np.int8))}
+    sampled = UTADNetTeacherTrainer.histogram_reference(
+        trainer, SimpleNamespace(load_case=lambda key: (*big[key], None, None)), ["c"])  # 27,000 voxels: sampled
+    full = np.quantile(big["c"][0].reshape(4, -1), np.linspace(0, 1, 1001), axis=1).T
+    np.testing.assert_allclose(sampled[:, 100:901], full[:, 100:901], atol=0.05)  # (the tails are sparser)
+    assert not np.array_equal(sampled, full)
