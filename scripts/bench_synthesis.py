@@ -4,7 +4,7 @@ synthesised vs zero-filled sequences, and the speed of ``synthesize``.
     python scripts/bench_synthesis.py [--work-dir bench_work] [--regime {short,converged,smoke}]
         [--epochs 40] [--teacher-epochs N] [--iterations 50] [--batch-size 4] [--eval-cases 10]
         [--combinations {one-missing,all}] [--speed-cases 5] [--dropout] [--no-downstream] [--step-size 1.0]
-        [-device cpu] [--variant LABEL SETTINGS.json] [--dry-run]
+        [-device cpu] [--variant LABEL SETTINGS.json] [--with-fallback] [--dry-run]
 
 Steps (every one resumable: a finished model, evaluation or timing is reused, an interrupted training goes on
 from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
@@ -41,6 +41,8 @@ tiny budget (4 mm phantoms, 1 epoch x 2 iterations) to check that it works, with
 
 Every step scores the student itself: ``synthesize``'s histogram fallback (on by default for users) is off in
 ``evaluate-synthesis``, the downstream evaluation and the speed runs; the report lists the pairs it would take over.
+``--with-fallback`` also runs ``evaluate-synthesis`` and the downstream evaluation with it on (into
+``evaluate_synthesis_fallback`` and ``downstream_synthesized_fallback``), and the report compares the two.
 
 ``--variant LABEL SETTINGS.json`` trains teacher and student with the settings of ``SETTINGS.json`` (an
 ``nnUNet_missingmod_config`` override, checked against both trainers' configs; e.g. ``{"utad": {"lambda_cls": 10}}``)
@@ -226,19 +228,22 @@ def test_cases(work: Path, regime: Regime, count: int) -> list[str]:
 
 
 def run_evaluate_synthesis(work: Path, regime: Regime, cases: int, device: str, dry_run: bool,
-                           variant: str | None = None) -> str:
+                           variant: str | None = None, histogram_fallback: bool = False) -> str:
+    """``evaluate-synthesis`` of the student (into ``evaluate_synthesis``), or with ``synthesize``'s histogram
+    fallback on (into ``evaluate_synthesis_fallback``), unless current."""
     from nnunet_missingmod.evaluation.synthesis import evaluate_synthesis
 
-    out = output_dir(work, regime, variant) / "evaluate_synthesis"
+    out = output_dir(work, regime, variant) / ("evaluate_synthesis_fallback" if histogram_fallback
+                                               else "evaluate_synthesis")
     student = synthesis_model_dir(work, regime, STUDENT, variant)
     if evaluation_is_current_synthesis(out, student / "fold_0" / "checkpoint_final.pth", cases):
         return "reuse"
     if dry_run:
         return "run"
     raw = work / "nnUNet_raw" / regime.dataset_name
-    # the model itself, as every earlier row (the goals are the student's): synthesize's histogram fallback off
+    # by default the model itself, as every earlier row (the goals are the student's)
     evaluate_synthesis(raw / "imagesTs", student, out, labels=raw / "labelsTs", num_cases=cases, device=device,
-                       histogram_fallback=False)
+                       histogram_fallback=histogram_fallback)
     return "run"
 
 
@@ -254,8 +259,10 @@ def downstream_dir(work: Path, regime: Regime, name: str, fill: str, variant: st
     return output_dir(work, regime, variant if fill == "synthesize" else None) / f"downstream_{name}"
 
 
-#: The downstream evaluations: name -> (segmentation trainer, fill).
-DOWNSTREAM = {"zero": (SEGMENTATION, "zero"), "synthesized": (SEGMENTATION, "synthesize"), "dropout": (DROPOUT, "zero")}
+#: The downstream evaluations: name -> (segmentation trainer, fill); ``synthesized_fallback`` with ``synthesize``'s
+#: histogram fallback on (``--with-fallback``), ``synthesized`` the student alone.
+DOWNSTREAM = {"zero": (SEGMENTATION, "zero"), "synthesized": (SEGMENTATION, "synthesize"), "dropout": (DROPOUT, "zero"),
+              "synthesized_fallback": (SEGMENTATION, "synthesize")}
 
 
 def run_downstream(work: Path, regime: Regime, name: str, combinations, cases: int, step_size: float, device: str,
@@ -277,7 +284,7 @@ def run_downstream(work: Path, regime: Regime, name: str, combinations, cases: i
     if dry_run:
         return "run"
     extra = {"fill": fill, "synthesis_model": synthesis_model_dir(work, regime, STUDENT, variant),
-             "histogram_fallback": False} if fill == "synthesize" else {}
+             "histogram_fallback": name == "synthesized_fallback"} if fill == "synthesize" else {}
     evaluate_missing(model, 0, split="test", combinations=combinations, output=out,
                      case_filter=set(test_cases(work, regime, cases)), tile_step_size=step_size, use_mirroring=False,
                      device=device, **extra)
@@ -449,6 +456,59 @@ def teacher_student_table(teacher: np.ndarray, student: np.ndarray, what: str) -
                         f"{'met' if worst >= -0.01 else 'not met'} (largest shortfall {abs(min(worst, 0.0)):.4f}).", ""]
 
 
+def fallback_section(out: Path, downstream: dict, report: dict) -> list[str]:
+    """Report section of ``--with-fallback``: brain SSIM per pair and downstream Dice, the student alone against
+    ``synthesize``'s default with the histogram fallback (empty when those evaluations do not exist)."""
+    files = {"student": out / "evaluate_synthesis" / "summary.json",
+             "fallback": out / "evaluate_synthesis_fallback" / "summary.json"}
+    if not all(f.is_file() for f in files.values()):
+        return []
+    student, fallback = (json.loads(f.read_text())["per_pair"] for f in files.values())
+    lines = ["## With `synthesize`'s histogram fallback (`--with-fallback`)", "",
+             "Pairs taken over by histogram matching (the student's validation file): "
+             f"{', '.join(json.loads(files['fallback'].read_text())['histogram_fallback']) or 'none'}.", "",
+             "Brain SSIM per pair (held-out phantoms): student alone / with the fallback / the histogram-matching "
+             "baseline / zero-fill", "", "| pair | student | with fallback | histogram matching | zero-fill |",
+             "|---|---|---|---|---|"]
+    records, wins = {}, {"student": 0, "fallback": 0}
+    for pair, methods in fallback.items():
+        values = {"student": student.get(pair, {}).get("synthesis", {}).get("ssim_brain"),
+                  "fallback": methods["synthesis"]["ssim_brain"],
+                  "histogram": methods["histogram_matching"]["ssim_brain"], "zero": methods["zero_fill"]["ssim_brain"]}
+        records[pair] = values
+        if not pair.startswith("all->") and None not in values.values():
+            for who in wins:
+                wins[who] += values[who] > max(values["histogram"], values["zero"])
+        lines.append(f"| {pair} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in values.values()) + " |")
+    single = [v for p, v in records.items() if not p.startswith("all->") and None not in v.values()]
+    means = {k: float(np.mean([v[k] for v in single])) for k in ("student", "fallback", "histogram", "zero")} \
+        if single else {}
+    report["fallback"] = {"per_pair": records, "single_pair_means": means, "pairs_above_both_baselines": wins}
+    if means:
+        lines += ["", f"Average of the {len(single)} single-source pairs: student {means['student']:.4f}, with the "
+                      f"fallback {means['fallback']:.4f} (histogram matching {means['histogram']:.4f}, zero-fill "
+                      f"{means['zero']:.4f}); pairs above both baselines: student {wins['student']}, with the "
+                      f"fallback {wins['fallback']} (a pair taken over equals histogram matching to the training "
+                      f"histogram, not to the other evaluated cases', so it can land on either side of the baseline)."]
+    if "synthesized_fallback" in downstream and "synthesized" in downstream:
+        full = mods.combination_name(FULL)
+        lines += ["", "Downstream Dice (%), combinations lacking one sequence, WT / TC / ET: zero-fill / student / "
+                      "with the fallback", "", "| combination | zero-fill | student | with fallback |",
+                  "|---|---|---|---|"]
+        rows = {}
+        for name in downstream["synthesized_fallback"]["per_combination"]:
+            if name == full:
+                continue
+            cells = {k: [downstream[k]["per_combination"].get(name, {}).get(f"{r}_Dice") for r in mods.REGIONS]
+                     for k in ("zero", "synthesized", "synthesized_fallback") if k in downstream}
+            rows[name] = cells
+            lines.append(f"| {name} | " + " | ".join(
+                " / ".join("–" if v is None else f"{100 * v:.1f}" for v in cells.get(k, [None] * 3))
+                for k in ("zero", "synthesized", "synthesized_fallback")) + " |")
+        report["fallback"]["downstream"] = rows
+    return lines + [""]
+
+
 def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict,
                  variant: str | None = None, settings: dict | None = None) -> Path:
     out = output_dir(work, regime, variant)
@@ -518,8 +578,9 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
     elif "zero" in summaries and "synthesized" in summaries:
         table, records = ratio_table(summaries["zero"], summaries["synthesized"])
         report["downstream"] = records
-        plot_downstream({{"zero": "zero-fill", "synthesized": "synthesised", "dropout": DROPOUT}[k]: v
-                         for k, v in summaries.items()}, figures / "downstream.png")
+        labels = {"zero": "zero-fill", "synthesized": "synthesised", "dropout": DROPOUT,
+                  "synthesized_fallback": "synthesised, histogram fallback"}
+        plot_downstream({labels[k]: v for k, v in summaries.items()}, figures / "downstream.png")
         below = [f"{r['combination']} {region}" for r in records for region in mods.REGIONS
                  if r[region]["ratio"] is not None and r[region]["ratio"] < 0.95]
         lines += ["## Downstream segmentation (plain nnUNetTrainer trained on all four sequences)", "",
@@ -532,6 +593,7 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
             average = summaries["dropout"]["average"]
             lines += [f"{DROPOUT} (zero-fill) average over these combinations: " + ", ".join(
                 f"{r} {100 * average[f'{r}_Dice']:.1f}" for r in mods.REGIONS), ""]
+    lines += fallback_section(out, summaries, report)
     speed_file = out / "speed" / "speed.json"
     if speed_file.is_file():
         speed = json.loads(speed_file.read_text())
@@ -577,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="train teacher and student with these settings (an nnUNet_missingmod_config override, "
                              "e.g. {\"utad\": {\"lambda_cls\": 10}}) into <work-dir>/synthesis_<regime>_<LABEL>, "
                              "beside the default models")
+    parser.add_argument("--with-fallback", action="store_true",
+                        help="also evaluate-synthesis and the downstream evaluation with synthesize's histogram "
+                             "fallback on (the user's default), beside the student's own figures")
     parser.add_argument("--dry-run", action="store_true", help="print what each step would do, run nothing")
     args = parser.parse_args(argv)
     regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]
@@ -626,6 +691,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.downstream and (name != "dropout" or args.dropout):
             steps[f"downstream {step}"] = run_downstream(work, regime, name, combinations, cases, args.step_size,
                                                          args.device, args.dry_run, variant)
+    if args.with_fallback:
+        steps["evaluate-synthesis, histogram fallback"] = run_evaluate_synthesis(
+            work, regime, cases, args.device, args.dry_run, variant, histogram_fallback=True)
+        if args.downstream:
+            steps["downstream synthesised, histogram fallback"] = run_downstream(
+                work, regime, "synthesized_fallback", combinations, cases, args.step_size, args.device, args.dry_run,
+                variant)
     steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run, variant)
     for step, action in steps.items():
         print(f"{step}: {action}")

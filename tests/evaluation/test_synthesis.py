@@ -550,3 +550,46 @@ def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch, 
         assert header in report.read_text()
         budget = json.loads(report.with_suffix(".json").read_text())["budget"]
         assert budget == {"epochs": 30, "teacher_epochs": teacher, "iterations": 50}
+
+
+def test_benchmark_fallback_section_by_hand(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import bench_synthesis
+    from bench_common import REGIMES
+
+    def pair(synthesis, histogram, zero):
+        return {"synthesis": {"ssim_brain": synthesis}, "histogram_matching": {"ssim_brain": histogram},
+                "zero_fill": {"ssim_brain": zero}}
+
+    student = {"t1->t1ce": pair(0.40, 0.60, 0.0), "t2->t1": pair(0.50, 0.20, 0.0), "all->t1": pair(0.55, 0.3, 0.0)}
+    fallback = {"t1->t1ce": pair(0.62, 0.60, 0.0), "t2->t1": pair(0.50, 0.20, 0.0), "all->t1": pair(0.58, 0.3, 0.0)}
+    assert bench_synthesis.fallback_section(tmp_path, {}, {}) == []  # nothing evaluated with the fallback
+    for name, per_pair, taken in (("evaluate_synthesis", student, []),
+                                  ("evaluate_synthesis_fallback", fallback, ["t1->t1ce"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"per_pair": per_pair, "histogram_fallback": taken}))
+    full = "t1+t1ce+t2+flair"
+    downstream = {k: {"per_combination": {"t1+t2+flair": {"WT_Dice": w, "TC_Dice": 0.5, "ET_Dice": 0.1},
+                                          full: {"WT_Dice": 0.9, "TC_Dice": 0.7, "ET_Dice": 0.8}}}
+                  for k, w in (("zero", 0.80), ("synthesized", 0.70), ("synthesized_fallback", 0.85))}
+    report = {}
+    lines = bench_synthesis.fallback_section(tmp_path, downstream, report)
+    assert "Pairs taken over by histogram matching (the student's validation file): t1->t1ce." in lines
+    assert "| t1->t1ce | 0.4000 | 0.6200 | 0.6000 | 0.0000 |" in lines
+    means = report["fallback"]["single_pair_means"]  # the two single-source pairs, by hand
+    assert means == pytest.approx({"student": 0.45, "fallback": 0.56, "histogram": 0.40, "zero": 0.0})
+    assert report["fallback"]["pairs_above_both_baselines"] == {"student": 1, "fallback": 2}
+    assert "| t1+t2+flair | 80.0 / 50.0 / 10.0 | 70.0 / 50.0 / 10.0 | 85.0 / 50.0 / 10.0 |" in lines
+    assert not any(line.startswith(f"| {full}") for line in lines)
+    regime = REGIMES["converged"]  # --with-fallback adds its two steps (dry run)
+    preprocessed = tmp_path / "work" / "nnUNet_preprocessed" / regime.dataset_name
+    preprocessed.mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}}))
+    bench_synthesis.main(["--work-dir", str(tmp_path / "work"), "--regime", "converged", "--with-fallback",
+                          "--dry-run"])
+    out = capsys.readouterr().out.splitlines()
+    assert "evaluate-synthesis, histogram fallback: run" in out
+    assert "downstream synthesised, histogram fallback: run" in out
