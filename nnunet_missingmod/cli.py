@@ -259,10 +259,10 @@ def _add_combine_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine", choices=("ssim", "best", "mean"), default="ssim",
                    help="several acquired sequences: average weighted by the model's validation SSIM over the brain "
                         "per pair, negative ones given no weight (default), only the best source, or equal weights")
-    p.add_argument("--no-histogram-fallback", dest="histogram_fallback", action="store_false",
-                   help="always use the model; by default a source -> target pair on which plain histogram matching "
-                        "scored a higher validation SSIM than the model (stored with the model) uses histogram "
-                        "matching instead")
+    p.add_argument("--histogram-fallback", action="store_true",
+                   help="a source -> target pair on which plain histogram matching scored a higher validation SSIM "
+                        "than the model (stored with the model) uses histogram matching instead (default: always "
+                        "the model)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ validation SSIM and every loss term per epoch of both trainers), ``synthesis_exa
 each would do (reuse, continue, run) without running anything; ``--regime smoke`` runs the whole pipeline at a
 tiny budget (4 mm phantoms, 1 epoch x 2 iterations) to check that it works, with figures that mean nothing.
 
-Every step scores the student itself: ``synthesize``'s histogram fallback (on by default for users) is off in
+Every step scores the student itself: ``synthesize``'s histogram fallback (an option, off by default) is off in
 ``evaluate-synthesis``, the downstream evaluation and the speed runs; the report lists the pairs it would take over.
 ``--with-fallback`` also runs ``evaluate-synthesis`` and the downstream evaluation with it on (into
 ``evaluate_synthesis_fallback`` and ``downstream_synthesized_fallback``), and the report compares the two.

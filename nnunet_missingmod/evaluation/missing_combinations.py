@@ -124,7 +124,7 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      fill: str = "zero", synthesis_model: str | os.PathLike | SynthesisModel | None = None,
                      synthesis_folds: Sequence[int | str] | None = None,
                      synthesis_checkpoint: str = "checkpoint_final.pth", combine: str = "ssim",
-                     num_parts: int = 1, part_id: int = 0, histogram_fallback: bool = True) -> Path:
+                     num_parts: int = 1, part_id: int = 0, histogram_fallback: bool = False) -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
 
     ``num_parts`` / ``part_id`` split the cases as ``nnUNetv2_predict`` does (every ``num_parts``-th case, starting

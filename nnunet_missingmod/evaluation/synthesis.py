@@ -243,7 +243,7 @@ def evaluate_synthesis(images: str | os.PathLike, model: str | os.PathLike | Syn
                        device: str = "cpu", available: Sequence[int] | None = None,
                        availability_file: str | os.PathLike | None = None, num_cases: int | None = None,
                        combine: str = "ssim", combined: bool = True, batch_size: int = 16, examples: int = 4,
-                       progress: bool = True, histogram_fallback: bool = True) -> Path:
+                       progress: bool = True, histogram_fallback: bool = False) -> Path:
     """Score synthesis against the hidden real sequences and both baselines (see the module docstring).
 
     Args:

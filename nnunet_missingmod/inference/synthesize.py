@@ -28,13 +28,15 @@ target_modality (B,)) -> (B, 1, X, Y)``, ``total_stride`` and ``num_modalities``
    phantoms ``ssim`` gave the better segmentation downstream and ``best`` the better images (docs/RESULTS.md,
    "Combining sources").
 
-   Histogram fallback (on unless ``histogram_fallback=False``, ``--no-histogram-fallback``): a model validated
+   Histogram fallback (off by default; ``histogram_fallback=True``, ``--histogram-fallback``): a model validated
    since it exists also records, per pair, the validation SSIM over the brain of plain histogram matching (the
    source's brain voxels given the target sequence's histogram, pooled from the fold's training cases and stored as
    quantiles in the same file: ``histogram_ssim_brain``, ``histogram_quantiles``). Where histogram matching scored
    higher than the model on a pair, that pair's translation is the histogram-matched source instead of the
    generator's output, and its weight in ``ssim`` / ``best`` is histogram matching's SSIM. The manifest lists these
-   pairs (``histogram_fallback``); models whose validation file lacks the two entries are used as before.
+   pairs (``histogram_fallback``); models whose validation file lacks the two entries are used as before. On the
+   phantoms it raised the image SSIM but lowered the downstream tumour-core and enhancing-tumour Dice (a T1
+   histogram-matched from T1ce carries the enhancement), hence off by default (docs/RESULTS.md).
 4. The result is resampled back (nnU-Net's resampling of the configuration), put back into the uncropped image,
    transposed back, and set to exactly 0 outside the brain (the union of the non-zero voxels of the acquired
    sequences). Intensity rule: inside the brain the synthesised z-scores ``z`` become ``mean + sd * z``, where
@@ -323,7 +325,7 @@ class SynthesisModel:
                  device: torch.device | str = "cpu", validation_ssim: np.ndarray | None = None,
                  folder: str | os.PathLike | None = None, validation_metric: str | None = None,
                  histogram_ssim: np.ndarray | None = None, histogram_quantiles: np.ndarray | None = None,
-                 histogram_fallback: bool = True) -> None:
+                 histogram_fallback: bool = False) -> None:
         from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -532,7 +534,7 @@ def find_trainer_class(trainer_name: str) -> type:
 
 def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] | None = None,
                          checkpoint_name: str = "checkpoint_final.pth", device: torch.device | str = "cpu",
-                         trainer_class: type | None = None, histogram_fallback: bool = True) -> SynthesisModel:
+                         trainer_class: type | None = None, histogram_fallback: bool = False) -> SynthesisModel:
     """Restore the generator of a trained model folder as nnU-Net's predictor restores a network.
 
     The trainer class is looked up by the checkpoint's ``trainer_name`` (``trainer_class`` overrides it), its
@@ -783,7 +785,7 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
                folds: Sequence[int | str] | None = None, checkpoint_name: str = "checkpoint_final.pth",
                available: Sequence[int] | None = None, availability_file: str | os.PathLike | None = None,
                device: str = "cpu", combine: str = DEFAULT_COMBINE, batch_size: int = 16, num_parts: int = 1,
-               part_id: int = 0, progress: bool = True, histogram_fallback: bool = True) -> dict:
+               part_id: int = 0, progress: bool = True, histogram_fallback: bool = False) -> dict:
     """Write a copy of a raw dataset or case folder with every missing sequence synthesised (module docstring).
 
     Everything is checked before the model is loaded and anything is written: the parts, the output (must not

@@ -216,6 +216,11 @@ def _load(model: Path, **kwargs):
     return load_synthesis_model(model, trainer_class=StandInSynthesisTrainer, **kwargs)
 
 
+def _loadf(model: Path):
+    """Loaded with the histogram fallback on."""
+    return _load(model, histogram_fallback=True)
+
+
 # ---------------------------------------------------------------------------------------------- behaviour
 
 
@@ -353,7 +358,7 @@ def test_histogram_fallback_replaces_the_pairs_where_histogram_matching_validate
     quantiles = [np.linspace(-2, 2, 1001).tolist()] * 3 + [flair.tolist()]
     folder = make_model(tmp_path / "r", brain=brain_ssim,
                         histogram={"histogram_ssim_brain": matched_ssim, "histogram_quantiles": quantiles})
-    model = _load(folder)
+    model = _load(folder, histogram_fallback=True)
     assert model.fallback_pairs == {(2, 3)} and model.fallback_names == ["t2->flair"]
     synthesize(cases, tmp_path / "out", model, combine="ssim", progress=False)
     weights = {0: 0.45 / 0.95, 2: 0.5 / 0.95}
@@ -369,8 +374,8 @@ def test_histogram_fallback_replaces_the_pairs_where_histogram_matching_validate
     assert manifest["histogram_fallback"] == ["t2->flair"]
     assert manifest["combination"]["H/flair"] == "ssim (histogram matching from t2)"
     assert manifest["combination"]["H/t1ce"] == "ssim"  # t1 -> t1ce and t2 -> t1ce keep the model
-    # switched off (--no-histogram-fallback): the model on every pair, weighted by its own SSIM
-    plain = _load(folder, histogram_fallback=False)
+    # without the option (the default): the model on every pair, weighted by its own SSIM
+    plain = _load(folder)
     assert plain.fallback_pairs == frozenset()
     synthesize(cases, tmp_path / "plain", plain, combine="ssim", progress=False)
     values, _ = read(tmp_path / "plain" / "H_0003.nii.gz")
@@ -385,21 +390,22 @@ def test_histogram_fallback_needs_both_entries_the_brain_ssim_and_a_target_histo
     better = [[None if s == t else 0.5 for t in range(4)] for s in range(4)]
     quantiles = [np.linspace(-2, 2, 11).tolist()] * 4
     entries = {"histogram_ssim_brain": better, "histogram_quantiles": quantiles}
-    assert len(_load(make_model(tmp_path / "all", brain=brain_ssim, histogram=entries)).fallback_pairs) == 12
-    assert not _load(make_model(tmp_path / "whole", histogram=entries)).fallback_pairs  # no ssim_brain: no fallback
-    assert not _load(make_model(tmp_path / "half", brain=brain_ssim,
+    assert len(_loadf(make_model(tmp_path / "all", brain=brain_ssim, histogram=entries)).fallback_pairs) == 12
+    assert not _load(make_model(tmp_path / "default", brain=brain_ssim, histogram=entries)).fallback_pairs  # opt-in
+    assert not _loadf(make_model(tmp_path / "whole", histogram=entries)).fallback_pairs  # no ssim_brain: no fallback
+    assert not _loadf(make_model(tmp_path / "half", brain=brain_ssim,
                                 histogram={"histogram_ssim_brain": better})).fallback_pairs  # no histograms
-    assert not _load(make_model(tmp_path / "other_half", brain=brain_ssim,
+    assert not _loadf(make_model(tmp_path / "other_half", brain=brain_ssim,
                                 histogram={"histogram_quantiles": quantiles})).fallback_pairs  # no scores
     no_flair = {**entries, "histogram_quantiles": quantiles[:3] + [None]}
-    model = _load(make_model(tmp_path / "noflair", brain=brain_ssim, histogram=no_flair))
+    model = _loadf(make_model(tmp_path / "noflair", brain=brain_ssim, histogram=no_flair))
     assert model.fallback_pairs == {(s, t) for s in range(4) for t in range(3) if s != t}  # never to flair
     for bad in ([[0.0, 1.0]] * 3, [[0.0, 1.0]] * 3 + [[0.0, 1.0, 2.0]], [[1.0, 0.0]] * 4, [[0.0, float("nan")]] * 4,
                 [[0.0]] * 4, "x"):
         folder = make_model(tmp_path / f"bad{len(list(tmp_path.iterdir()))}", brain=brain_ssim,
                             histogram={"histogram_ssim_brain": better, "histogram_quantiles": bad})
         with pytest.raises(SynthesisModelError, match=r"synthesis_validation\.json: 'histogram_quantiles' must be"):
-            _load(folder)
+            _loadf(folder)
 
 
 def test_every_command_offers_the_rules_with_the_library_default():
@@ -408,8 +414,8 @@ def test_every_command_offers_the_rules_with_the_library_default():
                  ["evaluate-synthesis", "-i", "I", "-o", "O", "-m", "M"],
                  ["evaluate-missing", "-d", "1", "-c", "3d", "-o", "O"]):
         assert parser.parse_args(argv).combine == synthesis.DEFAULT_COMBINE, argv
-        assert parser.parse_args(argv).histogram_fallback is True
-        assert parser.parse_args([*argv, "--no-histogram-fallback"]).histogram_fallback is False
+        assert parser.parse_args(argv).histogram_fallback is False
+        assert parser.parse_args([*argv, "--histogram-fallback"]).histogram_fallback is True
         for rule in synthesis.COMBINE_RULES:
             assert parser.parse_args([*argv, "--combine", rule]).combine == rule
 
@@ -538,7 +544,7 @@ def test_student_of_the_trainers_synthesizes_a_case_folder(trained_synthesis_mod
         (cases / f"{case}_{channel:04d}.nii.gz").write_bytes((images[0].parent / f"{case}_{channel:04d}.nii.gz")
                                                              .read_bytes())
     code = cli.main(["synthesize", "-i", str(cases), "-o", str(tmp_path / "out"), "-m", str(student),
-                     "-device", "cpu"])
+                     "-device", "cpu", "--histogram-fallback"])
     assert code == 0
     for channel in (0, 2):
         values, geometry = read(tmp_path / "out" / f"{case}_{channel:04d}.nii.gz")
