@@ -458,7 +458,7 @@ def teacher_student_table(teacher: np.ndarray, student: np.ndarray, what: str) -
 
 def fallback_section(out: Path, downstream: dict, report: dict) -> list[str]:
     """Report section of ``--with-fallback``: brain SSIM per pair and downstream Dice, the student alone against
-    ``synthesize``'s default with the histogram fallback (empty when those evaluations do not exist)."""
+    ``synthesize --histogram-fallback`` (empty when those evaluations do not exist)."""
     files = {"student": out / "evaluate_synthesis" / "summary.json",
              "fallback": out / "evaluate_synthesis_fallback" / "summary.json"}
     if not all(f.is_file() for f in files.values()):
@@ -553,8 +553,8 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
                                                                                     strict=True)]
         report["histogram_fallback_pairs"] = pairs
         lines += [f"Histogram fallback: every step of this benchmark scores the model itself (`histogram_fallback` "
-                  f"off); by default `synthesize` would use histogram matching on the pairs where it validated "
-                  f"better than the student: {', '.join(pairs) if pairs else 'none'}.", ""]
+                  f"off); `synthesize --histogram-fallback` would use histogram matching on the pairs where it "
+                  f"validated better than the student: {', '.join(pairs) if pairs else 'none'}.", ""]
     evaluation = out / "evaluate_synthesis"
     if (evaluation / "summary.json").is_file():
         summary = json.loads((evaluation / "summary.json").read_text())
