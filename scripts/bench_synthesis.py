@@ -236,7 +236,9 @@ def run_evaluate_synthesis(work: Path, regime: Regime, cases: int, device: str, 
     out = output_dir(work, regime, variant) / ("evaluate_synthesis_fallback" if histogram_fallback
                                                else "evaluate_synthesis")
     student = synthesis_model_dir(work, regime, STUDENT, variant)
-    if evaluation_is_current_synthesis(out, student / "fold_0" / "checkpoint_final.pth", cases):
+    # the combination weights and the fallback pairs come from the validation file, which --val rewrites
+    if all(evaluation_is_current_synthesis(out, student / "fold_0" / name, cases)
+           for name in ("checkpoint_final.pth", "synthesis_validation.json")):
         return "reuse"
     if dry_run:
         return "run"
@@ -277,8 +279,9 @@ def run_downstream(work: Path, regime: Regime, name: str, combinations, cases: i
     names = [mods.combination_name(c) for c in combinations]
     student_checkpoint = synthesis_model_dir(work, regime, STUDENT, variant) / "fold_0" / "checkpoint_final.pth"
     current = evaluation_is_current(out, checkpoint, cases, names)
-    if current and fill == "synthesize":
-        current = evaluation_is_current(out, student_checkpoint, cases, names)
+    if current and fill == "synthesize":  # (the validation file: see run_evaluate_synthesis)
+        current = all(evaluation_is_current(out, student_checkpoint.parent / name, cases, names)
+                      for name in ("checkpoint_final.pth", "synthesis_validation.json"))
     if current:
         return "reuse"
     if dry_run:
@@ -511,6 +514,8 @@ def fallback_section(out: Path, downstream: dict, report: dict) -> list[str]:
 
 def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict,
                  variant: str | None = None, settings: dict | None = None) -> Path:
+    from nnunet_missingmod.inference.synthesize import fallback_pairs, read_histogram_quantiles
+
     out = output_dir(work, regime, variant)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -547,14 +552,16 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
             lines += teacher_student_table(matrices[TEACHER], matrices[STUDENT], what)
     histogram = validation_matrices(work, regime, variant, "histogram_ssim_brain")[STUDENT]
     model = validation_matrices(work, regime, variant, "ssim_brain")[STUDENT]
-    if histogram is not None and model is not None:
-        with np.errstate(invalid="ignore"):
-            pairs = [f"{mods.MODALITIES[s]} → {mods.MODALITIES[t]}" for s, t in zip(*np.nonzero(histogram > model),
-                                                                                    strict=True)]
+    file = synthesis_model_dir(work, regime, STUDENT, variant) / "fold_0" / "synthesis_validation.json"
+    quantiles = read_histogram_quantiles(file) if file.is_file() else None
+    if histogram is not None and model is not None and quantiles is not None:
+        pairs = [f"{mods.MODALITIES[s]} → {mods.MODALITIES[t]}"
+                 for s, t in sorted(fallback_pairs(model, histogram, quantiles))]  # synthesize's own rule
         report["histogram_fallback_pairs"] = pairs
-        lines += [f"Histogram fallback: every step of this benchmark scores the model itself (`histogram_fallback` "
-                  f"off); `synthesize --histogram-fallback` would use histogram matching on the pairs where it "
-                  f"validated better than the student: {', '.join(pairs) if pairs else 'none'}.", ""]
+        lines += [f"Histogram fallback: the image-quality, downstream and speed sections below score the student "
+                  f"itself (`histogram_fallback` off); `synthesize --histogram-fallback` would use histogram "
+                  f"matching on the pairs where it validated better than the student: "
+                  f"{', '.join(pairs) if pairs else 'none'}.", ""]
     evaluation = out / "evaluate_synthesis"
     if (evaluation / "summary.json").is_file():
         summary = json.loads((evaluation / "summary.json").read_text())
@@ -620,7 +627,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="bench_work")
     parser.add_argument("--regime", choices=(*REGIMES, "smoke"), default="short")
-    parser.add_argument("--epochs", type=int, default=None, help="teacher and student epochs (default 40; smoke 1)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="student epochs, and the teacher's unless --teacher-epochs (default 40; smoke 1)")
     parser.add_argument("--teacher-epochs", type=int, default=None,
                         help="the teacher's epochs when they differ from --epochs (a teacher that has not reached "
                              "its plateau; the student starts from it)")
@@ -641,7 +649,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "beside the default models")
     parser.add_argument("--with-fallback", action="store_true",
                         help="also evaluate-synthesis and the downstream evaluation with synthesize's histogram "
-                             "fallback on (the user's default), beside the student's own figures")
+                             "fallback on (an option of synthesize, off by default), beside the student's own "
+                             "figures")
     parser.add_argument("--dry-run", action="store_true", help="print what each step would do, run nothing")
     args = parser.parse_args(argv)
     regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]

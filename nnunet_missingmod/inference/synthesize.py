@@ -75,6 +75,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,15 @@ def read_histogram_quantiles(file: str | os.PathLike) -> np.ndarray | None:
     return quantiles
 
 
+def fallback_pairs(model_ssim: np.ndarray, histogram_ssim: np.ndarray,
+                   quantiles: np.ndarray) -> frozenset[tuple[int, int]]:
+    """The (source, target) pairs the histogram fallback takes over: histogram matching's validation SSIM over the
+    brain above the model's, and a stored histogram of the target (NaN never counts; never the diagonal)."""
+    with np.errstate(invalid="ignore"):
+        better = (histogram_ssim > model_ssim) & np.isfinite(quantiles).all(axis=1)[None, :]
+    return frozenset((int(s), int(t)) for s, t in zip(*np.nonzero(better), strict=True) if s != t)
+
+
 def histogram_matched(source: np.ndarray, brain: np.ndarray, reference_values: np.ndarray) -> np.ndarray:
     """``source``'s brain voxels with the histogram of ``reference_values`` (scikit-image); 0 outside the brain."""
     from skimage.exposure import match_histograms
@@ -369,11 +379,10 @@ class SynthesisModel:
         self.weight_ssim = validation_ssim  # what combination_weights reads: the model's SSIM, or histogram
         if histogram_fallback and histogram_ssim is not None and histogram_quantiles is not None \
                 and self.validation_metric == BRAIN_SSIM:  # matching's where that replaces the model
-            with np.errstate(invalid="ignore"):
-                better = (histogram_ssim > validation_ssim) & np.isfinite(histogram_quantiles).all(axis=1)[None, :]
-            self.fallback_pairs = frozenset((int(s), int(t)) for s, t in zip(*np.nonzero(better), strict=True)
-                                            if s != t)
-            self.weight_ssim = np.where(better, histogram_ssim, validation_ssim)
+            self.fallback_pairs = fallback_pairs(validation_ssim, histogram_ssim, histogram_quantiles)
+            self.weight_ssim = validation_ssim.copy()
+            for source, target in self.fallback_pairs:
+                self.weight_ssim[source, target] = histogram_ssim[source, target]
         self.folder = Path(folder) if folder else None
         self.reader = self.plans_manager.image_reader_writer_class()
 
@@ -605,6 +614,10 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
             if len({q.shape for q in quantiles}) > 1:
                 raise SynthesisModelError(f"{folder}: the folds' {HISTOGRAM_QUANTILES!r} have different lengths")
             histogram_quantiles = _fold_mean(quantiles)
+    if histogram_fallback and histogram_quantiles is None:
+        warnings.warn(f"{folder}: --histogram-fallback has no effect: its synthesis_validation.json lacks the SSIM "
+                      f"over the brain or the histogram scores (a model validated before they existed: "
+                      f"nnUNetv2_train ... --val adds them)", stacklevel=2)
     return SynthesisModel(networks, plans, configuration, dataset_json, device=device, validation_ssim=ssim,
                           folder=folder, validation_metric=key if matrices else None, histogram_ssim=histogram_ssim,
                           histogram_quantiles=histogram_quantiles, histogram_fallback=histogram_fallback)

@@ -120,8 +120,9 @@ Deviations from the paper, and why:
   (and BraSyn's) are computed by ``evaluate-synthesis``.
 * ``synthesis_validation.json`` also scores plain histogram matching on the same validation slices
   (``histogram_ssim_brain``: the source's brain voxels of the case given the target's histogram, pooled from the
-  fold's training cases and stored as ``histogram_quantiles``), so that ``synthesize`` can use it on the pairs
-  where it beats the model (inference/synthesize.py, histogram fallback). Not in the paper.
+  fold's training cases (a seeded sample of 50 in larger folds) and stored as ``histogram_quantiles``), so that
+  ``synthesize --histogram-fallback`` can use it on the pairs where it beats the model (inference/synthesize.py,
+  histogram fallback). Not in the paper.
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ FINAL_VALIDATION_BATCH = 16
 #: The histogram fallback's reference: brain voxels sampled per training case and sequence, and quantiles kept.
 HISTOGRAM_SAMPLE_PER_CASE = 20_000
 HISTOGRAM_LEVELS = 1001
+#: At most this many training cases (a seeded sample) make the reference, so that a BraTS-sized fold is not read
+#: in full once more.
+HISTOGRAM_CASES = 50
 
 
 # ---------------------------------------------------------------------------------------------- pair drawing
@@ -620,7 +624,10 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         totals = np.zeros((3, size, size))  # summed SSIM, PSNR, slice count
         brain_totals = np.zeros((2, size, size))  # SSIM map summed over brain voxels, brain voxel count
         histogram_totals = np.zeros((2, size, size))  # the same for histogram matching
-        quantiles = self.histogram_reference(dataset_class(self.preprocessed_dataset_folder, train_keys), train_keys)
+        reference_keys = sorted(train_keys) if len(train_keys) <= HISTOGRAM_CASES else sorted(
+            np.random.default_rng(0).choice(sorted(train_keys), HISTOGRAM_CASES, replace=False).tolist())
+        quantiles = self.histogram_reference(dataset_class(self.preprocessed_dataset_folder, reference_keys),
+                                             reference_keys)
         region = np.asarray(mods.REGIONS[self.utad["mask_region"]])
         for number, key in enumerate(val_keys, start=1):
             self.print_to_log_file(f"final validation: {key} ({number} of {len(val_keys)})")

@@ -404,10 +404,15 @@ def test_benchmark_teacher_student_table_and_goal(tmp_path):
         file = bench_synthesis.synthesis_model_dir(tmp_path, regime, trainer) / "fold_0" / "synthesis_validation.json"
         rows = [[None if np.isnan(v) else v for v in row] for row in values.tolist()]
         file.write_text(json.dumps({"ssim": rows, "ssim_brain": rows, "histogram_ssim_brain": [
-            [None if np.isnan(v) else v for v in row] for row in histogram.tolist()]}))
+            [None if np.isnan(v) else v for v in row] for row in histogram.tolist()],
+            "histogram_quantiles": [[0.0, 1.0]] * 4}))
     report = bench_synthesis.write_report(tmp_path, regime, args, {}, {})
     assert "validated better than the student: t2 → flair." in report.read_text()
     assert json.loads(report.with_suffix(".json").read_text())["histogram_fallback_pairs"] == ["t2 → flair"]
+    content = json.loads(file.read_text())  # no stored flair histogram: synthesize could not take t2 -> flair over
+    file.write_text(json.dumps(content | {"histogram_quantiles": [[0.0, 1.0]] * 3 + [None]}))
+    report = bench_synthesis.write_report(tmp_path, regime, args, {}, {})
+    assert "validated better than the student: none." in report.read_text()
 
 
 def test_benchmark_downstream_uses_the_robustness_benchmarks_finished_model(tmp_path):

@@ -385,6 +385,16 @@ def test_histogram_fallback_replaces_the_pairs_where_histogram_matching_validate
         "histogram_fallback"] == []
 
 
+def test_fallback_pairs_by_hand():
+    model = np.array([[np.nan, 0.5, 0.4, 0.3], [0.5, np.nan, 0.2, 0.1], [0.1, 0.1, np.nan, 0.6],
+                      [0.2, 0.2, 0.2, np.nan]])
+    histogram = np.array([[0.9, 0.6, 0.3, np.nan], [0.4, 0.9, 0.3, 0.2], [0.2, 0.1, 0.9, 0.5],
+                          [0.3, np.nan, 0.3, 0.9]])
+    quantiles = np.array([[0.0, 1.0]] * 3 + [[np.nan, np.nan]])  # no FLAIR histogram stored
+    # higher than the model, never the diagonal, never NaN, never a target without a histogram (1 -> 3)
+    assert synthesis.fallback_pairs(model, histogram, quantiles) == {(0, 1), (1, 2), (2, 0), (3, 0), (3, 2)}
+
+
 def test_histogram_fallback_needs_both_entries_the_brain_ssim_and_a_target_histogram(tmp_path):
     brain_ssim = [[None, 0.2, 0.2, 0.2]] + [[0.2 if s != t else None for t in range(4)] for s in range(1, 4)]
     better = [[None if s == t else 0.5 for t in range(4)] for s in range(4)]
@@ -392,11 +402,13 @@ def test_histogram_fallback_needs_both_entries_the_brain_ssim_and_a_target_histo
     entries = {"histogram_ssim_brain": better, "histogram_quantiles": quantiles}
     assert len(_loadf(make_model(tmp_path / "all", brain=brain_ssim, histogram=entries)).fallback_pairs) == 12
     assert not _load(make_model(tmp_path / "default", brain=brain_ssim, histogram=entries)).fallback_pairs  # opt-in
-    assert not _loadf(make_model(tmp_path / "whole", histogram=entries)).fallback_pairs  # no ssim_brain: no fallback
-    assert not _loadf(make_model(tmp_path / "half", brain=brain_ssim,
-                                histogram={"histogram_ssim_brain": better})).fallback_pairs  # no histograms
-    assert not _loadf(make_model(tmp_path / "other_half", brain=brain_ssim,
-                                histogram={"histogram_quantiles": quantiles})).fallback_pairs  # no scores
+    with pytest.warns(UserWarning, match="--histogram-fallback has no effect: its synthesis_validation.json lacks"):
+        assert not _loadf(make_model(tmp_path / "old", brain=brain_ssim)).fallback_pairs  # a model from before
+    for name, kwargs in (("whole", {"histogram": entries}),  # no ssim_brain
+                         ("half", {"brain": brain_ssim, "histogram": {"histogram_ssim_brain": better}}),
+                         ("other_half", {"brain": brain_ssim, "histogram": {"histogram_quantiles": quantiles}})):
+        with pytest.warns(UserWarning, match="--histogram-fallback has no effect"):
+            assert not _loadf(make_model(tmp_path / name, **kwargs)).fallback_pairs
     no_flair = {**entries, "histogram_quantiles": quantiles[:3] + [None]}
     model = _loadf(make_model(tmp_path / "noflair", brain=brain_ssim, histogram=no_flair))
     assert model.fallback_pairs == {(s, t) for s in range(4) for t in range(3) if s != t}  # never to flair
