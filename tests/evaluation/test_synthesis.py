@@ -498,7 +498,9 @@ def test_benchmark_dry_run_writes_nothing(tmp_path, monkeypatch, capsys):
     assert (preprocessed / "nnUNetPlans.json").read_text() == plans
 
 
-def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, monkeypatch, capsys):
+def _planned_benchmark_folder(work):
+    """bench_synthesis and the converged regime, with a work folder that has nnU-Net's plans (so that a dry run
+    reports every step instead of stopping at the phantoms)."""
     import sys
     from pathlib import Path
 
@@ -507,9 +509,14 @@ def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, mon
     from bench_common import REGIMES
 
     regime = REGIMES["converged"]
-    preprocessed = tmp_path / "nnUNet_preprocessed" / regime.dataset_name
+    preprocessed = work / "nnUNet_preprocessed" / regime.dataset_name
     preprocessed.mkdir(parents=True)
     (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}}))
+    return bench_synthesis, regime
+
+
+def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, monkeypatch, capsys):
+    bench_synthesis, regime = _planned_benchmark_folder(tmp_path)
     monkeypatch.setattr(bench_synthesis, "train_segmentation", lambda *a, **k: pytest.fail("segmentation trained"))
     monkeypatch.setattr(bench_synthesis, "run_downstream", lambda *a, **k: pytest.fail("downstream evaluated"))
     bench_synthesis.main(["--work-dir", str(tmp_path), "--regime", "converged", "--no-downstream", "--dry-run"])
@@ -523,17 +530,8 @@ def test_benchmark_without_downstream_trains_no_segmentation_model(tmp_path, mon
 
 def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch, capsys):
     import argparse
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    import bench_synthesis
-    from bench_common import REGIMES
-
-    regime = REGIMES["converged"]
-    preprocessed = tmp_path / "nnUNet_preprocessed" / regime.dataset_name
-    preprocessed.mkdir(parents=True)
-    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}}))
+    bench_synthesis, regime = _planned_benchmark_folder(tmp_path)
     epochs = {}
     monkeypatch.setattr(bench_synthesis, "train_synthesis",
                         lambda work, regime, env, trainer, n, *a, **k: epochs.setdefault(trainer, n) and "run")
@@ -558,12 +556,7 @@ def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch, 
 
 
 def test_benchmark_fallback_section_by_hand(tmp_path, capsys):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    import bench_synthesis
-    from bench_common import REGIMES
+    bench_synthesis, _ = _planned_benchmark_folder(tmp_path / "work")
 
     def pair(synthesis, histogram, zero):
         return {"synthesis": {"ssim_brain": synthesis}, "histogram_matching": {"ssim_brain": histogram},
@@ -589,10 +582,7 @@ def test_benchmark_fallback_section_by_hand(tmp_path, capsys):
     assert report["fallback"]["pairs_above_both_baselines"] == {"student": 1, "fallback": 2}
     assert "| t1+t2+flair | 80.0 / 50.0 / 10.0 | 70.0 / 50.0 / 10.0 | 85.0 / 50.0 / 10.0 |" in lines
     assert not any(line.startswith(f"| {full}") for line in lines)
-    regime = REGIMES["converged"]  # --with-fallback adds its two steps (dry run)
-    preprocessed = tmp_path / "work" / "nnUNet_preprocessed" / regime.dataset_name
-    preprocessed.mkdir(parents=True)
-    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"patch_size": [60, 52]}}}))
+    # --with-fallback adds its two steps (dry run)
     bench_synthesis.main(["--work-dir", str(tmp_path / "work"), "--regime", "converged", "--with-fallback",
                           "--dry-run"])
     out = capsys.readouterr().out.splitlines()
