@@ -4,7 +4,7 @@
         [--trainers nnUNetTrainer ModalityDropoutTrainer SharedLatentTrainer D2NetTrainer] [--seeds 1]
         [--dedicated] [--dedicated-seeds 1] [--epochs E] [--iterations I] [--epochs-for GROUP=EPOCHS ...]
         [--variant LABEL TRAINER SETTINGS.json ...] [--eval-cases 10] [--step-size 1.0] [--device cpu]
-        [--retrain [GROUP ...]] [--archive DIR] [--dry-run] [--report-only]
+        [--retrain [GROUP ...]] [--archive DIR] [--first RUN ...] [--dry-run] [--report-only]
 
 Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterations`` override them):
 
@@ -24,6 +24,8 @@ combination, each trained with the ``fixed`` dropout scheme (``ModalityDropoutTr
 loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep": [...], "p_keep_all": 0}}`` in the
 ``nnUNet_missingmod_config`` override file) and evaluated on its own combination only. ``--epochs-for``
 gives one group (a trainer name, or ``dedicated``) another number of epochs, e.g. one that has not plateaued.
+``--first RUN ...`` trains the named runs (e.g. ``dedicated_t1+t2+flair__seed0``; ``--dry-run`` lists the names)
+before the others, in the order given; the rest keep theirs.
 
 Variants: ``--variant LABEL TRAINER SETTINGS.json`` (repeatable) adds a group ``LABEL`` that trains ``TRAINER``
 with the settings of ``SETTINGS.json`` as its ``nnUNet_missingmod_config`` override file (e.g.
@@ -181,6 +183,22 @@ def plan_runs(work: Path, regime: Regime, trainers: Sequence[str], seeds: int, d
             runs.append(Run(name, DEDICATED, DEDICATED_TRAINER, seed, results,
                             results_model_dir(results, DEDICATED_TRAINER, regime), out / "eval" / name, combination))
     return runs
+
+
+def order_runs(runs: Sequence[Run], first: Sequence[str]) -> list[Run]:
+    """``runs`` with the runs named in ``first`` moved to the front, in that order; the others keep theirs.
+
+    Raises:
+        ValueError: a name in ``first`` is not a run of this benchmark, or is given twice.
+    """
+    by_name = {run.name: run for run in runs}
+    unknown = [name for name in first if name not in by_name]
+    if unknown:
+        raise ValueError(f"--first: no run named {', '.join(unknown)} in this benchmark (its runs: "
+                         f"{', '.join(by_name)})")
+    if len(set(first)) != len(first):
+        raise ValueError(f"--first names a run twice: {list(first)}")
+    return [by_name[name] for name in first] + [run for run in runs if run.name not in set(first)]
 
 
 def training_action(fold: Path) -> str:
@@ -854,6 +872,8 @@ def main() -> None:
                         help="keep each finished run's evaluation, learning curve and timings in DIR/<run> (small "
                              "text files, meant to be committed); a run archived there with the same settings is "
                              "not trained again, also on another machine")
+    parser.add_argument("--first", nargs="+", default=[], metavar="RUN",
+                        help="train these runs before the others, in this order (names as --dry-run prints them)")
     parser.add_argument("--dry-run", action="store_true", help="print each run's action and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="train and evaluate nothing: write the report of the runs that are finished here or "
@@ -876,6 +896,7 @@ def main() -> None:
     try:
         runs = plan_runs(work, regime, args.trainers, args.seeds, args.dedicated_seeds if args.dedicated else 0,
                          read_variants(args.variant))
+        training_order = order_runs(runs, args.first)  # the report keeps the planned order
     except ValueError as error:
         raise SystemExit(str(error)) from None
     out = output_dir(work, regime)
@@ -883,7 +904,7 @@ def main() -> None:
     if args.dry_run:
         speeds = archived_speeds(archive) if archive is not None else {}
         left, unknown = 0.0, []
-        for run in runs:
+        for run in training_order:
             pretraining = run.pretraining_fold(regime)
             first = "" if pretraining is None else f" (first phase {run.pretrainer}: {training_action(pretraining)})"
             action = training_action(run.fold)
@@ -924,7 +945,7 @@ def main() -> None:
             if archive is not None and (not args.retrain or run.group in args.retrain) and \
                     (archive / run.name).exists():
                 shutil.rmtree(archive / run.name)
-    for run in runs:
+    for run in training_order:
         epochs = epochs_for.get(run.group, args.epochs)
         pretrain_epochs = epochs_for.get(run.pretrainer) if run.pretrainer else None
         identity = archive_identity(run, regime, epochs, args.iterations, pretrain_epochs, case_names, args.step_size)

@@ -888,3 +888,17 @@ def test_dry_run_estimates_the_time_left_from_the_archived_runs(tmp_path, monkey
     assert "archived" in lines[0] and "[~" not in lines[0]  # nnUNetTrainer__seed0, seed1: archived
     assert lines[2].startswith("nnUNetTrainer__seed2") and lines[2].endswith("[~10 min]")  # 30 x 10 x 2.0 s
     assert lines[-1].startswith("left to train: about 0.2 h") and "SharedLatentTrainer__seed2" in lines[-1]
+
+
+def test_first_moves_the_named_runs_to_the_front_and_refuses_unknown_names(tmp_path):
+    runs = robustness.plan_runs(tmp_path, REGIMES["converged"], ["nnUNetTrainer"], seeds=2, dedicated_seeds=1)
+    ordered = robustness.order_runs(runs, ["dedicated_t1+t2+flair__seed0", "nnUNetTrainer__seed1"])
+    names = [r.name for r in ordered]
+    assert names[:2] == ["dedicated_t1+t2+flair__seed0", "nnUNetTrainer__seed1"]
+    assert names[2:] == [r.name for r in runs if r.name not in names[:2]]  # the rest in the planned order
+    assert sorted(names) == sorted(r.name for r in runs)
+    assert robustness.order_runs(runs, []) == runs
+    with pytest.raises(ValueError, match="no run named dedicated_t5__seed0"):
+        robustness.order_runs(runs, ["dedicated_t5__seed0"])
+    with pytest.raises(ValueError, match="twice"):
+        robustness.order_runs(runs, ["nnUNetTrainer__seed0", "nnUNetTrainer__seed0"])
