@@ -21,8 +21,15 @@ OVERRIDE_ENV = "nnUNet_missingmod_config"
 
 
 def is_non_negative_number(value: object) -> bool:
-    """True for a finite int or float >= 0 (not a bool, NaN or inf): the check of every loss weight in the configs."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    """True for a finite int or float >= 0 (not a bool, NaN, inf, or an int beyond float's range): the check of
+    every loss weight in the configs."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer such as 1e400 written out: no loss weight, and no float either
+        return False
+    return math.isfinite(number) and number >= 0
 
 
 def config_dir() -> Path:

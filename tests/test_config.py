@@ -42,7 +42,7 @@ def test_override_with_unknown_key_is_an_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value, expected", [
     (0, True), (0.0, True), (10, True), (2.5, True),
     (-1, False), (-1e-9, False), (float("nan"), False), (float("inf"), False), (True, False), (False, False),
-    ("1", False), (None, False), ([1], False),
+    ("1", False), (None, False), ([1], False), (10 ** 400, False), (-(10 ** 400), False),
 ])
 def test_loss_weights_must_be_finite_numbers_at_least_zero(value, expected):
     assert is_non_negative_number(value) is expected
