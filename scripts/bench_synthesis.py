@@ -512,6 +512,19 @@ def fallback_section(out: Path, downstream: dict, report: dict) -> list[str]:
     return lines + [""]
 
 
+def trained_budget(model: Path) -> tuple[int, int] | None:
+    """``(epochs, iterations per epoch)`` a model was trained with, from the ``debug.json`` nnU-Net writes in its
+    fold folder; None without one (not trained yet)."""
+    debug = model / "fold_0" / "debug.json"
+    if not debug.is_file():
+        return None
+    try:
+        values = json.loads(debug.read_text())
+        return int(values["num_epochs"]), int(values["num_iterations_per_epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict,
                  variant: str | None = None, settings: dict | None = None) -> Path:
     from nnunet_missingmod.inference.synthesize import fallback_pairs, read_histogram_quantiles
@@ -519,17 +532,28 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
     out = output_dir(work, regime, variant)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    report: dict = {"regime": regime.name, "budget": {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-                                                      "iterations": args.iterations},
+    # a finished model is reused whatever the budget asked now: the header says what the models had
+    asked = {TEACHER: (args.teacher_epochs, args.iterations), STUDENT: (args.epochs, args.iterations)}
+    had = {t: trained_budget(synthesis_model_dir(work, regime, t, variant)) or asked[t] for t in asked}
+    (teacher_epochs, teacher_iterations), (epochs, iterations) = had[TEACHER], had[STUDENT]
+    report: dict = {"regime": regime.name, "budget": {"epochs": epochs, "teacher_epochs": teacher_epochs,
+                                                      "iterations": iterations}
+                    | ({} if teacher_iterations == iterations else {"teacher_iterations": teacher_iterations}),
                     "variant": None if variant is None else {"label": variant, "settings": settings},
                     "steps": steps, "timings": timings}
     title = "" if variant is None else f", variant {variant}"
     lines = [f"# UTAD-Net synthesis benchmark ({regime.name} regime, {regime.spacing} mm phantoms{title})", "",
-             (f"Teacher and student: {args.epochs} epochs x {args.iterations} iterations each"
-              if args.teacher_epochs == args.epochs else
-              f"Teacher {args.teacher_epochs}, student {args.epochs} epochs x {args.iterations} iterations")
+             (f"Teacher and student: {epochs} epochs x {iterations} iterations each"
+              if had[TEACHER] == had[STUDENT] else
+              f"Teacher {teacher_epochs}, student {epochs} epochs x {iterations} iterations"
+              if teacher_iterations == iterations else
+              f"Teacher {teacher_epochs} epochs x {teacher_iterations} iterations, student {epochs} epochs x {iterations} "
+              f"iterations")
              + f" on `{CONFIGURATION_2D}`; "
              f"segmentation: {SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`.", ""]
+    if had != asked:
+        lines += [f"(Finished models reused: this run asked for teacher {asked[TEACHER][0]}, student "
+                  f"{asked[STUDENT][0]} epochs x {args.iterations} iterations.)", ""]
     if variant is not None:
         lines += [f"Settings of both trainers (`nnUNet_missingmod_config` on top of the shipped ones): "
                   f"`{json.dumps(settings)}`.", ""]

@@ -553,6 +553,17 @@ def test_benchmark_teacher_epochs_go_to_the_teacher_only(tmp_path, monkeypatch, 
         assert header in report.read_text()
         budget = json.loads(report.with_suffix(".json").read_text())["budget"]
         assert budget == {"epochs": 30, "teacher_epochs": teacher, "iterations": 50}
+    # a finished model is reused whatever the budget asked now: the header says what the models were trained with
+    for trainer, trained in (("UTADNetTeacherTrainer", 80), ("UTADNetStudentTrainer", 40)):
+        fold = bench_synthesis.synthesis_model_dir(tmp_path, regime, trainer, "t30") / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "debug.json").write_text(json.dumps({"num_epochs": str(trained), "num_iterations_per_epoch": "50"}))
+    args = argparse.Namespace(epochs=30, teacher_epochs=30, iterations=50, downstream=False)
+    text = bench_synthesis.write_report(tmp_path, regime, args, {}, {}, variant="t30").read_text()
+    assert "Teacher 80, student 40 epochs x 50 iterations on" in text
+    assert "this run asked for teacher 30, student 30 epochs x 50 iterations" in text
+    budget = json.loads((tmp_path / "synthesis_converged_t30" / "report.json").read_text())["budget"]
+    assert budget == {"epochs": 40, "teacher_epochs": 80, "iterations": 50}
 
 
 def test_benchmark_fallback_section_by_hand(tmp_path, capsys):
