@@ -752,14 +752,44 @@ def _manifest(cases: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], info: d
             "synthesis": info}
 
 
+#: Keys of a part's ``synthesis`` record that differ between the parts of one run.
+_PER_PART = ("part", "combination")
+
+
+def _part_setting_differences(first: dict, other: dict) -> list[str]:
+    """``key: a vs b`` for each setting in which two parts' ``synthesis`` records differ (per-part keys aside)."""
+    keys = sorted((set(first) | set(other)) - set(_PER_PART))
+    return [f"{key}: {first.get(key)!r} vs {other.get(key)!r}" for key in keys if first.get(key) != other.get(key)]
+
+
+def _check_part_settings(output: Path, info: dict, num_parts: int, part_id: int) -> None:
+    """Before a part writes anything: the parts of the same split already finished used the same settings."""
+    for file in sorted(output.glob(f"synthesis_part_*_of_{num_parts}.json")):
+        match = _PART_FILE.match(file.name)
+        if not match or int(match.group(1)) == part_id:
+            continue
+        try:
+            other = json.loads(file.read_text())["synthesis"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # merged away meanwhile, or not a part file of this package: merge_parts decides
+        differences = _part_setting_differences(other, info)
+        if differences:
+            raise ValueError(f"part {part_id} of {num_parts}: {file.name} in {output} was written with other "
+                             f"settings ({'; '.join(differences)}); run every part with the same model and options")
+
+
 def merge_parts(output: str | os.PathLike) -> Path | None:
     """Merge the part files of a split run into ``modality_availability.json`` once every part has finished.
+
+    The manifest's ``synthesis`` record is the parts' common one (model, folds, checkpoint, combine rule, histogram
+    fallback, intensity rule, input) with every part's per-channel ``combination`` entries.
 
     Returns:
         The manifest, or None while parts are missing.
 
     Raises:
-        ValueError: part files of different splits (``num_parts``) in one folder.
+        ValueError: part files of different splits (``num_parts``) in one folder, or parts run with different
+            settings (named; the part files are kept).
     """
     output = Path(output)
     parts = {}
@@ -781,11 +811,19 @@ def merge_parts(output: str | os.PathLike) -> Path | None:
         contents = [json.loads(parts[(k, total)].read_text()) for k in range(total)]
     except FileNotFoundError:  # another part merged them at the same time
         return output / AVAILABILITY_FILE
+    for k, content in enumerate(contents[1:], start=1):
+        differences = _part_setting_differences(contents[0]["synthesis"], content["synthesis"])
+        if differences:
+            raise ValueError(f"{output}: part {k} of {total} was run with other settings than part 0 "
+                             f"({'; '.join(differences)}); run every part with the same model and options")
+    combination: dict = {}
     for content in contents:
         for key in ("cases", "acquired", "synthetic"):
             merged.setdefault(key, {}).update(content[key])
-    manifest = {"modalities": list(mods.MODALITIES), **merged, "synthesis": contents[0]["synthesis"]}
-    manifest["synthesis"]["num_parts"] = total
+        combination.update(content["synthesis"].get("combination", {}))
+    info = {key: value for key, value in contents[0]["synthesis"].items() if key not in _PER_PART}
+    manifest = {"modalities": list(mods.MODALITIES), **merged,
+                "synthesis": {**info, "combination": combination, "num_parts": total}}
     tmp = output / f".{AVAILABILITY_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, output / AVAILABILITY_FILE)
@@ -884,6 +922,8 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
             "histogram_fallback": synthesis_model.fallback_names,
             "intensity": "mean + sd * z in the brain (means over the acquired sequences), 0 outside",
             "input": str(input_path)}
+    if num_parts > 1:
+        _check_part_settings(output, info, num_parts, part_id)
     with raise_on_sigterm():
         if num_parts == 1:
             with atomic_output_folder(output) as staging:

@@ -10,6 +10,7 @@ folder is an nnU-Net trainer folder with ``plans.json``, ``dataset.json`` and ``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -501,6 +502,10 @@ def test_split_into_parts_then_merged(tmp_path):
     synthesize(cases, out, model, num_parts=2, part_id=0, progress=False)
     manifest = json.loads((out / "modality_availability.json").read_text())
     assert sorted(manifest["synthetic"]) == ["P1", "P2", "P3"] and manifest["synthesis"]["num_parts"] == 2
+    # every part's per-channel combination record is kept, not only part 0's
+    assert sorted(manifest["synthesis"]["combination"]) == [f"{c}/{m}" for c in ("P1", "P2", "P3")
+                                                            for m in ("flair", "t2")]
+    assert "part" not in manifest["synthesis"]
     assert not list(out.glob("synthesis_part_*")) and not [p for p in out.iterdir() if p.name.startswith(".")]
     assert len(list(out.glob("*.nii.gz"))) == 12
     many = tmp_path / "many"  # more parts than cases: the empty parts only record that they are done
@@ -510,6 +515,27 @@ def test_split_into_parts_then_merged(tmp_path):
     with pytest.raises(ValueError, match="-num_parts splits a folder of cases"):
         make_dataset(tmp_path / "raw")
         synthesize(tmp_path / "raw" / DATASET, tmp_path / "o2", model, num_parts=2, progress=False)
+
+
+def test_parts_with_other_settings_are_refused_before_writing_and_when_merging(tmp_path):
+    cases = tmp_path / "cases"
+    for index, case in enumerate(("P1", "P2", "P3")):
+        write_case(cases, case, (0, 1), seed=10 + index)
+    model = _load(make_model(tmp_path / "results"))
+    out = tmp_path / "out"
+    synthesize(cases, out, model, num_parts=2, part_id=1, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match=r"part 0 of 2: synthesis_part_1_of_2.json .* other settings \(combine: "
+                                         r"'ssim' vs 'mean'\)"):
+        synthesize(cases, out, model, num_parts=2, part_id=0, combine="mean", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # part 0 wrote nothing
+    # part files changed by hand (or written by different versions) are not merged either, and are kept
+    synthesize(cases, tmp_path / "other", model, num_parts=2, part_id=0, combine="mean", progress=False)
+    os.replace(tmp_path / "other" / "synthesis_part_0_of_2.json", out / "synthesis_part_0_of_2.json")
+    with pytest.raises(ValueError, match="part 1 of 2 was run with other settings than part 0 .*combine"):
+        merge_parts(out)
+    assert not (out / "modality_availability.json").exists()
+    assert {"synthesis_part_0_of_2.json", "synthesis_part_1_of_2.json"} <= {p.name for p in out.iterdir()}
 
 
 def test_failure_midway_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
