@@ -31,9 +31,11 @@ Baselines, scored the same way in the same run:
 * ``zero_fill``: the missing sequence left at zero (what segmentation models see without synthesis).
 * ``histogram_matching``: the source sequence with its brain histogram matched
   (``skimage.exposure.match_histograms``) to the target sequence's histogram pooled from the *other* evaluated
-  cases (a random sample of their brain voxels, numpy's generator seeded with 0), so the hidden image is never
-  used. With a single evaluated case there is no other case: the case's own target is used and
-  ``summary.json`` says ``"histogram_reference": "oracle"``. For the ``all`` rows the baseline is the most
+  cases (a random sample of their brain voxels, numpy's generator seeded with 0, each case's sample z-scored with
+  the mean and standard deviation of its brain, so that cases scanned at other gains do not smear the pooled
+  histogram), then put back on the source's intensity scale (its brain mean + sd x the matched z-scores); the
+  hidden image is never used. With a single evaluated case there is no other case: the case's own target is used
+  and ``summary.json`` says ``"histogram_reference": "oracle"``. For the ``all`` rows the baseline is the most
   similar acquired sequence: per target, the source whose histogram-matched copies scored the highest mean
   ``ssim_brain`` over the evaluated cases (a choice made on the evaluation data, so it favours the baseline).
 
@@ -225,11 +227,29 @@ def _labels_folder(images: Path) -> Path:
     raise FileNotFoundError(f"cannot tell the label folder of {images}; pass it with -l")
 
 
+def _brain_z_scores(values: np.ndarray, brain_values: np.ndarray) -> np.ndarray:
+    """``values`` as z-scores of the brain (``brain_values``' mean and standard deviation; 0 for a flat brain)."""
+    mean, sd = float(np.mean(brain_values, dtype=np.float64)), float(np.std(brain_values, dtype=np.float64))
+    return ((values - mean) / sd if sd > 0 else np.zeros_like(values)).astype(np.float32)
+
+
 def _brain_sample(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    values = image[brain]
+    """A seeded sample of the brain voxels of ``image``, z-scored with the whole brain's mean and sd."""
+    brain_values = image[brain]
+    values = brain_values
     if values.size > HISTOGRAM_SAMPLE:
         values = rng.choice(values, HISTOGRAM_SAMPLE, replace=False)
-    return values.astype(np.float32)
+    return _brain_z_scores(values, brain_values)
+
+
+def _matching_baseline(source: np.ndarray, brain: np.ndarray, reference_z: np.ndarray) -> np.ndarray:
+    """The ``histogram_matching`` baseline: ``source``'s brain voxels given the histogram of the z-scores
+    ``reference_z``, on the source's scale (its brain mean + sd x the matched z-scores); 0 outside the brain."""
+    matched = histogram_matched(source, brain, reference_z)
+    if brain.any():
+        values = source[brain].astype(np.float64)
+        matched[brain] = (values.mean() + values.std() * matched[brain]).astype(np.float32)
+    return matched
 
 
 def _pair(source: int | str, target: int) -> str:
@@ -333,7 +353,7 @@ def _evaluate(synthesis_model: SynthesisModel, images: Path, usable: Sequence[Sy
                                   combine, combined, batch_size, example_images, examples)
     bar.close()
     rows += _combined_histogram_rows(rows)
-    reference = "leave-one-out pool" if len(usable) > 1 else "oracle"
+    reference = "leave-one-out pool of z-scores" if len(usable) > 1 else "oracle"
     summary = summarise(rows)
     skipped = sorted(c.identifier for c in cases if len(c.acquired) < 2)
     summary.update({"model": str(synthesis_model.folder or "in-memory model"), "images": str(images),
@@ -369,7 +389,7 @@ def _score_target(model: SynthesisModel, case: SynthesisCase, image: np.ndarray,
     """Rows of every method for the pairs ``source -> target`` of one case (and ``all -> target``)."""
     prepared = model.prepare(image, properties, sources)  # the target is hidden from the preprocessing
     real = image[target]
-    reference = _reference_values(samples, case.identifier, target, real[brain])
+    reference = _reference_values(samples, case.identifier, target, _brain_z_scores(real[brain], real[brain]))
     zero = image_metrics(real, np.zeros_like(real), brain, tumour)
     rows = []
     groups = [[s] for s in sources] + ([list(sources)] if combined and len(sources) > 1 else [])
@@ -381,7 +401,7 @@ def _score_target(model: SynthesisModel, case: SynthesisCase, image: np.ndarray,
         rows.append({**base, "method": "synthesis", **image_metrics(real, synthetic, brain, tumour)})
         rows.append({**base, "method": "zero_fill", **zero})
         if len(group) == 1:
-            matched = histogram_matched(image[group[0]], brain, reference)
+            matched = _matching_baseline(image[group[0]], brain, reference)
             rows.append({**base, "method": "histogram_matching", **image_metrics(real, matched, brain, tumour)})
             if len(example_images) < examples:
                 example_images.append(_example(case.identifier, _pair(group[0], target), image[group[0]], synthetic,

@@ -35,6 +35,7 @@ from tests.inference.test_synthesize import (
     brain_mask,
     make_model,
     write_case,
+    write_image,
     write_labels,
 )
 
@@ -242,7 +243,7 @@ def test_evaluation_rows_metrics_and_baselines(evaluation_setup, tmp_path):
             if source:
                 assert row["matched_from"] == source
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_cases"] == 3 and summary["histogram_reference"] == "leave-one-out pool"
+    assert summary["num_cases"] == 3 and summary["histogram_reference"] == "leave-one-out pool of z-scores"
     assert summary["combine"] == "ssim" and summary["validation_metric"] == "ssim"  # the stand-in's whole slices
     assert summary["histogram_fallback"] == []
     pair = summary["per_pair"]["t1ce->t1"]["synthesis"]
@@ -256,6 +257,43 @@ def test_evaluation_rows_metrics_and_baselines(evaluation_setup, tmp_path):
     table = (out / "table.md").read_text()
     assert "### BraSyn protocol" in table and "| **average over pairs** |" in table and "| t1ce → t1 |" in table
     assert (out / "examples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _matched_by_hand(source: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Histogram matching written out: each source value goes to the pool's value at the same empirical CDF."""
+    values, inverse, counts = np.unique(source, return_inverse=True, return_counts=True)
+    source_cdf = np.cumsum(counts) / source.size
+    pool_values, pool_counts = np.unique(pool, return_counts=True)
+    pool_cdf = np.cumsum(pool_counts) / pool.size
+    return np.interp(source_cdf, pool_cdf, pool_values)[inverse]
+
+
+def test_matching_baseline_pools_z_scores_so_other_cases_gain_does_not_matter(evaluation_setup, tmp_path):
+    images, labels, arrays, model = evaluation_setup
+    first = _rows(evaluate_synthesis(images, model, tmp_path / "eval", examples=0, progress=False))
+    brain = brain_mask()
+    tumour = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(str(labels / "E1.nii.gz"))), mods.REGIONS["WT"])
+
+    def z(values):
+        return (values - values.mean()) / values.std()
+
+    # by hand: E1's t1ce given the pooled z-scores of E2's and E3's t1 brains, then E1 t1ce's mean + sd x z
+    pool = np.concatenate([z(arrays[c][0][brain].astype(float)) for c in ("E2", "E3")])
+    t1ce = arrays["E1"][1][brain].astype(float)
+    expected = np.zeros(brain.shape)
+    expected[brain] = t1ce.mean() + t1ce.std() * _matched_by_hand(t1ce, pool)
+    want = image_metrics(arrays["E1"][0].astype(float), expected, brain, tumour)
+    row = next(r for r in first if r["case"] == "E1" and r["method"] == "histogram_matching"
+               and r["source"] == "t1ce" and r["target"] == "t1")
+    for metric in ("ssim_brain", "psnr_brain", "ssim_wt_bbox"):
+        assert float(row[metric]) == pytest.approx(want[metric], rel=1e-3), metric
+    # E2 scanned at three times the gain: E1's baseline is the same (a pool of raw intensities would be smeared)
+    for channel, array in arrays["E2"].items():
+        write_image(images / f"E2_{channel:04d}.nii.gz", (3 * array.astype(np.int32)).astype(np.int16))
+    second = _rows(evaluate_synthesis(images, model, tmp_path / "eval2", examples=0, progress=False))
+    for before, after in zip(first, second, strict=True):
+        if before["case"] == "E1" and before["method"] == "histogram_matching" and before["source"] != "all":
+            assert float(after["ssim_brain"]) == pytest.approx(float(before["ssim_brain"]), abs=1e-6)
 
 
 def test_the_hidden_target_never_reaches_the_synthesis(evaluation_setup, tmp_path, monkeypatch):
