@@ -23,7 +23,8 @@ the short regime's seed 0 keeps the original folders ``<work-dir>/nnUNet_results
 combination, each trained with the ``fixed`` dropout scheme (``ModalityDropoutTrainer``, whose network and
 loss are nnUNetTrainer's, with ``{"modality_dropout": {"scheme": "fixed", "keep": [...], "p_keep_all": 0}}`` in the
 ``nnUNet_missingmod_config`` override file) and evaluated on its own combination only. ``--epochs-for``
-gives one group (a trainer name, or ``dedicated``) another number of epochs, e.g. one that has not plateaued.
+gives one group (a trainer name, a variant label, or ``dedicated``) another number of epochs, e.g. one that has not
+plateaued; a run's name, with or without its seed (``dedicated_t1ce=960``), gives one model its own.
 ``--first RUN ...`` trains the named runs (e.g. ``dedicated_t1+t2+flair__seed0``; ``--dry-run`` lists the names)
 before the others, in the order given; the rest keep theirs.
 
@@ -42,7 +43,7 @@ is reported apart ("+N first phase"). ``--retrain CMFTPretrainer`` deletes the f
 Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted one continues from its
 ``checkpoint_latest.pth`` (written every few epochs) as ``nnUNetv2_train --c`` does, and an evaluation newer
 than its model on the same cases and combinations is reused; so the tables can be built over several
-sittings. ``--retrain`` (all groups, or the named ones) deletes models (and their archived records) first;
+sittings. ``--retrain`` (all groups, or the named groups or runs) deletes models (and their archived records) first;
 ``--dry-run`` prints what would be done (with ``--archive``, an estimate of each training's minutes and of
 the hours left, at the speed of the archived runs of the same trainer); ``--report-only`` writes the report of
 what is finished or archived, training nothing. Each training's output (nnU-Net's per-epoch lines) goes to
@@ -324,7 +325,7 @@ def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None
     log = read_learning_curve(run.fold)
     if log is None or len(log["ema_fg_dice"]) != identity["epochs"]:
         raise SystemExit(f"{run.name}: the model in {run.fold} has {0 if log is None else len(log['ema_fg_dice'])} "
-                         f"epochs, not the {identity['epochs']} asked for; not archived (--retrain {run.group})")
+                         f"epochs, not the {identity['epochs']} asked for; not archived (--retrain {run.name})")
     if not (run.evaluation / "summary.json").is_file():
         raise SystemExit(f"{run.name}: no evaluation in {run.evaluation}; not archived")
     record = {"name": run.name, "group": run.group, **identity, "curve": log, "timings": timings.get(run.name, {})}
@@ -800,6 +801,30 @@ def _parse_epochs_for(items: Sequence[str]) -> dict[str, int]:
     return epochs
 
 
+def run_named(run: Run, names: Sequence[str]) -> bool:
+    """Whether ``names`` holds the run's group, its name, or its name without the seed (``dedicated_t1ce``)."""
+    return bool({run.group, run.name, run.name.rsplit("__seed", 1)[0]} & set(names))
+
+
+def run_epochs(run: Run, epochs_for: Mapping[str, int], default: int) -> int:
+    """Epochs of ``run``: ``--epochs-for`` by the run's name (``dedicated_t1ce__seed0``), then by its name without
+    the seed (``dedicated_t1ce``: every seed of one dedicated model or trainer), then by its group; else ``default``."""
+    for key in (run.name, run.name.rsplit("__seed", 1)[0], run.group):
+        if key in epochs_for:
+            return epochs_for[key]
+    return default
+
+
+def check_epochs_for(epochs_for: Mapping[str, int], runs: Sequence[Run]) -> None:
+    """Every ``--epochs-for`` key names a group, a run, a run without its seed, or a first-phase trainer."""
+    known = {key for run in runs for key in (run.name, run.name.rsplit("__seed", 1)[0], run.group, run.pretrainer)
+             if key}
+    unknown = sorted(set(epochs_for) - known)
+    if unknown:
+        raise SystemExit(f"--epochs-for: {', '.join(unknown)} is not a group, run or first-phase trainer of this "
+                         f"benchmark (e.g. {', '.join(sorted(known)[:6])}; --dry-run lists the runs)")
+
+
 def read_variants(items: Sequence[Sequence[str]]) -> list[tuple[str, str, dict]]:
     """``--variant LABEL TRAINER SETTINGS.json`` arguments as ``(label, trainer, settings)``.
 
@@ -860,14 +885,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the regime's")
     parser.add_argument("--iterations", type=int, default=None, help="default: the regime's")
     parser.add_argument("--epochs-for", nargs="+", default=[], metavar="GROUP=EPOCHS",
-                        help="epochs for one trainer (or 'dedicated'), e.g. D2NetTrainer=120")
+                        help="epochs for one group (a trainer, a variant or 'dedicated') or one run (with or without "
+                             "its seed), e.g. D2NetTrainer=120 dedicated_t1ce=960")
     parser.add_argument("--variant", nargs=3, action="append", default=[], metavar=("LABEL", "TRAINER", "SETTINGS"),
                         help="a group LABEL training TRAINER with the override file SETTINGS (JSON); repeatable")
     parser.add_argument("--eval-cases", type=int, default=10)
     parser.add_argument("--step-size", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--retrain", nargs="*", default=None, metavar="GROUP",
-                        help="delete the models of these groups (all without names) and train again")
+                        help="delete the models of these groups or runs (all without names) and train again")
     parser.add_argument("--archive", default=None, metavar="DIR",
                         help="keep each finished run's evaluation, learning curve and timings in DIR/<run> (small "
                              "text files, meant to be committed); a run archived there with the same settings is "
@@ -899,6 +925,7 @@ def main() -> None:
         training_order = order_runs(runs, args.first)  # the report keeps the planned order
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    check_epochs_for(epochs_for, runs)
     out = output_dir(work, regime)
     archive = Path(args.archive).resolve() if args.archive else None
     if args.dry_run:
@@ -912,7 +939,7 @@ def main() -> None:
                 action, first = "archived", f" ({archive / run.name})"
             estimate = ""
             if action in ("train", "continue"):
-                seconds = estimate_training_s(run, epochs_for.get(run.group, args.epochs), args.iterations,
+                seconds = estimate_training_s(run, run_epochs(run, epochs_for, args.epochs), args.iterations,
                                               epochs_for.get(run.pretrainer) if run.pretrainer else None, speeds)
                 if seconds is None:
                     unknown.append(run.name)
@@ -936,17 +963,17 @@ def main() -> None:
     case_names = {c.name[: -len(".nii.gz")] for c in cases}
     if args.retrain is not None:  # all deletions first: two-phase runs of one folder share their first phase
         for run in runs:
-            if (not args.retrain or run.group in args.retrain) and run.model.exists():
+            chosen = not args.retrain or run_named(run, args.retrain)
+            if chosen and run.model.exists():
                 shutil.rmtree(run.model)
             pretraining = run.pretraining_fold(regime)
             if pretraining is not None and (not args.retrain or run.pretrainer in args.retrain) and \
                     pretraining.parent.exists():
                 shutil.rmtree(pretraining.parent)
-            if archive is not None and (not args.retrain or run.group in args.retrain) and \
-                    (archive / run.name).exists():
+            if archive is not None and chosen and (archive / run.name).exists():
                 shutil.rmtree(archive / run.name)
     for run in training_order:
-        epochs = epochs_for.get(run.group, args.epochs)
+        epochs = run_epochs(run, epochs_for, args.epochs)
         pretrain_epochs = epochs_for.get(run.pretrainer) if run.pretrainer else None
         identity = archive_identity(run, regime, epochs, args.iterations, pretrain_epochs, case_names, args.step_size)
         if archive is not None and archived_run(run, archive / run.name, identity):
@@ -1007,7 +1034,7 @@ def archived_run(run: Run, folder: Path, identity: dict) -> bool:
     differences = archive_mismatch(record, identity)
     if differences:
         raise SystemExit(f"{run.name} is archived in {folder} with other settings ({'; '.join(differences)}): ask "
-                         f"for the same ones, use another --archive, or --retrain {run.group}")
+                         f"for the same ones, use another --archive, or --retrain {run.name}")
     if training_action(run.fold) == "reuse":
         return False  # the model is here: reuse it, evaluate if needed and refresh the archive
     print(f"=== archived: {run.name} ({folder})", flush=True)
@@ -1057,7 +1084,7 @@ def train_run(run: Run, regime: Regime, epochs: int, args: argparse.Namespace, e
         override = run.results.parent / "override.json"
         if action == "continue" and override.is_file() and json.loads(override.read_text()) != settings:
             raise SystemExit(f"{run.name} was started with the settings of {override}; they differ from the ones "
-                             f"given now: use the same file, another label, or --retrain {run.group}")
+                             f"given now: use the same file, another label, or --retrain {run.name}")
         override.parent.mkdir(parents=True, exist_ok=True)
         override.write_text(json.dumps(settings, indent=2))
         run_env[OVERRIDE_ENV] = str(override)

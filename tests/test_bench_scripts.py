@@ -612,7 +612,7 @@ def test_archive_refuses_other_settings_and_a_model_of_another_budget(tmp_path):
     shutil.rmtree(run.model)
     longer = robustness.archive_identity(run, regime, 8, 40, None, ["phantom_010"], 1.0)
     with pytest.raises(SystemExit, match=r"archived in .*dedicated_t1__seed0 with other settings \(epochs: archived "
-                                         r"4, asked 8\)"):
+                                         r"4, asked 8\).*--retrain dedicated_t1__seed0"):
         robustness.archived_run(run, folder, longer)
     other_cases = robustness.archive_identity(run, regime, 4, 40, None, ["phantom_011"], 1.0)
     with pytest.raises(SystemExit, match="cases: archived"):
@@ -902,3 +902,21 @@ def test_first_moves_the_named_runs_to_the_front_and_refuses_unknown_names(tmp_p
         robustness.order_runs(runs, ["dedicated_t5__seed0"])
     with pytest.raises(ValueError, match="twice"):
         robustness.order_runs(runs, ["nnUNetTrainer__seed0", "nnUNetTrainer__seed0"])
+
+
+def test_epochs_for_a_group_a_model_or_one_run_and_retrain_by_run_name(tmp_path):
+    runs = robustness.plan_runs(tmp_path, REGIMES["converged"], ["nnUNetTrainer"], seeds=2, dedicated_seeds=2)
+    by_name = {r.name: r for r in runs}
+    epochs_for = {"dedicated": 480, "dedicated_t1ce": 960, "dedicated_t1ce__seed1": 1200, "nnUNetTrainer__seed1": 7}
+    got = {name: robustness.run_epochs(run, epochs_for, 120) for name, run in by_name.items()}
+    assert got["dedicated_t1ce__seed0"] == 960 and got["dedicated_t1ce__seed1"] == 1200  # the most specific key
+    assert got["dedicated_t2__seed0"] == 480 and got["dedicated_t1+t1ce__seed1"] == 480  # the group
+    assert got["nnUNetTrainer__seed0"] == 120 and got["nnUNetTrainer__seed1"] == 7  # the default, one run
+    robustness.check_epochs_for(epochs_for, runs)
+    with pytest.raises(SystemExit, match="dedicated_t5 is not a group, run or first-phase trainer"):
+        robustness.check_epochs_for({"dedicated_t5": 10}, runs)
+    # --retrain takes the same names: one dedicated model, not the 15
+    chosen = [r.name for r in runs if robustness.run_named(r, ["dedicated_t1ce"])]
+    assert chosen == ["dedicated_t1ce__seed0", "dedicated_t1ce__seed1"]
+    assert [r.name for r in runs if robustness.run_named(r, ["nnUNetTrainer__seed1"])] == ["nnUNetTrainer__seed1"]
+    assert len([r for r in runs if robustness.run_named(r, ["dedicated"])]) == 30
