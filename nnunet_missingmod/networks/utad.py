@@ -53,6 +53,13 @@ Deviations from the paper and the authors' code, and why:
   unless given, instead of StarGAN's 64·2^i (2048 features at the sixth layer); the number of layers is 6 as in
   StarGAN/UTAD-Net at 128x128 when the patch allows it, and fewer for smaller patches (the patch map keeps at
   least 2x2 scores).
+* Optional (``utad.generator.source_skip``, off by default as in the paper): both decoders' outputs are added to
+  their branch's input slice, so G learns the difference between target and source (a residual translation). On
+  the phantoms every model blurred T1 <-> T1ce, where the two sequences differ only in the enhancing tumour and a
+  monotone map of the source (histogram matching) keeps the texture that the decoders lose; with the skip the
+  source's texture reaches the output unchanged unless G removes it. The flag is a buffer of the network
+  (``source_skip``), so a checkpoint carries it to ``synthesize`` and ``nnUNetPredictor``, which build G from the
+  plans alone; checkpoints without it load as off.
 * Optional (``utad.discriminator.conditional``, off by default as in the paper): a real/fake head conditional on
   the modality (projection discriminator), see :class:`UTADDiscriminators`.
 * Optional (``utad.discriminator.classifier_blur_sigma``, 0 by default as in the paper): the modality classifier
@@ -198,13 +205,16 @@ class UTADGenerator(nn.Module):
         num_modalities: number of modalities M (length of the one-hot code; ``dataset.json`` channel order).
         arch_class_name, arch_kwargs, arch_kwargs_req_import: the ``2d`` configuration's network from the plans.
 
+        source_skip: add each branch's input slice to its decoder's output (module docstring); stored as the
+            boolean buffer ``source_skip``, so it travels with the weights.
+
     Attributes:
         num_modalities: M.
         total_stride: product of the encoder's strides per axis; inputs must be divisible by it.
     """
 
     def __init__(self, *, num_modalities: int, arch_class_name: str, arch_kwargs: dict,
-                 arch_kwargs_req_import: Sequence[str]) -> None:
+                 arch_kwargs_req_import: Sequence[str], source_skip: bool = False) -> None:
         super().__init__()
         if num_modalities < 2:
             raise ValueError(f"translation needs at least two modalities, got num_modalities={num_modalities}")
@@ -231,6 +241,12 @@ class UTADGenerator(nn.Module):
         self.total_stride: tuple[int, int] = tuple(int(math.prod(s[axis] for s in strides)) for axis in range(2))
         self.apply(InitWeights_He(1e-2))
         self.conditional_norms = [m for m in self.modules() if isinstance(m, ModalityConditionalNorm)]
+        self.register_buffer("source_skip", torch.tensor(bool(source_skip)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # weights saved before utad.generator.source_skip existed have no flag: they were trained without the skip
+        state_dict.setdefault(prefix + "source_skip", torch.tensor(False))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_target(self, target_modality: torch.Tensor) -> None:
         """Tell every conditional normalisation the target modality (B,) of the next forward pass."""
@@ -271,6 +287,8 @@ class UTADGenerator(nn.Module):
         fused = self.fusion(global_skips[-1], local_skips[-1])  # (B, C_bottleneck, x, y)
         whole = self.global_decoder([*global_skips[:-1], fused])  # (B, 1, X, Y)
         tumour = self.local_decoder([*local_skips[:-1], fused])  # (B, 1, X, Y)
+        if bool(self.source_skip):
+            whole, tumour = whole + image, tumour + local_input
         return GeneratorOutput(whole, tumour, fused)
 
 

@@ -368,6 +368,10 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         examples = settings["num_examples"]
         if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
             raise ValueError(f"utad.num_examples must be an integer >= 1, got {examples!r}")
+        generator = settings["generator"]
+        if not (isinstance(generator, dict) and set(generator) == {"source_skip"}
+                and isinstance(generator["source_skip"], bool)):
+            raise ValueError(f'utad.generator must be {{"source_skip": true or false}}, got {generator!r}')
         keys = {"num_layers", "features", "conditional", "classifier_blur_sigma"}
         if set(settings["discriminator"]) != keys:
             raise ValueError(f"utad.discriminator must have exactly the keys {', '.join(sorted(keys))}, "
@@ -411,6 +415,7 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
                              f"of the batch, so the batch size must be at least 2 (configuration "
                              f"{self.configuration_name} has {self.batch_size} per process)")
         self._mask_channel = self._find_mask_channel()
+        self.generator_module.source_skip.fill_(self.utad["generator"]["source_skip"])
 
     def _find_mask_channel(self) -> int | None:
         """Index of ``utad.mask_region`` among the region targets, or None for a label-based dataset."""
@@ -735,6 +740,7 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
         if self.utad["init_from_teacher"]:
             student = self.generator_module
             student.load_state_dict(teacher_weights)
+            student.source_skip.fill_(self.utad["generator"]["source_skip"])  # the student's setting, not the teacher's
             student.local_encoder.apply(InitWeights_He(1e-2))  # the local branch now reads whole images
             self.print_to_log_file("student initialised from the teacher's weights, local encoder re-initialised")
 

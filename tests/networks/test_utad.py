@@ -275,3 +275,26 @@ def test_discriminator_depth_and_widths():
     assert discriminator_features([32, 64], 2, [8, 16]) == [8, 16]
     with pytest.raises(ValueError, match="2 positive integers"):
         discriminator_features([32, 64], 2, [8])
+
+
+def test_source_skip_adds_each_branchs_input_and_travels_with_the_weights():
+    off, on = _generator(UTADTeacherGenerator), _generator(UTADTeacherGenerator)  # the same seed: the same weights
+    assert not bool(off.source_skip)  # the paper's generator by default
+    on.source_skip.fill_(True)
+    image, target = torch.randn(2, 1, 32, 32), torch.tensor([1, 3])
+    tumour = image * (torch.rand_like(image) > 0.7)
+    without, with_skip = off(image, tumour, target), on(image, tumour, target)
+    torch.testing.assert_close(with_skip.whole, without.whole + image)
+    torch.testing.assert_close(with_skip.tumour, without.tumour + tumour)
+    torch.testing.assert_close(with_skip.fused, without.fused)
+    # the flag is in the weights: the inference build (plans only, flag off) gets it from the checkpoint
+    plans_manager, configuration = _configuration()
+    student = UTADNetStudentTrainer.build_network_architecture(plans_manager, configuration, 4, 3)
+    assert not bool(student.source_skip)
+    student.load_state_dict(on.state_dict(), strict=True)
+    assert bool(student.source_skip)
+    torch.testing.assert_close(student.translate(image, target), on(image, image, target).whole)
+    # weights saved before the option existed have no flag: loaded as off, strictly
+    old = {key: value for key, value in off.state_dict().items() if key != "source_skip"}
+    student.load_state_dict(old, strict=True)
+    assert not bool(student.source_skip)

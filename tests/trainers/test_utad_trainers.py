@@ -336,6 +336,24 @@ def test_classifier_blur_reaches_both_critics_and_bad_values_are_refused(tmp_pat
             make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / f"bad{bad}", monkeypatch, **TINY)
 
 
+def test_source_skip_setting_reaches_teacher_and_student_and_bad_values_are_refused(tmp_path, monkeypatch):
+    assert not bool(_trainer(UTADNetTeacherTrainer, tmp_path / "default", monkeypatch).generator_module.source_skip)
+    _override(tmp_path, monkeypatch, {"utad": {"generator": {"source_skip": True}}})
+    path = _teacher_checkpoint(tmp_path, monkeypatch)  # a teacher trained with the skip
+    assert torch.load(path, map_location="cpu", weights_only=False)["network_weights"]["source_skip"].item()
+    monkeypatch.delenv(OVERRIDE_ENV)
+    student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)  # shipped setting: no skip
+    assert bool(student.teacher.source_skip)  # the frozen teacher as it was trained
+    assert not bool(student.generator_module.source_skip)  # the student's own setting, not the teacher's weights'
+    for bad in ({"source_skip": 1}, {"source_skip": "yes"}, {"source_skip": None}):
+        with pytest.raises(ValueError, match="utad.generator must be"):
+            _override(tmp_path, monkeypatch, {"utad": {"generator": bad}})
+            make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
+    with pytest.raises(KeyError, match="unknown config key 'utad.generator.other'"):
+        _override(tmp_path, monkeypatch, {"utad": {"generator": {"other": 1}}})
+        make_tiny_trainer(UTADNetTeacherTrainer, tmp_path / "bad", monkeypatch, **TINY)
+
+
 def test_student_step_adds_distillation_and_never_gives_the_network_a_mask(tmp_path, monkeypatch):
     _teacher_checkpoint(tmp_path, monkeypatch)
     student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)
