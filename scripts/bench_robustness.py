@@ -81,7 +81,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -815,14 +815,20 @@ def run_epochs(run: Run, epochs_for: Mapping[str, int], default: int) -> int:
     return default
 
 
-def check_epochs_for(epochs_for: Mapping[str, int], runs: Sequence[Run]) -> None:
-    """Every ``--epochs-for`` key names a group, a run, a run without its seed, or a first-phase trainer."""
+def check_run_names(option: str, names: Iterable[str], runs: Sequence[Run]) -> None:
+    """Every name given to ``option`` (``--epochs-for``, ``--retrain``) is a group, a run, a run without its seed,
+    or a first-phase trainer of this benchmark: a typo would otherwise change nothing, silently."""
     known = {key for run in runs for key in (run.name, run.name.rsplit("__seed", 1)[0], run.group, run.pretrainer)
              if key}
-    unknown = sorted(set(epochs_for) - known)
+    unknown = sorted(set(names) - known)
     if unknown:
-        raise SystemExit(f"--epochs-for: {', '.join(unknown)} is not a group, run or first-phase trainer of this "
+        raise SystemExit(f"{option}: {', '.join(unknown)} is not a group, run or first-phase trainer of this "
                          f"benchmark (e.g. {', '.join(sorted(known)[:6])}; --dry-run lists the runs)")
+
+
+def check_epochs_for(epochs_for: Mapping[str, int], runs: Sequence[Run]) -> None:
+    """Every ``--epochs-for`` key names a group, a run, a run without its seed, or a first-phase trainer."""
+    check_run_names("--epochs-for", epochs_for, runs)
 
 
 def read_variants(items: Sequence[Sequence[str]]) -> list[tuple[str, str, dict]]:
@@ -926,6 +932,7 @@ def main() -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
     check_epochs_for(epochs_for, runs)
+    check_run_names("--retrain", args.retrain or (), runs)
     out = output_dir(work, regime)
     archive = Path(args.archive).resolve() if args.archive else None
     if args.dry_run:

@@ -547,8 +547,8 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
               if had[TEACHER] == had[STUDENT] else
               f"Teacher {teacher_epochs}, student {epochs} epochs x {iterations} iterations"
               if teacher_iterations == iterations else
-              f"Teacher {teacher_epochs} epochs x {teacher_iterations} iterations, student {epochs} epochs x {iterations} "
-              f"iterations")
+              f"Teacher {teacher_epochs} epochs x {teacher_iterations} iterations, student {epochs} epochs x "
+              f"{iterations} iterations")
              + f" on `{CONFIGURATION_2D}`; "
              f"segmentation: {SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`.", ""]
     if had != asked:

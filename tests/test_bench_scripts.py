@@ -920,3 +920,6 @@ def test_epochs_for_a_group_a_model_or_one_run_and_retrain_by_run_name(tmp_path)
     assert chosen == ["dedicated_t1ce__seed0", "dedicated_t1ce__seed1"]
     assert [r.name for r in runs if robustness.run_named(r, ["nnUNetTrainer__seed1"])] == ["nnUNetTrainer__seed1"]
     assert len([r for r in runs if robustness.run_named(r, ["dedicated"])]) == 30
+    robustness.check_run_names("--retrain", ["dedicated_t1ce", "nnUNetTrainer__seed1", "dedicated"], runs)
+    with pytest.raises(SystemExit, match="--retrain: dedicated_t1c is not a group, run"):
+        robustness.check_run_names("--retrain", ["dedicated_t1c"], runs)  # a typo deletes nothing, silently: refused

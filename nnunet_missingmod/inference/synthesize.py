@@ -916,12 +916,13 @@ def synthesize(input: str | os.PathLike, output: str | os.PathLike, model: str |
         _check_part_targets(output, [case for _, case in work], file_ending, num_parts, part_id)
     synthesis_model = model if isinstance(model, SynthesisModel) else load_synthesis_model(
         model, folds, checkpoint_name, device, histogram_fallback=histogram_fallback)
-    info = {"model": str(synthesis_model.folder or "in-memory model"), "configuration": synthesis_model.configuration,
+    info = {"model": str(synthesis_model.folder.resolve()) if synthesis_model.folder else "in-memory model",
+            "configuration": synthesis_model.configuration,
             "folds": [str(f) for f in folds] if folds else "all", "checkpoint": checkpoint_name, "combine": combine,
             "validation_metric": synthesis_model.validation_metric,
             "histogram_fallback": synthesis_model.fallback_names,
             "intensity": "mean + sd * z in the brain (means over the acquired sequences), 0 outside",
-            "input": str(input_path)}
+            "input": str(input_path.resolve())}
     if num_parts > 1:
         _check_part_settings(output, info, num_parts, part_id)
     with raise_on_sigterm():

@@ -417,6 +417,17 @@ class UTADNetTeacherTrainer(AdversarialTrainer):
         self._mask_channel = self._find_mask_channel()
         self.generator_module.source_skip.fill_(self.utad["generator"]["source_skip"])
 
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's loading (``--c``, ``--val``); refuses weights trained with another ``utad.generator.source_skip``
+        (the flag is part of the generator: the config must say how the weights were trained)."""
+        wanted = self.utad["generator"]["source_skip"]
+        super().load_checkpoint(filename_or_checkpoint)
+        trained = bool(self.generator_module.source_skip)
+        if trained != wanted:
+            where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+            raise ValueError(f"{where} was trained with utad.generator.source_skip={str(trained).lower()}, the config "
+                             f"now says {str(wanted).lower()}; set it back to resume or validate this model")
+
     def _find_mask_channel(self) -> int | None:
         """Index of ``utad.mask_region`` among the region targets, or None for a label-based dataset."""
         region = set(mods.REGIONS[self.utad["mask_region"]])
@@ -740,6 +751,11 @@ class UTADNetStudentTrainer(UTADNetTeacherTrainer):
         if self.utad["init_from_teacher"]:
             student = self.generator_module
             student.load_state_dict(teacher_weights)
+            if bool(student.source_skip) != self.utad["generator"]["source_skip"]:
+                self.print_to_log_file(f"WARNING: the teacher was trained with utad.generator.source_skip="
+                                       f"{str(bool(student.source_skip)).lower()}, the student uses "
+                                       f"{str(self.utad['generator']['source_skip']).lower()}: its decoders start "
+                                       f"from weights that learned the other output")
             student.source_skip.fill_(self.utad["generator"]["source_skip"])  # the student's setting, not the teacher's
             student.local_encoder.apply(InitWeights_He(1e-2))  # the local branch now reads whole images
             self.print_to_log_file("student initialised from the teacher's weights, local encoder re-initialised")

@@ -345,6 +345,11 @@ def test_source_skip_setting_reaches_teacher_and_student_and_bad_values_are_refu
     student = _trainer(UTADNetStudentTrainer, tmp_path, monkeypatch)  # shipped setting: no skip
     assert bool(student.teacher.source_skip)  # the frozen teacher as it was trained
     assert not bool(student.generator_module.source_skip)  # the student's own setting, not the teacher's weights'
+    assert "the teacher was trained with utad.generator.source_skip=true" in Path(student.log_file).read_text()
+    # weights trained with the skip are not resumed or validated under a config without it
+    teacher = _trainer(UTADNetTeacherTrainer, tmp_path / "resume", monkeypatch)
+    with pytest.raises(ValueError, match="trained with utad.generator.source_skip=true, the config now says false"):
+        teacher.load_checkpoint(str(path))
     for bad in ({"source_skip": 1}, {"source_skip": "yes"}, {"source_skip": None}):
         with pytest.raises(ValueError, match="utad.generator must be"):
             _override(tmp_path, monkeypatch, {"utad": {"generator": bad}})
