@@ -487,13 +487,19 @@ def test_slices_follow_the_2d_configuration_axis(tmp_path):
     assert read(tmp_path / "out" / "S_0002.nii.gz")[1] == read(cases / "S_0000.nii.gz")[1]
 
 
-def test_split_into_parts_then_merged(tmp_path):
+def _part_one_of_two(tmp_path):
+    """Three cases with T1 and T1ce, a stand-in model, and part 1 of a 2-part run written into ``tmp_path/out``."""
     cases = tmp_path / "cases"
     for index, case in enumerate(("P1", "P2", "P3")):
         write_case(cases, case, (0, 1), seed=10 + index)
     model = _load(make_model(tmp_path / "results"))
     out = tmp_path / "out"
     synthesize(cases, out, model, num_parts=2, part_id=1, progress=False)
+    return cases, model, out
+
+
+def test_split_into_parts_then_merged(tmp_path):
+    cases, model, out = _part_one_of_two(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == [*(f"P2_000{c}.nii.gz" for c in range(4)),
                                                      "synthesis_part_1_of_2.json"]
     assert merge_parts(out) is None  # part 0 still missing
@@ -518,12 +524,7 @@ def test_split_into_parts_then_merged(tmp_path):
 
 
 def test_parts_with_other_settings_are_refused_before_writing_and_when_merging(tmp_path):
-    cases = tmp_path / "cases"
-    for index, case in enumerate(("P1", "P2", "P3")):
-        write_case(cases, case, (0, 1), seed=10 + index)
-    model = _load(make_model(tmp_path / "results"))
-    out = tmp_path / "out"
-    synthesize(cases, out, model, num_parts=2, part_id=1, progress=False)
+    cases, model, out = _part_one_of_two(tmp_path)
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(ValueError, match=r"part 0 of 2: synthesis_part_1_of_2.json .* other settings \(combine: "
                                          r"'ssim' vs 'mean'\)"):
