@@ -801,34 +801,30 @@ def _parse_epochs_for(items: Sequence[str]) -> dict[str, int]:
     return epochs
 
 
+def run_keys(run: Run) -> tuple[str, str, str]:
+    """The names that select ``run`` in ``--epochs-for`` and ``--retrain``, most specific first: the run's name
+    (``dedicated_t1ce__seed0``), its name without the seed (``dedicated_t1ce``: every seed), its group."""
+    return run.name, run.name.rsplit("__seed", 1)[0], run.group
+
+
 def run_named(run: Run, names: Sequence[str]) -> bool:
-    """Whether ``names`` holds the run's group, its name, or its name without the seed (``dedicated_t1ce``)."""
-    return bool({run.group, run.name, run.name.rsplit("__seed", 1)[0]} & set(names))
+    """Whether ``names`` holds one of :func:`run_keys`."""
+    return bool(set(run_keys(run)) & set(names))
 
 
 def run_epochs(run: Run, epochs_for: Mapping[str, int], default: int) -> int:
-    """Epochs of ``run``: ``--epochs-for`` by the run's name (``dedicated_t1ce__seed0``), then by its name without
-    the seed (``dedicated_t1ce``: every seed of one dedicated model or trainer), then by its group; else ``default``."""
-    for key in (run.name, run.name.rsplit("__seed", 1)[0], run.group):
-        if key in epochs_for:
-            return epochs_for[key]
-    return default
+    """Epochs of ``run``: ``--epochs-for`` of its most specific :func:`run_keys` given; else ``default``."""
+    return next((epochs_for[key] for key in run_keys(run) if key in epochs_for), default)
 
 
 def check_run_names(option: str, names: Iterable[str], runs: Sequence[Run]) -> None:
-    """Every name given to ``option`` (``--epochs-for``, ``--retrain``) is a group, a run, a run without its seed,
-    or a first-phase trainer of this benchmark: a typo would otherwise change nothing, silently."""
-    known = {key for run in runs for key in (run.name, run.name.rsplit("__seed", 1)[0], run.group, run.pretrainer)
-             if key}
+    """Every name given to ``option`` (``--epochs-for``, ``--retrain``) is one of a run's :func:`run_keys` or a
+    first-phase trainer of this benchmark: a typo would otherwise change nothing, silently."""
+    known = {key for run in runs for key in (*run_keys(run), run.pretrainer) if key}
     unknown = sorted(set(names) - known)
     if unknown:
         raise SystemExit(f"{option}: {', '.join(unknown)} is not a group, run or first-phase trainer of this "
                          f"benchmark (e.g. {', '.join(sorted(known)[:6])}; --dry-run lists the runs)")
-
-
-def check_epochs_for(epochs_for: Mapping[str, int], runs: Sequence[Run]) -> None:
-    """Every ``--epochs-for`` key names a group, a run, a run without its seed, or a first-phase trainer."""
-    check_run_names("--epochs-for", epochs_for, runs)
 
 
 def read_variants(items: Sequence[Sequence[str]]) -> list[tuple[str, str, dict]]:
@@ -931,7 +927,7 @@ def main() -> None:
         training_order = order_runs(runs, args.first)  # the report keeps the planned order
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    check_epochs_for(epochs_for, runs)
+    check_run_names("--epochs-for", epochs_for, runs)
     check_run_names("--retrain", args.retrain or (), runs)
     out = output_dir(work, regime)
     archive = Path(args.archive).resolve() if args.archive else None

@@ -912,9 +912,9 @@ def test_epochs_for_a_group_a_model_or_one_run_and_retrain_by_run_name(tmp_path)
     assert got["dedicated_t1ce__seed0"] == 960 and got["dedicated_t1ce__seed1"] == 1200  # the most specific key
     assert got["dedicated_t2__seed0"] == 480 and got["dedicated_t1+t1ce__seed1"] == 480  # the group
     assert got["nnUNetTrainer__seed0"] == 120 and got["nnUNetTrainer__seed1"] == 7  # the default, one run
-    robustness.check_epochs_for(epochs_for, runs)
+    robustness.check_run_names("--epochs-for", epochs_for, runs)
     with pytest.raises(SystemExit, match="dedicated_t5 is not a group, run or first-phase trainer"):
-        robustness.check_epochs_for({"dedicated_t5": 10}, runs)
+        robustness.check_run_names("--epochs-for", {"dedicated_t5": 10}, runs)
     # --retrain takes the same names: one dedicated model, not the 15
     chosen = [r.name for r in runs if robustness.run_named(r, ["dedicated_t1ce"])]
     assert chosen == ["dedicated_t1ce__seed0", "dedicated_t1ce__seed1"]

@@ -378,8 +378,10 @@ def _histogram_samples(model: SynthesisModel, cases: Sequence[SynthesisCase],
 
 def _reference_values(samples: dict[str, dict[int, np.ndarray]], case: str, target: int,
                       own: np.ndarray) -> np.ndarray:
+    """The other cases' pooled brain z-scores of ``target``; without another case, ``own`` (the case's own brain
+    values of the target, z-scored here: the oracle)."""
     pooled = [values[target] for other, values in samples.items() if other != case and target in values]
-    return np.concatenate(pooled) if pooled else own
+    return np.concatenate(pooled) if pooled else _brain_z_scores(own, own)
 
 
 def _score_target(model: SynthesisModel, case: SynthesisCase, image: np.ndarray, properties: dict,
@@ -389,7 +391,7 @@ def _score_target(model: SynthesisModel, case: SynthesisCase, image: np.ndarray,
     """Rows of every method for the pairs ``source -> target`` of one case (and ``all -> target``)."""
     prepared = model.prepare(image, properties, sources)  # the target is hidden from the preprocessing
     real = image[target]
-    reference = _reference_values(samples, case.identifier, target, _brain_z_scores(real[brain], real[brain]))
+    reference = _reference_values(samples, case.identifier, target, real[brain])
     zero = image_metrics(real, np.zeros_like(real), brain, tumour)
     rows = []
     groups = [[s] for s in sources] + ([list(sources)] if combined and len(sources) > 1 else [])
