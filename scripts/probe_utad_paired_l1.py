@@ -1,7 +1,7 @@
 """How far a paired L1 alone takes UTAD-Net's generator: the reference for ``utad.lambda_paired``.
 
     python scripts/probe_utad_paired_l1.py --preprocessed bench_conv/nnUNet_preprocessed/Dataset991_BraTSPhantom \
-        --model MODEL_FOLDER [--steps 600] [--lr 1e-3] [--batch-size 8] [--seed 0]
+        --model MODEL_FOLDER [--steps 600] [--lr 1e-3] [--batch-size 8] [--seed 0] [--source-skip]
 
 The teacher's generator, built from the plans of a UTAD-Net model folder (``MODEL_FOLDER``, e.g. a teacher's
 ``UTADNetTeacherTrainer__nnUNetPlans__2d_cpu``; only its ``plans.json`` is read, its weights are not), is trained from
@@ -9,7 +9,9 @@ scratch on nothing but ``E|G(I_source, T_source, t) - I_target|`` with the targe
 cycle): random (source, target) pairs of random slices of fold 0's training cases (``splits_final.json``), cropped or
 zero-padded to the configuration's patch. Then every slice of fold 0's validation cases is translated for every pair
 and scored like the trainers' final validation (``ssim_brain``: the SSIM map over nnU-Net's brain mask, both slices
-scaled by their own 0.5-99.5 percentiles). Printed: the loss every 100 steps and the 4 x 4 matrix [source][target].
+scaled by their own 0.5-99.5 percentiles). ``--source-skip`` builds the generator with
+``utad.generator.source_skip`` (each decoder's output added to its branch's input). Printed: the loss every 100 steps
+and the 4 x 4 matrix [source][target].
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source-skip", action="store_true", help="the generator with utad.generator.source_skip")
     args = parser.parse_args()
     if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
         parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
@@ -56,6 +59,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     network = UTADNetTeacherTrainer.build_network_architecture(plans, configuration, 4, 1)
+    network.source_skip.fill_(args.source_skip)
     folder = Path(args.preprocessed) / "nnUNetPlans_2d"
     split = json.loads(splits_file.read_text())[0]
     train = [load_case(folder, key) for key in split["train"]]
