@@ -4,7 +4,8 @@ synthesised vs zero-filled sequences, and the speed of ``synthesize``.
     python scripts/bench_synthesis.py [--work-dir bench_work] [--regime {short,converged,smoke}]
         [--epochs 40] [--teacher-epochs N] [--iterations 50] [--batch-size 4] [--eval-cases 10]
         [--combinations {one-missing,all}] [--speed-cases 5] [--dropout] [--no-downstream] [--step-size 1.0]
-        [-device cpu] [--variant LABEL SETTINGS.json] [--with-fallback] [--dry-run]
+        [-device cpu] [--variant LABEL SETTINGS.json] [--with-fallback] [--segmentation-model LABEL MODEL_FOLDER]
+        [--dry-run]
 
 Steps (every one resumable: a finished model, evaluation or timing is reused, an interrupted training goes on
 from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
@@ -25,7 +26,12 @@ from its ``checkpoint_latest.pth`` with ``nnUNetv2_train --c``):
    the student: ``--combinations one-missing`` (default: the BraSyn setting, the four combinations lacking
    exactly one sequence, plus all four real) or ``all`` (the 15 combinations). ``--dropout`` adds
    ``ModalityDropoutTrainer`` (zero-fill) at the same budget. ``--no-downstream`` skips this step (no
-   segmentation model is trained; the report says so): image quality only.
+   segmentation model is trained; the report says so): image quality only. ``--segmentation-model LABEL
+   MODEL_FOLDER`` scores another finished full-modality model of the same phantoms and configuration instead of the
+   regime's ``nnUNetTrainer`` (e.g. a longer-trained one: the 480-epoch all-four dedicated model of
+   ``bench_robustness.py --dedicated``, whose ``fixed`` scheme keeping all four sequences trains as plain
+   nnU-Net); its evaluations go into ``downstream_<name>_<LABEL>`` beside the default ones, and the report into
+   ``report_<LABEL>.md`` / ``.json`` (``figures/downstream_<LABEL>.png``).
 5. Speed: ``synthesize`` on ``--speed-cases`` held-out phantoms with one sequence missing (a different one per
    case), and with only FLAIR acquired: slices per second (translation loop) and seconds per case (everything,
    reading and writing included), model loading excluded.
@@ -255,10 +261,34 @@ def evaluation_is_current_synthesis(out: Path, checkpoint: Path, cases: int) -> 
             and json.loads(summary.read_text()).get("num_cases") == cases)
 
 
-def downstream_dir(work: Path, regime: Regime, name: str, fill: str, variant: str | None = None) -> Path:
+def downstream_dir(work: Path, regime: Regime, name: str, fill: str, variant: str | None = None,
+                   segmentation_label: str | None = None) -> Path:
     """Where a downstream evaluation goes: zero-filled ones do not depend on the synthesis model, so a variant
-    shares them with the default folder; synthesised ones are the variant's own."""
-    return output_dir(work, regime, variant if fill == "synthesize" else None) / f"downstream_{name}"
+    shares them with the default folder; synthesised ones are the variant's own. The evaluations of a
+    ``--segmentation-model`` (``segmentation_label``) have its label appended."""
+    suffix = f"_{segmentation_label}" if segmentation_label and DOWNSTREAM[name][0] == SEGMENTATION else ""
+    return output_dir(work, regime, variant if fill == "synthesize" else None) / f"downstream_{name}{suffix}"
+
+
+def given_segmentation_model(regime: Regime, label: str, folder: str) -> tuple[str, Path]:
+    """``--segmentation-model LABEL MODEL_FOLDER``, checked: a finished fold-0 model of the regime's dataset and 3d
+    configuration (``<trainer>__<plans>__<configuration>`` with ``plans.json`` and ``fold_0/checkpoint_final.pth``)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", label):
+        raise SystemExit(f"--segmentation-model label {label!r}: use letters, digits, '-' and '_' only")
+    model = Path(folder).resolve()
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise SystemExit(f"--segmentation-model {label}: {checkpoint} does not exist (a finished nnU-Net model "
+                         f"folder, fold 0)")
+    plans_file = model / "plans.json"
+    dataset = json.loads(plans_file.read_text()).get("dataset_name") if plans_file.is_file() else None
+    if dataset != regime.dataset_name or not model.name.endswith(f"__{regime.configuration}"):
+        raise SystemExit(f"--segmentation-model {label}: {model} is a model of {dataset} "
+                         f"({model.name.rsplit('__', 1)[-1]}), not of {regime.dataset_name} ({regime.configuration}), "
+                         f"the phantoms this benchmark scores")
+    return label, model
 
 
 #: The downstream evaluations: name -> (segmentation trainer, fill); ``synthesized_fallback`` with ``synthesize``'s
@@ -268,13 +298,15 @@ DOWNSTREAM = {"zero": (SEGMENTATION, "zero"), "synthesized": (SEGMENTATION, "syn
 
 
 def run_downstream(work: Path, regime: Regime, name: str, combinations, cases: int, step_size: float, device: str,
-                   dry_run: bool, variant: str | None = None) -> str:
-    """One evaluate-missing run of :data:`DOWNSTREAM` (``name``), unless current."""
+                   dry_run: bool, variant: str | None = None, segmentation: tuple[str, Path] | None = None) -> str:
+    """One evaluate-missing run of :data:`DOWNSTREAM` (``name``), unless current; ``segmentation``: a
+    ``--segmentation-model`` (label, folder) in place of the regime's full-modality model."""
     from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
 
     trainer, fill = DOWNSTREAM[name]
-    out = downstream_dir(work, regime, name, fill, variant)
-    model = segmentation_model(work, regime, trainer)
+    given = segmentation if trainer == SEGMENTATION else None
+    out = downstream_dir(work, regime, name, fill, variant, given[0] if given else None)
+    model = given[1] if given else segmentation_model(work, regime, trainer)
     checkpoint = model / "fold_0" / "checkpoint_final.pth"
     names = [mods.combination_name(c) for c in combinations]
     student_checkpoint = synthesis_model_dir(work, regime, STUDENT, variant) / "fold_0" / "checkpoint_final.pth"
@@ -526,12 +558,14 @@ def trained_budget(model: Path) -> tuple[int, int] | None:
 
 
 def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: dict, timings: dict,
-                 variant: str | None = None, settings: dict | None = None) -> Path:
+                 variant: str | None = None, settings: dict | None = None,
+                 segmentation: tuple[str, Path] | None = None) -> Path:
     from nnunet_missingmod.inference.synthesize import fallback_pairs, read_histogram_quantiles
 
     out = output_dir(work, regime, variant)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{segmentation[0]}" if segmentation else ""  # another downstream model: its own report beside
     # a finished model is reused whatever the budget asked now: the header says what the models had
     asked = {TEACHER: (args.teacher_epochs, args.iterations), STUDENT: (args.epochs, args.iterations)}
     had = {t: trained_budget(synthesis_model_dir(work, regime, t, variant)) or asked[t] for t in asked}
@@ -549,8 +583,11 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
               if teacher_iterations == iterations else
               f"Teacher {teacher_epochs} epochs x {teacher_iterations} iterations, student {epochs} epochs x "
               f"{iterations} iterations")
-             + f" on `{CONFIGURATION_2D}`; "
-             f"segmentation: {SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`.", ""]
+             + f" on `{CONFIGURATION_2D}`; segmentation: "
+             + (f"`{segmentation[0]}` (`{segmentation[1]}`, given with --segmentation-model)." if segmentation
+                else f"{SEGMENTATION} at {regime.epochs} x {regime.iterations} on `{regime.configuration}`."), ""]
+    if segmentation:
+        report["segmentation_model"] = {"label": segmentation[0], "folder": str(segmentation[1])}
     if had != asked:
         lines += [f"(Finished models reused: this run asked for teacher {asked[TEACHER][0]}, student "
                   f"{asked[STUDENT][0]} epochs x {args.iterations} iterations.)", ""]
@@ -601,7 +638,8 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
                   f"Goal (better SSIM over the brain than both baselines on every pair): "
                   f"{'met' if not failing else 'not met on ' + ', '.join(failing)}.", "",
                   "![examples](figures/synthesis_examples.png)", ""]
-    downstream = {name: downstream_dir(work, regime, name, fill, variant) / "summary.json"
+    downstream = {name: downstream_dir(work, regime, name, fill, variant, segmentation and segmentation[0])
+                  / "summary.json"
                   for name, (_, fill) in DOWNSTREAM.items()}
     summaries = {name: json.loads(file.read_text()) for name, file in downstream.items() if file.is_file()}
     if not getattr(args, "downstream", True):
@@ -611,15 +649,16 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
         report["downstream"] = records
         labels = {"zero": "zero-fill", "synthesized": "synthesised", "dropout": DROPOUT,
                   "synthesized_fallback": "synthesised, histogram fallback"}
-        plot_downstream({labels[k]: v for k, v in summaries.items()}, figures / "downstream.png")
+        plot_downstream({labels[k]: v for k, v in summaries.items()}, figures / f"downstream{suffix}.png")
         below = [f"{r['combination']} {region}" for r in records for region in mods.REGIONS
                  if r[region]["ratio"] is not None and r[region]["ratio"] < 0.95]
-        lines += ["## Downstream segmentation (plain nnUNetTrainer trained on all four sequences)", "",
+        segmenter = f"`{segmentation[0]}`" if segmentation else "plain nnUNetTrainer"
+        lines += [f"## Downstream segmentation ({segmenter} trained on all four sequences)", "",
                   "Dice (%) zero-fill / synthesised / ratio synthesised ÷ all four real", "",
                   "| combination | " + " | ".join(mods.REGIONS) + " |", "|---|" + "---|" * len(mods.REGIONS),
                   *table, "", f"Goal (synthesised ≥ 0.95 × all real on WT, TC and ET, one sequence missing): "
                               f"{'met' if not below else 'not met for ' + ', '.join(below)}.", "",
-                  "![downstream](figures/downstream.png)", ""]
+                  f"![downstream](figures/downstream{suffix}.png)", ""]
         if "dropout" in summaries:
             average = summaries["dropout"]["average"]
             lines += [f"{DROPOUT} (zero-fill) average over these combinations: " + ", ".join(
@@ -639,9 +678,9 @@ def write_report(work: Path, regime: Regime, args: argparse.Namespace, steps: di
         lines += ["", "A slice translation is one forward pass of one slice from one acquired sequence to one missing "
                   "one; slices/s counts them over the translation loop, s/case is the wall time per case (reading, "
                   "preprocessing, translating, resampling back and writing).", ""]
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.md").write_text("\n".join(lines))
-    return out / "report.md"
+    (out / f"report{suffix}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"report{suffix}.md").write_text("\n".join(lines))
+    return out / f"report{suffix}.md"
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -675,6 +714,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="also evaluate-synthesis and the downstream evaluation with synthesize's histogram "
                              "fallback on (an option of synthesize, off by default), beside the student's own "
                              "figures")
+    parser.add_argument("--segmentation-model", nargs=2, metavar=("LABEL", "MODEL_FOLDER"), default=None,
+                        help="score this finished full-modality 3d model of the same phantoms downstream instead of "
+                             "the regime's nnUNetTrainer (evaluations into downstream_<name>_<LABEL>)")
     parser.add_argument("--dry-run", action="store_true", help="print what each step would do, run nothing")
     args = parser.parse_args(argv)
     regime = SMOKE if args.regime == "smoke" else REGIMES[args.regime]
@@ -690,6 +732,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--dropout is a downstream comparison: it cannot go with --no-downstream")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2 (UTAD-Net pairs every sample with another of the batch)")
+    if args.segmentation_model and not args.downstream:
+        parser.error("--segmentation-model is a downstream model: it cannot go with --no-downstream")
+    segmentation = given_segmentation_model(regime, *args.segmentation_model) if args.segmentation_model else None
     work = Path(args.work_dir).resolve()
     variant, settings = (args.variant[0], read_variant(*args.variant)) if args.variant else (None, None)
     if variant is not None:
@@ -714,7 +759,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps[trainer] = train_synthesis(work, regime, env, trainer, epochs, args.iterations, args.device,
                                          args.dry_run, timings, variant, settings)
     if args.downstream:
-        steps[SEGMENTATION] = train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings)
+        steps[SEGMENTATION] = (f"given: {segmentation[1]}" if segmentation else
+                               train_segmentation(work, regime, SEGMENTATION, args.device, args.dry_run, timings))
     if args.dropout:
         steps[DROPOUT] = train_segmentation(work, regime, DROPOUT, args.device, args.dry_run, timings)
     steps["evaluate-synthesis"] = run_evaluate_synthesis(work, regime, cases, args.device, args.dry_run, variant)
@@ -723,21 +769,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, step in (("zero", "zero-fill"), ("synthesized", "synthesised"), ("dropout", "dropout")):
         if args.downstream and (name != "dropout" or args.dropout):
             steps[f"downstream {step}"] = run_downstream(work, regime, name, combinations, cases, args.step_size,
-                                                         args.device, args.dry_run, variant)
+                                                         args.device, args.dry_run, variant, segmentation)
     if args.with_fallback:
         steps["evaluate-synthesis, histogram fallback"] = run_evaluate_synthesis(
             work, regime, cases, args.device, args.dry_run, variant, histogram_fallback=True)
         if args.downstream:
             steps["downstream synthesised, histogram fallback"] = run_downstream(
                 work, regime, "synthesized_fallback", combinations, cases, args.step_size, args.device, args.dry_run,
-                variant)
+                variant, segmentation)
     steps["speed"] = run_speed(work, regime, speed_cases, args.device, args.dry_run, variant)
     for step, action in steps.items():
         print(f"{step}: {action}")
     if args.dry_run:
         return
     timings_file.write_text(json.dumps(timings, indent=2))
-    print(f"report: {write_report(work, regime, args, steps, timings, variant, settings)}")
+    print(f"report: {write_report(work, regime, args, steps, timings, variant, settings, segmentation)}")
 
 
 if __name__ == "__main__":

@@ -637,3 +637,62 @@ def test_benchmark_fallback_section_by_hand(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "evaluate-synthesis, histogram fallback: run" in out
     assert "downstream synthesised, histogram fallback: run" in out
+
+
+def test_benchmark_segmentation_model_is_checked_and_gets_its_own_evaluations_and_report(tmp_path, monkeypatch,
+                                                                                         capsys):
+    import argparse
+
+    bench_synthesis, regime = _planned_benchmark_folder(tmp_path / "work")
+
+    def model_folder(name: str, dataset: str = regime.dataset_name, finished: bool = True):
+        folder = tmp_path / "models" / dataset / name
+        (folder / "fold_0").mkdir(parents=True)
+        (folder / "plans.json").write_text(json.dumps({"dataset_name": dataset}))
+        if finished:
+            (folder / "fold_0" / "checkpoint_final.pth").write_bytes(b"x")
+        return folder
+
+    good = model_folder(f"ModalityDropoutTrainer__nnUNetPlans__{regime.configuration}")
+    bad = {"does not exist": model_folder(f"Interrupted__nnUNetPlans__{regime.configuration}", finished=False),
+           "is a model of Dataset001_Other": model_folder(f"X__nnUNetPlans__{regime.configuration}",
+                                                          "Dataset001_Other"),
+           f"not of {regime.dataset_name} \\({regime.configuration}\\)": model_folder("Y__nnUNetPlans__2d")}
+    for message, folder in bad.items():
+        with pytest.raises(SystemExit, match=message):
+            bench_synthesis.given_segmentation_model(regime, "e480", str(folder))
+    with pytest.raises(SystemExit, match="letters, digits"):
+        bench_synthesis.given_segmentation_model(regime, "../up", str(good))
+    common = ["--work-dir", str(tmp_path / "work"), "--regime", "converged", "--dry-run"]
+    with pytest.raises(SystemExit):
+        bench_synthesis.main([*common, "--no-downstream", "--segmentation-model", "e480", str(good)])
+    assert "cannot go with --no-downstream" in capsys.readouterr().err
+    # a dry run: no segmentation model trained, each downstream evaluation of the full-modality model gets the label
+    calls = []
+    monkeypatch.setattr(bench_synthesis, "train_segmentation", lambda *a, **k: pytest.fail("segmentation trained"))
+    monkeypatch.setattr(bench_synthesis, "run_downstream", lambda *a: calls.append((a[2], a[-1])) or "run")
+    bench_synthesis.main([*common, "--segmentation-model", "e480", str(good)])
+    assert f"nnUNetTrainer: given: {good}" in capsys.readouterr().out.splitlines()
+    assert calls == [("zero", ("e480", good)), ("synthesized", ("e480", good))]
+    dirs = {name: bench_synthesis.downstream_dir(tmp_path, regime, name, fill, "v", "e480").name
+            for name, (_, fill) in bench_synthesis.DOWNSTREAM.items()}
+    assert dirs == {"zero": "downstream_zero_e480", "synthesized": "downstream_synthesized_e480",
+                    "dropout": "downstream_dropout", "synthesized_fallback": "downstream_synthesized_fallback_e480"}
+    # the report: its own files, from the labelled evaluations only
+    full = {"WT_Dice": 0.9, "TC_Dice": 0.8, "ET_Dice": 0.6}
+    for name, wt in (("zero", 0.3), ("synthesized", 0.855)):
+        folder = bench_synthesis.downstream_dir(tmp_path, regime, name, bench_synthesis.DOWNSTREAM[name][1], None,
+                                                "e480")
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"per_combination": {
+            "t1+t1ce+t2": {"WT_Dice": wt, "TC_Dice": 0.8, "ET_Dice": 0.6}, "t1+t1ce+t2+flair": full}}))
+    args = argparse.Namespace(epochs=40, teacher_epochs=40, iterations=50, downstream=True)
+    assert "Downstream" not in bench_synthesis.write_report(tmp_path, regime, args, {}, {}).read_text()
+    report = bench_synthesis.write_report(tmp_path, regime, args, {}, {}, segmentation=("e480", good))
+    assert report.name == "report_e480.md"
+    text = report.read_text()
+    assert f"segmentation: `e480` (`{good}`, given with --segmentation-model)." in text
+    assert "## Downstream segmentation (`e480` trained on all four sequences)" in text
+    assert "| t1+t1ce+t2 | 30.0 / 85.5 / 0.950 | 80.0 / 80.0 / 1.000 | 60.0 / 60.0 / 1.000 |" in text
+    assert (report.parent / "figures" / "downstream_e480.png").is_file()
+    assert json.loads(report.with_suffix(".json").read_text())["segmentation_model"]["label"] == "e480"
