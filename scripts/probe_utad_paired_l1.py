@@ -1,7 +1,7 @@
 """How far a paired L1 alone takes UTAD-Net's generator: the reference for ``utad.lambda_paired``.
 
     python scripts/probe_utad_paired_l1.py --preprocessed bench_conv/nnUNet_preprocessed/Dataset991_BraTSPhantom \
-        --model MODEL_FOLDER [--steps 600] [--lr 1e-3] [--batch-size 8] [--seed 0] [--source-skip]
+        --model MODEL_FOLDER [--steps 600] [--lr 1e-3] [--batch-size 8] [--seed 0] [--source-skip] [--eval-every N]
 
 The teacher's generator, built from the plans of a UTAD-Net model folder (``MODEL_FOLDER``, e.g. a teacher's
 ``UTADNetTeacherTrainer__nnUNetPlans__2d_cpu``; only its ``plans.json`` is read, its weights are not), is trained from
@@ -11,7 +11,8 @@ zero-padded to the configuration's patch. Then every slice of fold 0's validatio
 and scored like the trainers' final validation (``ssim_brain``: the SSIM map over nnU-Net's brain mask, both slices
 scaled by their own 0.5-99.5 percentiles). ``--source-skip`` builds the generator with
 ``utad.generator.source_skip`` (each decoder's output added to its branch's input). Printed: the loss every 100 steps
-and the 4 x 4 matrix [source][target].
+and the 4 x 4 matrix [source][target]; ``--eval-every N`` also scores the validation cases every N steps (the
+12-pair average and T1 <-> T1ce), a learning curve of the paired L1 at this budget.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source-skip", action="store_true", help="the generator with utad.generator.source_skip")
+    parser.add_argument("--eval-every", type=int, default=0, help="score the validation cases every N steps too")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
-        parser.error("--steps and --batch-size must be >= 1 and --lr > 0")
+    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0 or args.eval_every < 0:
+        parser.error("--steps and --batch-size must be >= 1, --lr > 0 and --eval-every >= 0")
     plans_file, splits_file = Path(args.model) / "plans.json", Path(args.preprocessed) / "splits_final.json"
     for file in (plans_file, splits_file):
         if not file.is_file():
@@ -84,6 +86,27 @@ def main() -> None:
         tensor = lambda slices: torch.tensor(np.stack(slices)[:, None], dtype=torch.float32)  # noqa: E731
         return tensor(sources), tensor(masks), torch.tensor(targets), tensor(reals)
 
+    def score() -> np.ndarray:
+        """[source][target] SSIM over the brain on the validation cases."""
+        network.eval()
+        totals = np.zeros((2, modalities, modalities))
+        with torch.no_grad():
+            for image, seg in tqdm(validation, desc="validation cases", leave=False):
+                brain, tumour = seg[0] >= 0, (seg[0] > 0)[:, None].astype(np.float32)
+                for s in range(modalities):
+                    source = pad_to_stride(torch.tensor(image[s][:, None], dtype=torch.float32), network.total_stride)
+                    mask = pad_to_stride(torch.from_numpy(tumour), network.total_stride)
+                    for t in range(modalities):
+                        if s == t:
+                            continue
+                        code = torch.full((source.shape[0],), t)
+                        out = network(source, source * mask, code).whole[:, 0, : image.shape[2], : image.shape[3]]
+                        out = out.numpy()
+                        for z in range(image.shape[1]):
+                            totals[:, s, t] += brain_ssim(out[z], image[t, z], brain[z])
+        network.train()
+        return totals[0] / np.maximum(totals[1], 1)
+
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     for step in tqdm(range(args.steps), desc="paired L1 steps"):
         source, mask, target, real = batch()
@@ -93,22 +116,11 @@ def main() -> None:
         optimizer.step()
         if step % 100 == 0:
             tqdm.write(f"step {step}: L1 {loss.item():.3f}")
-    network.eval()
-    totals = np.zeros((2, modalities, modalities))
-    with torch.no_grad():
-        for image, seg in tqdm(validation, desc="validation cases"):
-            brain, tumour = seg[0] >= 0, (seg[0] > 0)[:, None].astype(np.float32)
-            for s in range(modalities):
-                source = pad_to_stride(torch.tensor(image[s][:, None], dtype=torch.float32), network.total_stride)
-                mask = pad_to_stride(torch.from_numpy(tumour), network.total_stride)
-                for t in range(modalities):
-                    if s == t:
-                        continue
-                    code = torch.full((source.shape[0],), t)
-                    out = network(source, source * mask, code).whole[:, 0, : image.shape[2], : image.shape[3]].numpy()
-                    for z in range(image.shape[1]):
-                        totals[:, s, t] += brain_ssim(out[z], image[t, z], brain[z])
-    ssim = totals[0] / np.maximum(totals[1], 1)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            ssim = score()
+            tqdm.write(f"step {step + 1}: 12-pair average {ssim[~np.eye(modalities, dtype=bool)].mean():.3f}, "
+                       f"T1 -> T1ce {ssim[0, 1]:.3f}, T1ce -> T1 {ssim[1, 0]:.3f}")
+    ssim = score()
     print("SSIM over the brain, [source][target]:")
     for s in range(modalities):
         print(f"  {s}: " + " ".join(f"{ssim[s, t]:+.3f}" if s != t else "   -  " for t in range(modalities)))
