@@ -39,8 +39,14 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_missingmod import modalities as mods
-from nnunet_missingmod.data.phantom import PhantomConfig, generate_case
-from nnunet_missingmod.evaluation.synthesis import METRICS, _brain_sample, _matching_baseline, image_metrics
+from nnunet_missingmod.data.phantom import PhantomConfig, case_identifier, generate_case
+from nnunet_missingmod.evaluation.synthesis import (
+    METRICS,
+    _brain_sample,
+    _matching_baseline,
+    _reference_values,
+    image_metrics,
+)
 
 ORACLES = {"noise_free": {"noise": 0.0}, "noise_and_bias_free": {"noise": 0.0, "bias": 0.0}}
 ORACLE_LABELS = {"noise_free": "target without its noise", "noise_and_bias_free": "target without noise and bias"}
@@ -80,14 +86,20 @@ def read_case(dataset: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
         if not file.is_file():
             raise SystemExit(f"{file} does not exist: the oracles need all {mods.NUM_MODALITIES} sequences of {case}")
         channels.append(reader.read_images([str(file)])[0][0])
-    label = reader.read_seg(str(dataset / "labelsTs" / f"{case}.nii.gz"))[0][0]
+    label_file = dataset / "labelsTs" / f"{case}.nii.gz"
+    if not label_file.is_file():
+        raise SystemExit(f"{label_file} does not exist: the tumour metrics need the labels of {case}")
+    label = reader.read_seg(str(label_file))[0][0]
     return np.stack(channels).astype(np.float32), label
 
 
 def regenerate(seed: int, config: PhantomConfig, case: str, **changes) -> np.ndarray:
     """The case's images (C, z, y, x) from the generator, with ``changes`` to its settings."""
-    index = int(case.rsplit("_", 1)[-1])
-    images = generate_case(seed, index, dataclasses.replace(config, **changes)).images
+    number = case.rsplit("_", 1)[-1]
+    if not number.isdigit() or case_identifier(int(number)) != case:
+        raise SystemExit(f"{case}: not a case name the phantom generator writes (e.g. {case_identifier(0)}), so its "
+                         f"seed index is unknown")
+    images = generate_case(seed, int(number), dataclasses.replace(config, **changes)).images
     return images.transpose(0, 3, 2, 1).astype(np.float32)  # the generator's (x, y, z) -> SimpleITK's (z, y, x)
 
 
@@ -114,8 +126,7 @@ def score_cases(dataset: Path, cases: Sequence[str], progress: bool = True) -> l
             for name, oracle in oracles.items():
                 rows.append({**base, "source": mods.MODALITIES[target], "method": name,
                              **image_metrics(real, oracle[target], brain, tumour)})
-            pooled = [samples[other][target] for other in cases if other != case]
-            reference = np.concatenate(pooled) if pooled else samples[case][target]
+            reference = _reference_values(samples, case, target, real[brain])
             for source in range(mods.NUM_MODALITIES):
                 if source != target:
                     matched = _matching_baseline(image[source], brain, reference)

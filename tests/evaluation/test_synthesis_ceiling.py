@@ -112,6 +112,11 @@ def test_a_modified_case_and_a_dataset_without_its_record_are_refused(phantoms, 
         data[data > 0] += 1
         nib.save(nib.Nifti1Image(data, image.affine, image.header), file)
         ceiling.score_cases(copy, ["Phantom_0001", "Phantom_0002"], progress=False)
+    (copy / "labelsTs" / "Phantom_0001.nii.gz").unlink()
+    with pytest.raises(SystemExit, match="Phantom_0001.nii.gz does not exist: the tumour metrics need the labels"):
+        ceiling.score_cases(copy, ["Phantom_0001"], progress=False)
+    with pytest.raises(SystemExit, match="Case_7: not a case name the phantom generator writes"):
+        ceiling.regenerate(SEED, FAST_CONFIG, "Case_7")
     (copy / "phantom_cases.json").unlink()
     with pytest.raises(SystemExit, match="phantom_cases.json does not exist"):
         ceiling.main(["--dataset", str(copy), "-o", str(tmp_path / "out")])
