@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from nnunet_missingmod.data.phantom import PhantomConfig, case_identifier, gener
 from nnunet_missingmod.evaluation.synthesis import (
     METRICS,
     _brain_sample,
+    _finite_mean,
     _matching_baseline,
     _reference_values,
     image_metrics,
@@ -136,8 +136,8 @@ def score_cases(dataset: Path, cases: Sequence[str], progress: bool = True) -> l
 
 
 def _mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else None
+    """Mean without NaN, as evaluate-synthesis's summary averages."""
+    return _finite_mean(values)[0]
 
 
 def summarise(rows: Sequence[dict], evaluations: dict[str, dict]) -> dict:
