@@ -172,16 +172,11 @@ def check_model_folder(folder: str | os.PathLike, folds: Sequence[int | str] | N
     return dataset_json
 
 
-def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None = None,
-                           key: str | None = None) -> tuple[np.ndarray, str]:
-    """An M x M SSIM matrix ``[source][target]`` of a ``synthesis_validation.json`` (NaN where null), and its key.
-
-    ``key`` None: ``ssim_brain`` (the SSIM over the brain, written since it exists) if the file has it, else
-    ``ssim`` (whole slices, the only one of older models).
+def read_validation_file(file: str | os.PathLike) -> dict:
+    """The JSON object of a ``synthesis_validation.json``.
 
     Raises:
-        SynthesisModelError: not JSON, no such matrix of M x M numbers or nulls, or channel names that differ
-            from the model's (the message names the file and the key).
+        SynthesisModelError: not JSON, or not a JSON object (the message names the file).
     """
     file = Path(file)
     try:
@@ -190,6 +185,24 @@ def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None =
         raise SynthesisModelError(f"{file} is not valid JSON: {error}") from None
     if not isinstance(content, dict):
         raise SynthesisModelError(f"{file} must hold a JSON object with an 'ssim' matrix")
+    return content
+
+
+def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None = None,
+                           key: str | None = None, content: dict | None = None) -> tuple[np.ndarray, str]:
+    """An M x M SSIM matrix ``[source][target]`` of a ``synthesis_validation.json`` (NaN where null), and its key.
+
+    ``key`` None: ``ssim_brain`` (the SSIM over the brain, written since it exists) if the file has it, else
+    ``ssim`` (whole slices, the only one of older models). ``content``: the file's object when already read
+    (:func:`read_validation_file`); ``file`` then only names it in messages.
+
+    Raises:
+        SynthesisModelError: not JSON, no such matrix of M x M numbers or nulls, or channel names that differ
+            from the model's (the message names the file and the key).
+    """
+    file = Path(file)
+    if content is None:
+        content = read_validation_file(file)
     if channel_names is not None and "channel_names" in content and content["channel_names"] != channel_names:
         raise SynthesisModelError(f"{file}: 'channel_names' {content['channel_names']} differ from the model's "
                                   f"{channel_names}")
@@ -206,17 +219,17 @@ def read_validation_matrix(file: str | os.PathLike, channel_names: dict | None =
     return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float), key
 
 
-def read_histogram_quantiles(file: str | os.PathLike) -> np.ndarray | None:
+def read_histogram_quantiles(file: str | os.PathLike, content: dict | None = None) -> np.ndarray | None:
     """The (M, Q) ``histogram_quantiles`` of a ``synthesis_validation.json`` (a NaN row where null); None if absent.
 
+    ``content``: the file's object when already read (:func:`read_validation_file`).
+
     Raises:
-        SynthesisModelError: not M rows of null or the same number (at least 2) of finite non-decreasing numbers.
+        SynthesisModelError: not a JSON object, or not M rows of null or the same number (at least 2) of finite
+            non-decreasing numbers.
     """
     file = Path(file)
-    try:
-        rows = json.loads(file.read_text()).get(HISTOGRAM_QUANTILES)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise SynthesisModelError(f"{file} is not a JSON object: {error}") from None
+    rows = (read_validation_file(file) if content is None else content).get(HISTOGRAM_QUANTILES)
     if rows is None:
         return None
     lengths = {len(row) for row in rows if isinstance(row, list)} if isinstance(rows, list) else set()
@@ -599,18 +612,19 @@ def load_synthesis_model(folder: str | os.PathLike, folds: Sequence[int | str] |
                                       f"network of {trainer_class.__name__} ({str(error).splitlines()[0]})") from None
         networks.append(network)
     files = [file for f in folds if (file := folder / f"fold_{f}" / VALIDATION_FILE).is_file()]
-    found = [read_validation_matrix(file, dataset_json["channel_names"]) for file in files]
-    key = BRAIN_SSIM if {k for _, k in found} == {BRAIN_SSIM} else "ssim"  # folds of both versions: the common one
-    matrices = [matrix if k == key else read_validation_matrix(file, dataset_json["channel_names"], key)[0]
-                for file, (matrix, k) in zip(files, found, strict=True)]
+    contents = [read_validation_file(file) for file in files]  # each file read once
+    names = dataset_json["channel_names"]
+    key = BRAIN_SSIM if contents and all(BRAIN_SSIM in c for c in contents) else "ssim"  # both versions: the common
+    matrices = [read_validation_matrix(file, names, key, content)[0]
+                for file, content in zip(files, contents, strict=True)]
     ssim = _fold_mean(matrices) if matrices else None
     histogram_ssim = histogram_quantiles = None
     if histogram_fallback and matrices and key == BRAIN_SSIM and all(
-            {HISTOGRAM_SSIM, HISTOGRAM_QUANTILES} <= json.loads(file.read_text()).keys() for file in files):
-        quantiles = [read_histogram_quantiles(file) for file in files]
+            {HISTOGRAM_SSIM, HISTOGRAM_QUANTILES} <= content.keys() for content in contents):
+        quantiles = [read_histogram_quantiles(file, content) for file, content in zip(files, contents, strict=True)]
         if all(q is not None for q in quantiles):  # (null: no fallback)
-            histogram_ssim = _fold_mean([read_validation_matrix(file, dataset_json["channel_names"], HISTOGRAM_SSIM)[0]
-                                         for file in files])
+            histogram_ssim = _fold_mean([read_validation_matrix(file, names, HISTOGRAM_SSIM, content)[0]
+                                         for file, content in zip(files, contents, strict=True)])
             if len({q.shape for q in quantiles}) > 1:
                 raise SynthesisModelError(f"{folder}: the folds' {HISTOGRAM_QUANTILES!r} have different lengths")
             histogram_quantiles = _fold_mean(quantiles)
