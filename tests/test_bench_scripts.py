@@ -720,6 +720,62 @@ def test_ratio_statistics_by_hand():
     assert stats["nnUNetTrainer"]["step_s"]["median"] == 1.0 and stats["Other"]["peak_mb"]["max"] == 1.0
 
 
+def test_median_over_processes_by_hand():
+    def result(step: float, inference: float) -> dict:
+        return {"step_s": step, "inference_s": inference, "peak_mb": 100.0, "augment_s": 0.01, "parameters": 7}
+
+    combined = train_step.median_over_processes([result(1.3, 0.2), result(0.9, 0.4), result(1.0, 0.3)])
+    assert combined["step_s"] == pytest.approx(1.0) and combined["inference_s"] == pytest.approx(0.3)
+    assert combined["parameters"] == 7 and [p["step_s"] for p in combined["processes"]] == [1.3, 0.9, 1.0]
+    single = train_step.median_over_processes([result(1.3, 0.2)])
+    assert single["step_s"] == 1.3 and "processes" not in single
+    with pytest.raises(ValueError):
+        train_step.median_over_processes([])
+
+
+def test_rerun_check_compares_the_median_with_the_reruns_range():
+    rerun = {"median": 1.02, "min": 0.90, "max": 1.12}
+    assert train_step.rerun_check({"median": 1.10, "min": 1.05, "max": 1.20}, rerun)  # 1.00 outside, rerun within
+    assert not train_step.rerun_check({"median": 1.15, "min": 1.05, "max": 1.26}, rerun)
+
+
+def test_rounds_time_a_rerun_of_the_baseline_and_several_processes(tmp_path, monkeypatch, capsys):
+    """The orchestration: which classes run, how often, in which order, and the medians the ratios are formed from."""
+    calls = []
+    steps = {"nnUNetTrainer": iter([1.0, 1.2, 0.8, 1.1, 1.0, 1.0, 1.0, 0.9]),
+             "ModalityDropoutTrainer": iter([1.1, 1.3, 1.1, 1.2])}
+
+    def fake_worker(script, args, env, log=None):
+        if "--make-batch" in args:
+            return {}
+        name = args[args.index("--worker") + 1]
+        calls.append(name)
+        step = next(steps[name])
+        return {"step_s": step, "inference_s": step, "peak_mb": 100.0, "augment_s": 0.01, "parameters": 5}
+
+    monkeypatch.setattr(train_step, "prepare", lambda work: {})
+    monkeypatch.setattr(train_step, "run_worker", fake_worker)
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--work-dir", str(tmp_path), "--trainers",
+                                      "nnUNetTrainer", "--rounds", "2", "--processes", "2"])
+    train_step.main()
+    # 2 rounds x 2 processes x (baseline, its rerun, the identical network), rotated each pass
+    assert calls == ["nnUNetTrainer", "nnUNetTrainer", "ModalityDropoutTrainer",
+                     "nnUNetTrainer", "ModalityDropoutTrainer", "nnUNetTrainer",
+                     "nnUNetTrainer", "ModalityDropoutTrainer", "nnUNetTrainer",
+                     "ModalityDropoutTrainer", "nnUNetTrainer", "nnUNetTrainer"]
+    summary = json.loads((tmp_path / "bench_train_step.json").read_text())
+    assert summary["processes"] == 2 and summary["rounds"] == 2
+    trainers = summary["trainers"]
+    # round 1: baseline 1.0, 1.1 (median 1.05); rerun 1.2, 0.8 (1.0); dropout 1.1, 1.3 (1.2)
+    # round 2: baseline 1.0, 1.0 (1.0); rerun 1.0, 0.9 (0.95); dropout 1.1, 1.2 (1.15)
+    rerun = trainers["nnUNetTrainer (rerun)"]["ratios"]["step_s"]["values"]
+    assert rerun == pytest.approx([1.0 / 1.05, 0.95])
+    dropout = trainers["ModalityDropoutTrainer"]["ratios"]["step_s"]["values"]
+    assert dropout == pytest.approx([1.2 / 1.05, 1.15])
+    out = capsys.readouterr().out
+    assert "1.00 is OUTSIDE the range" in out and "is OUTSIDE the range of nnUNetTrainer (rerun)" in out
+
+
 # ---------------------------------------------------------------- inference at a real configuration's widths
 
 
