@@ -45,7 +45,9 @@ Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted
 than its model on the same cases and combinations is reused; so the tables can be built over several
 sittings. ``--retrain`` (all groups, or the named groups or runs) deletes models (and their archived records) first;
 ``--dry-run`` prints what would be done (with ``--archive``, an estimate of each training's minutes and of
-the hours left, at the speed of the archived runs of the same trainer); ``--report-only`` writes the report of
+the hours left: at this machine's speed where nnU-Net's training logs in the work folder time the trainer,
+else at the speed of the archived runs of the same trainer; an interrupted run counts the epochs its checkpoint
+has left); ``--report-only`` writes the report of
 what is finished or archived, training nothing. Each training's output (nnU-Net's per-epoch lines) goes to
 ``models/<run>/train_<trainer>.log``.
 
@@ -78,6 +80,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import re
 import shutil
 import sys
 import time
@@ -932,27 +935,44 @@ def main() -> None:
     out = output_dir(work, regime)
     archive = Path(args.archive).resolve() if args.archive else None
     if args.dry_run:
-        speeds = archived_speeds(archive) if archive is not None else {}
-        left, unknown = 0.0, []
+        here = local_speeds(runs, regime) if archive is not None else {}
+        speeds = {**(archived_speeds(archive) if archive is not None else {}), **here}
+        left, unknown, timed_here = 0.0, [], set()
         for run in training_order:
             pretraining = run.pretraining_fold(regime)
-            first = "" if pretraining is None else f" (first phase {run.pretrainer}: {training_action(pretraining)})"
+            pre_action = None if pretraining is None else training_action(pretraining)
+            first = "" if pretraining is None else f" (first phase {run.pretrainer}: {pre_action})"
             action = training_action(run.fold)
             if action != "reuse" and archive is not None and read_archive(archive / run.name) is not None:
                 action, first = "archived", f" ({archive / run.name})"
             estimate = ""
-            if action in ("train", "continue"):
-                seconds = estimate_training_s(run, run_epochs(run, epochs_for, args.epochs), args.iterations,
-                                              epochs_for.get(run.pretrainer) if run.pretrainer else None, speeds)
+            if action in ("train", "continue") and archive is not None:
+                epochs = run_epochs(run, epochs_for, args.epochs)
+                pretrain_epochs = epochs_for.get(run.pretrainer) if run.pretrainer else None
+                done = checkpoint_epoch(run.fold) if action == "continue" else 0
+                if pretraining is None or action == "continue" or pre_action == "reuse":
+                    pretrain_done = None  # nothing of a first phase left to train
+                else:
+                    pretrain_done = checkpoint_epoch(pretraining) if pre_action == "continue" else 0
+                seconds = estimate_training_s(run, epochs, args.iterations, pretrain_epochs, speeds, done=done,
+                                              pretrain_done=pretrain_done)
                 if seconds is None:
                     unknown.append(run.name)
                 else:
                     left += seconds
-                    estimate = f" [~{seconds / 60:.0f} min{', at most' if action == 'continue' else ''}]"
+                    local = run.trainer in here or (pretrain_done is not None and run.pretrainer in here)
+                    timed_here |= {t for t in (run.trainer, run.pretrainer if pretrain_done is not None else None)
+                                   if t in here}
+                    estimate = (f" [~{seconds / 60:.0f} min" + (f" for the {epochs - done} epochs left" if done else "")
+                                + (", this machine's speed" if local else "") + "]")
             print(f"{run.name:<48} {action:<9} {run.model}{first}{estimate}")
         if archive is not None:
-            print(f"left to train: about {left / 3600:.1f} h at the archived runs' speed (a resumed run counted "
-                  f"whole)" + (f"; no archived run of the trainer of {', '.join(unknown)}" if unknown else ""))
+            source = "the archived runs' speed"
+            if timed_here:
+                source = (f"this machine's speed for {', '.join(sorted(timed_here))} (nnU-Net's training logs in "
+                          f"{work}), the archived runs' for the others")
+            print(f"left to train: about {left / 3600:.1f} h at {source}"
+                  + (f"; no archived run of the trainer of {', '.join(unknown)}" if unknown else ""))
         return
     out.mkdir(parents=True, exist_ok=True)
     labels = work / "nnUNet_raw" / regime.dataset_name / "labelsTs"
@@ -1012,15 +1032,57 @@ def archived_speeds(archive: Path) -> dict[str, float]:
     return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()}
 
 
+#: nnU-Net's line at the end of each epoch in ``training_log_*.txt``.
+EPOCH_TIME = re.compile(r": Epoch time: ([0-9.]+) s *$", re.MULTILINE)
+
+
+def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
+    """Wall-clock seconds per training iteration of each trainer (and first-phase trainer) on this machine: the
+    median of the epoch times in nnU-Net's ``training_log_*.txt`` of the runs' fold folders in the work folder,
+    each divided by the iterations per epoch of its fold (``debug.json``). The median leaves out the few epochs
+    a pause stretched (a run stopped while other work ran); runs in training count as well as finished ones."""
+    per_trainer: dict[str, list[float]] = {}
+    folds = {}
+    for run in runs:
+        folds[run.fold] = run.trainer
+        if run.pretrainer:
+            folds[run.pretraining_fold(regime)] = run.pretrainer
+    for fold, trainer in folds.items():
+        debug = fold / "debug.json"
+        if not debug.is_file():
+            continue
+        iterations = int(json.loads(debug.read_text()).get("num_iterations_per_epoch", 0))
+        if iterations < 1:
+            continue
+        for log in sorted(fold.glob("training_log_*.txt")):
+            per_trainer.setdefault(trainer, []).extend(
+                float(seconds) / iterations for seconds in EPOCH_TIME.findall(log.read_text(errors="replace")))
+    return {trainer: float(np.median(values)) for trainer, values in per_trainer.items() if values}
+
+
+def checkpoint_epoch(fold: Path) -> int:
+    """The epoch a resumed run starts at: ``current_epoch`` of the fold's ``checkpoint_latest.pth``."""
+    import torch
+
+    checkpoint = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    return int(checkpoint["current_epoch"])
+
+
 def estimate_training_s(run: Run, epochs: int, iterations: int, pretrain_epochs: int | None,
-                        speeds: Mapping[str, float]) -> float | None:
-    """Estimated seconds to train ``run`` from scratch (its first phase included) at :func:`archived_speeds`;
-    None when a trainer it needs has no archived run."""
-    if run.trainer not in speeds or (run.pretrainer and run.pretrainer not in speeds):
+                        speeds: Mapping[str, float], done: int = 0, pretrain_done: int | None = 0) -> float | None:
+    """Estimated seconds left to train ``run`` at ``speeds`` (seconds per iteration per trainer: this machine's,
+    :func:`local_speeds`, or :func:`archived_speeds`); None when a trainer it needs has no speed.
+
+    Args:
+        done: epochs its checkpoint holds already (0: from scratch).
+        pretrain_done: the same for its first phase; None when the first phase is finished (or not needed).
+    """
+    pretraining = run.pretrainer is not None and pretrain_done is not None
+    if run.trainer not in speeds or (pretraining and run.pretrainer not in speeds):
         return None
-    seconds = speeds[run.trainer] * epochs * iterations
-    if run.pretrainer:
-        seconds += speeds[run.pretrainer] * (pretrain_epochs or epochs) * iterations
+    seconds = speeds[run.trainer] * max(epochs - done, 0) * iterations
+    if pretraining:
+        seconds += speeds[run.pretrainer] * max((pretrain_epochs or epochs) - pretrain_done, 0) * iterations
     return seconds
 
 

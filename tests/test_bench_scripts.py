@@ -946,6 +946,43 @@ def test_dry_run_estimates_the_time_left_from_the_archived_runs(tmp_path, monkey
     assert lines[-1].startswith("left to train: about 0.2 h") and "SharedLatentTrainer__seed2" in lines[-1]
 
 
+def test_dry_run_times_this_machine_from_the_training_logs_here(tmp_path, monkeypatch, capsys):
+    """A run in training here: its trainer's speed is read from nnU-Net's logs in the work folder (the median, so
+    an epoch stretched by a pause is left out), and only the epochs its checkpoint has left are counted."""
+    archive = tmp_path / "runs"
+    (archive / "nnUNetTrainer__seed0").mkdir(parents=True)
+    (archive / "nnUNetTrainer__seed0" / "run.json").write_text(json.dumps(
+        {"name": "nnUNetTrainer__seed0", "trainer": "nnUNetTrainer", "epochs": 30, "iterations": 10,
+         "timings": {"train_s": 300.0}, "pretrain_epochs": None}))  # archived: 1.0 s per iteration
+    regime = REGIMES["converged"]
+    work = tmp_path / "work"
+    plain = robustness.plan_runs(work, regime, ["nnUNetTrainer"], seeds=3)
+    fold = plain[1].fold  # nnUNetTrainer__seed1, interrupted at epoch 12 of 30
+    fold.mkdir(parents=True)
+    (fold / "debug.json").write_text(json.dumps({"num_iterations_per_epoch": "10"}))
+    epochs = [60.0, 61.5, 900.0, 58.5, 60.0]  # 6.0 s per iteration; the 900 s epoch is a pause
+    # (nnU-Net ends its log lines with a space)
+    (fold / "training_log_2026_12_6_10_00_00.txt").write_text("".join(
+        f"2026-12-06 10:0{i}:00.000000: Epoch {i}\n2026-12-06 10:0{i}:59.000000: Epoch time: {t} s \n"
+        for i, t in enumerate(epochs)))
+    torch.save({"current_epoch": 12}, fold / "checkpoint_latest.pth")
+    assert robustness.local_speeds(plain, regime) == pytest.approx({"nnUNetTrainer": 6.0})
+    assert robustness.checkpoint_epoch(fold) == 12
+    assert robustness.estimate_training_s(plain[1], 30, 10, None, {"nnUNetTrainer": 6.0}, done=12) == \
+        pytest.approx(18 * 10 * 6.0)
+
+    monkeypatch.setattr(robustness, "prepare", lambda *a, **k: pytest.fail("--dry-run prepared data"))
+    monkeypatch.setattr(sys, "argv", ["bench_robustness.py", "--work-dir", str(work), "--regime", "converged",
+                                      "--trainers", "nnUNetTrainer", "--seeds", "3", "--iterations", "10",
+                                      "--epochs-for", "nnUNetTrainer=30", "--archive", str(archive), "--dry-run"])
+    robustness.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("nnUNetTrainer__seed1") and " continue " in lines[1]
+    assert lines[1].endswith("[~18 min for the 18 epochs left, this machine's speed]")  # 18 x 10 x 6.0 s
+    assert lines[2].startswith("nnUNetTrainer__seed2") and lines[2].endswith("[~30 min, this machine's speed]")
+    assert lines[-1].startswith("left to train: about 0.8 h at this machine's speed for nnUNetTrainer")
+
+
 def test_first_moves_the_named_runs_to_the_front_and_refuses_unknown_names(tmp_path):
     runs = robustness.plan_runs(tmp_path, REGIMES["converged"], ["nnUNetTrainer"], seeds=2, dedicated_seeds=1)
     ordered = robustness.order_runs(runs, ["dedicated_t1+t2+flair__seed0", "nnUNetTrainer__seed1"])
