@@ -1061,11 +1061,16 @@ def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
 
 
 def checkpoint_epoch(fold: Path) -> int:
-    """The epoch a resumed run starts at: ``current_epoch`` of the fold's ``checkpoint_latest.pth``."""
+    """The epoch a resumed run starts at: ``current_epoch`` of the fold's ``checkpoint_latest.pth``; 0 (counted
+    from scratch) when the file cannot be read, e.g. while the training writes it."""
     import torch
 
-    checkpoint = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
-    return int(checkpoint["current_epoch"])
+    try:
+        checkpoint = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+        return int(checkpoint["current_epoch"])
+    except Exception as error:  # noqa: BLE001 - an estimate only: never stop the dry run for it
+        print(f"(could not read {fold / 'checkpoint_latest.pth'}: {error}; its run is counted from epoch 0)")
+        return 0
 
 
 def estimate_training_s(run: Run, epochs: int, iterations: int, pretrain_epochs: int | None,

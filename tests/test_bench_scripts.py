@@ -733,10 +733,15 @@ def test_median_over_processes_by_hand():
         train_step.median_over_processes([])
 
 
-def test_rerun_check_compares_the_median_with_the_reruns_range():
+def test_rerun_check_compares_the_median_with_the_reruns_symmetric_band():
     rerun = {"median": 1.02, "min": 0.90, "max": 1.12}
+    assert train_step.rerun_band(rerun) == pytest.approx((1 / 1.12, 1.12))  # 1/0.90 = 1.111 lies inside
     assert train_step.rerun_check({"median": 1.10, "min": 1.05, "max": 1.20}, rerun)  # 1.00 outside, rerun within
     assert not train_step.rerun_check({"median": 1.15, "min": 1.05, "max": 1.26}, rerun)
+    lopsided = {"median": 0.93, "min": 0.80, "max": 1.05}  # one baseline process took 1.25x the other's time
+    assert train_step.rerun_band(lopsided) == pytest.approx((0.80, 1.25))
+    assert train_step.rerun_check({"median": 1.20, "min": 1.1, "max": 1.3}, lopsided)
+    assert not train_step.rerun_check({"median": 0.78, "min": 0.7, "max": 0.9}, lopsided)
 
 
 def test_rounds_time_a_rerun_of_the_baseline_and_several_processes(tmp_path, monkeypatch, capsys):
@@ -773,7 +778,7 @@ def test_rounds_time_a_rerun_of_the_baseline_and_several_processes(tmp_path, mon
     dropout = trainers["ModalityDropoutTrainer"]["ratios"]["step_s"]["values"]
     assert dropout == pytest.approx([1.2 / 1.05, 1.15])
     out = capsys.readouterr().out
-    assert "1.00 is OUTSIDE the range" in out and "is OUTSIDE the range of nnUNetTrainer (rerun)" in out
+    assert "1.00 is OUTSIDE the range" in out and "is OUTSIDE the band of nnUNetTrainer (rerun)" in out
 
 
 # ---------------------------------------------------------------- inference at a real configuration's widths
@@ -968,6 +973,11 @@ def test_dry_run_times_this_machine_from_the_training_logs_here(tmp_path, monkey
     torch.save({"current_epoch": 12}, fold / "checkpoint_latest.pth")
     assert robustness.local_speeds(plain, regime) == pytest.approx({"nnUNetTrainer": 6.0})
     assert robustness.checkpoint_epoch(fold) == 12
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoint_latest.pth").write_bytes(b"half a checkpoint")  # being written: counted from scratch
+    assert robustness.checkpoint_epoch(broken) == 0
+    assert "could not read" in capsys.readouterr().out
     assert robustness.estimate_training_s(plain[1], 30, 10, None, {"nnUNetTrainer": 6.0}, done=12) == \
         pytest.approx(18 * 10 * 6.0)
 
