@@ -2,7 +2,7 @@
 
     python scripts/bench_train_step.py [--work-dir bench_work] [--trainers nnUNetTrainer ModalityDropoutTrainer
         SharedLatentTrainer D2NetTrainer CMFTPretrainer CMFFTrainer] [--steps 15] [--rounds 5] [--processes 1]
-        [--no-rerun] [--device cpu]
+        [--no-rerun] [--device cpu] [--plot-only]
 
 Same plans (3d_cpu on the phantoms) and the same batch for every trainer: one batch is drawn once
 from nnU-Net's data loader and saved, then each trainer runs in a fresh process, builds its network,
@@ -28,6 +28,10 @@ gives 0.77-1.30), and the check asks whether the identical network's median rati
 ``--processes N`` times every trainer
 in N processes per round (the round's trainers in turn, N times) and takes the median over them before
 the ratios are formed.
+
+Writes ``bench_train_step.json`` (every round's values) and ``bench_train_step.png`` (the per-round ratios of
+each trainer with their median, 1.00 and the rerun's band) in the work folder; ``--plot-only`` redraws the
+picture from the JSON.
 
 GAN trainers (CMFTPretrainer): a step is one discriminator and one generator update, and "inference" is
 the forward pass of ``build_network_architecture`` (both translations, no cycle). CMFFTrainer is timed
@@ -203,6 +207,39 @@ def rerun_check(identical: dict, rerun: dict) -> bool:
     return low <= identical["median"] <= high
 
 
+def plot_ratios(trainers: dict[str, dict], path: Path) -> None:
+    """Per-round step and inference ratios of each trainer (dots), their median (bar), 1.00 (dashed) and, where the
+    run has a rerun of the baseline, its band (shaded), as a PNG; ``trainers`` is the JSON's ``trainers``."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in trainers if name != BASELINE]
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.6 * len(names)), 4.5), sharey=True)
+    for axis, key, title in zip(axes, ("step_s", "inference_s"), ("training step", "inference"), strict=True):
+        if RERUN in trainers:
+            low, high = rerun_band(trainers[RERUN]["ratios"][key])
+            axis.axhspan(low, high, color="tab:blue", alpha=0.12, label=f"rerun's band {low:.2f}-{high:.2f}")
+        axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        for x, name in enumerate(names):
+            stats = trainers[name]["ratios"][key]
+            values = stats["values"]
+            axis.scatter(x + rng.uniform(-0.12, 0.12, len(values)), values, s=18, color="tab:orange", zorder=3)
+            axis.plot([x - 0.25, x + 0.25], [stats["median"]] * 2, color="black", linewidth=2, zorder=4)
+        axis.set_xticks(range(len(names)), [name.replace("Trainer", "") for name in names], rotation=20)
+        axis.set(title=f"{title} ÷ {BASELINE}")
+        if RERUN in trainers:
+            axis.legend(loc="upper left")
+    top = max(max(trainers[n]["ratios"][k]["max"] for n in names) for k in ("step_s", "inference_s"))
+    axes[0].set_ylim(0, max(1.5, 1.1 * top))
+    axes[0].set_ylabel("time ratio (dots: rounds; bar: median)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _ratio_cell(stats: dict) -> str:
     return f"{stats['median']:.2f} ({stats['min']:.2f}-{stats['max']:.2f})"
 
@@ -222,8 +259,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--make-batch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw bench_train_step.png from the work folder's bench_train_step.json only")
     args = parser.parse_args()
     work = Path(args.work_dir).resolve()
+    if args.plot_only:
+        results = work / "bench_train_step.json"
+        if not results.is_file():
+            raise SystemExit(f"{results} does not exist: run the benchmark first")
+        trainers = json.loads(results.read_text()).get("trainers")
+        if trainers is None:
+            raise SystemExit(f"{results} was written by an older version of this script (no rerun): run it again")
+        plot_ratios(trainers, work / "bench_train_step.png")
+        print(f"wrote {work / 'bench_train_step.png'}")
+        return
     env = prepare(work)
     batch_file = work / "bench_batch.pt"
     if args.make_batch:
@@ -289,6 +338,8 @@ def main() -> None:
                   f"reciprocals)")
     (work / "bench_train_step.json").write_text(json.dumps({"rounds": args.rounds, "processes": args.processes,
                                                             "steps": args.steps, "trainers": summary}, indent=2))
+    plot_ratios(summary, work / "bench_train_step.png")
+    print(f"wrote {work / 'bench_train_step.json'} and bench_train_step.png")
 
 
 if __name__ == "__main__":

@@ -779,6 +779,15 @@ def test_rounds_time_a_rerun_of_the_baseline_and_several_processes(tmp_path, mon
     assert dropout == pytest.approx([1.2 / 1.05, 1.15])
     out = capsys.readouterr().out
     assert "1.00 is OUTSIDE the range" in out and "is OUTSIDE the band of nnUNetTrainer (rerun)" in out
+    picture = tmp_path / "bench_train_step.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    picture.unlink()
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--work-dir", str(tmp_path), "--plot-only"])
+    train_step.main()  # redraws the picture from the JSON, measuring nothing
+    assert picture.is_file() and len(calls) == 12
+    (tmp_path / "bench_train_step.json").write_text(json.dumps({"nnUNetTrainer": {}}))  # the format before the rerun
+    with pytest.raises(SystemExit, match="older version"):
+        train_step.main()
 
 
 # ---------------------------------------------------------------- inference at a real configuration's widths
