@@ -937,7 +937,7 @@ def main() -> None:
     if args.dry_run:
         here = local_speeds(runs, regime) if archive is not None else {}
         speeds = {**(archived_speeds(archive) if archive is not None else {}), **here}
-        left, unknown, timed_here = 0.0, [], set()
+        left, unknown, timed_here, timed_archived = 0.0, [], set(), set()
         for run in training_order:
             pretraining = run.pretraining_fold(regime)
             pre_action = None if pretraining is None else training_action(pretraining)
@@ -960,17 +960,21 @@ def main() -> None:
                     unknown.append(run.name)
                 else:
                     left += seconds
-                    local = run.trainer in here or (pretrain_done is not None and run.pretrainer in here)
-                    timed_here |= {t for t in (run.trainer, run.pretrainer if pretrain_done is not None else None)
-                                   if t in here}
-                    estimate = (f" [~{seconds / 60:.0f} min" + (f" for the {epochs - done} epochs left" if done else "")
-                                + (", this machine's speed" if local else "") + "]")
+                    needed = [t for t in (run.trainer, run.pretrainer if pretrain_done is not None else None) if t]
+                    timed_here |= {t for t in needed if t in here}
+                    timed_archived |= {t for t in needed if t not in here}
+                    speed = ("this machine's speed" if all(t in here for t in needed) else
+                             "this machine's speed for " + ", ".join(t for t in needed if t in here)
+                             if any(t in here for t in needed) else "")
+                    estimate = (f" [~{seconds / 60:.0f} min"
+                                + (f" for the {max(epochs - done, 0)} epochs left" if done else "")
+                                + (f", {speed}" if speed else "") + "]")
             print(f"{run.name:<48} {action:<9} {run.model}{first}{estimate}")
         if archive is not None:
             source = "the archived runs' speed"
             if timed_here:
                 source = (f"this machine's speed for {', '.join(sorted(timed_here))} (nnU-Net's training logs in "
-                          f"{work}), the archived runs' for the others")
+                          f"{work})" + (", the archived runs' for the others" if timed_archived else ""))
             print(f"left to train: about {left / 3600:.1f} h at {source}"
                   + (f"; no archived run of the trainer of {', '.join(unknown)}" if unknown else ""))
         return
@@ -1032,6 +1036,8 @@ def archived_speeds(archive: Path) -> dict[str, float]:
     return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()}
 
 
+#: Timed epochs a trainer needs in this machine's logs before :func:`local_speeds` gives its speed.
+MIN_LOCAL_EPOCHS = 3
 #: nnU-Net's line at the end of each epoch in ``training_log_*.txt``.
 EPOCH_TIME = re.compile(r": Epoch time: ([0-9.]+) s *$", re.MULTILINE)
 
@@ -1040,7 +1046,9 @@ def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
     """Wall-clock seconds per training iteration of each trainer (and first-phase trainer) on this machine: the
     median of the epoch times in nnU-Net's ``training_log_*.txt`` of the runs' fold folders in the work folder,
     each divided by the iterations per epoch of its fold (``debug.json``). The median leaves out the few epochs
-    a pause stretched (a run stopped while other work ran); runs in training count as well as finished ones."""
+    a pause stretched (a run stopped while other work ran); runs in training count as well as finished ones. The
+    first epoch of each log (warm-up) is left out, and a trainer needs :data:`MIN_LOCAL_EPOCHS` timed epochs here,
+    else its archived speed is used."""
     per_trainer: dict[str, list[float]] = {}
     folds = {}
     for run in runs:
@@ -1048,16 +1056,17 @@ def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
         if run.pretrainer:
             folds[run.pretraining_fold(regime)] = run.pretrainer
     for fold, trainer in folds.items():
-        debug = fold / "debug.json"
-        if not debug.is_file():
+        try:  # nnU-Net writes debug.json when a training starts: it may be half-written now
+            iterations = int(json.loads((fold / "debug.json").read_text()).get("num_iterations_per_epoch", 0))
+        except (OSError, ValueError):
             continue
-        iterations = int(json.loads(debug.read_text()).get("num_iterations_per_epoch", 0))
         if iterations < 1:
             continue
         for log in sorted(fold.glob("training_log_*.txt")):
             per_trainer.setdefault(trainer, []).extend(
-                float(seconds) / iterations for seconds in EPOCH_TIME.findall(log.read_text(errors="replace")))
-    return {trainer: float(np.median(values)) for trainer, values in per_trainer.items() if values}
+                float(seconds) / iterations for seconds in EPOCH_TIME.findall(log.read_text(errors="replace"))[1:])
+    return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()
+            if len(values) >= MIN_LOCAL_EPOCHS}
 
 
 def checkpoint_epoch(fold: Path) -> int:

@@ -22,9 +22,11 @@ Spread between processes: one trainer's step time varies from one fresh process 
 a 2-core machine, with identical weights and batch), which no number of rounds removes from a single
 ratio. Two things measure and reduce it. Every round also times a second, independent process of the
 baseline, ``nnUNetTrainer (rerun)``: its ratios to the baseline are what two processes of one trainer
-differ by, the yardstick for every other ratio (``--no-rerun`` drops it). Which of the two is called the
+differ by, the yardstick for every other ratio (``--no-rerun`` drops it); it is timed half a round away
+from the baseline, so that it also sees the drift within a round. Which of the two is called the
 rerun is arbitrary, so its band is symmetric (its range and the reciprocals: a rerun range of 0.77-1.11
-gives 0.77-1.30), and the check asks whether the identical network's median ratio lies within that band.
+gives 0.77-1.30), and the check asks whether the identical network's median ratio lies within that band (a
+loose check: a median against the range of single rounds).
 ``--processes N`` times every trainer
 in N processes per round (the round's trainers in turn, N times) and takes the median over them before
 the ratios are formed.
@@ -154,6 +156,15 @@ def worker_trainer(name: str) -> str:
     return BASELINE if name == RERUN else name
 
 
+def measured_trainers(requested: list[str], rerun: bool = True) -> list[str]:
+    """The names a round measures: the baseline, the identical network, the requested trainers and, half a round
+    away from the baseline (so that it also sees the drift within a round), the baseline's rerun."""
+    trainers = list(dict.fromkeys([BASELINE, IDENTICAL_NETWORK, *requested]))
+    if rerun:
+        trainers.insert(max(1, (len(trainers) + 1) // 2), RERUN)
+    return trainers
+
+
 def median_over_processes(results: list[dict]) -> dict:
     """One trainer's measurements in several processes of a round, as one: the median of each timed value."""
     if not results:
@@ -233,6 +244,8 @@ def plot_ratios(trainers: dict[str, dict], path: Path) -> None:
         if RERUN in trainers:
             axis.legend(loc="upper left")
     top = max(max(trainers[n]["ratios"][k]["max"] for n in names) for k in ("step_s", "inference_s"))
+    if RERUN in trainers:
+        top = max(top, *(rerun_band(trainers[RERUN]["ratios"][k])[1] for k in ("step_s", "inference_s")))
     axes[0].set_ylim(0, max(1.5, 1.1 * top))
     axes[0].set_ylabel("time ratio (dots: rounds; bar: median)")
     fig.tight_layout()
@@ -289,7 +302,7 @@ def main() -> None:
     if RERUN in args.trainers:
         raise SystemExit(f"{RERUN!r} is added by the script (drop it with --no-rerun), not a trainer to name")
     controls = [] if args.no_rerun else [RERUN]
-    trainers = list(dict.fromkeys([BASELINE, *controls, IDENTICAL_NETWORK, *args.trainers]))
+    trainers = measured_trainers(args.trainers, rerun=bool(controls))
     added = [name for name in trainers if name not in args.trainers]
     if added:
         print(f"also measuring {', '.join(added)} ({BASELINE}: the reference; {IDENTICAL_NETWORK}: the 1.00 check"

@@ -733,6 +733,17 @@ def test_median_over_processes_by_hand():
         train_step.median_over_processes([])
 
 
+def test_the_rerun_is_timed_half_a_round_away_from_the_baseline():
+    six = ["nnUNetTrainer", "ModalityDropoutTrainer", "SharedLatentTrainer", "D2NetTrainer", "CMFTPretrainer",
+           "CMFFTrainer"]
+    assert train_step.measured_trainers(six) == ["nnUNetTrainer", "ModalityDropoutTrainer", "SharedLatentTrainer",
+                                                 "nnUNetTrainer (rerun)", "D2NetTrainer", "CMFTPretrainer",
+                                                 "CMFFTrainer"]
+    assert train_step.measured_trainers(["D2NetTrainer"], rerun=False) == [
+        "nnUNetTrainer", "ModalityDropoutTrainer", "D2NetTrainer"]
+    assert train_step.measured_trainers([]) == ["nnUNetTrainer", "nnUNetTrainer (rerun)", "ModalityDropoutTrainer"]
+
+
 def test_rerun_check_compares_the_median_with_the_reruns_symmetric_band():
     rerun = {"median": 1.02, "min": 0.90, "max": 1.12}
     assert train_step.rerun_band(rerun) == pytest.approx((1 / 1.12, 1.12))  # 1/0.90 = 1.111 lies inside
@@ -947,6 +958,10 @@ def test_dry_run_estimates_the_time_left_from_the_archived_runs(tmp_path, monkey
     assert robustness.estimate_training_s(plain, 6, 10, None, speeds) == pytest.approx(2.0 * 60)
     assert robustness.estimate_training_s(cmff, 6, 10, 4, speeds) == pytest.approx(5.0 * 60 + 1.0 * 40)
     assert robustness.estimate_training_s(shared, 6, 10, None, speeds) is None
+    # the first phase interrupted at its epoch 1 of 4; or finished (None): only the second phase is left
+    assert robustness.estimate_training_s(cmff, 6, 10, 4, speeds, pretrain_done=1) == pytest.approx(5.0 * 60 + 30)
+    assert robustness.estimate_training_s(cmff, 6, 10, 4, speeds, done=2, pretrain_done=None) == \
+        pytest.approx(5.0 * 40)
 
     monkeypatch.setattr(robustness, "prepare", lambda *a, **k: pytest.fail("--dry-run prepared data"))
     monkeypatch.setattr(sys, "argv", ["bench_robustness.py", "--work-dir", str(tmp_path / "work"), "--regime",
@@ -974,13 +989,16 @@ def test_dry_run_times_this_machine_from_the_training_logs_here(tmp_path, monkey
     fold = plain[1].fold  # nnUNetTrainer__seed1, interrupted at epoch 12 of 30
     fold.mkdir(parents=True)
     (fold / "debug.json").write_text(json.dumps({"num_iterations_per_epoch": "10"}))
-    epochs = [60.0, 61.5, 900.0, 58.5, 60.0]  # 6.0 s per iteration; the 900 s epoch is a pause
+    epochs = [95.0, 60.0, 61.5, 900.0, 58.5, 60.0]  # 6.0 s per iteration; the first is warm-up, the 900 s a pause
     # (nnU-Net ends its log lines with a space)
     (fold / "training_log_2026_12_6_10_00_00.txt").write_text("".join(
         f"2026-12-06 10:0{i}:00.000000: Epoch {i}\n2026-12-06 10:0{i}:59.000000: Epoch time: {t} s \n"
         for i, t in enumerate(epochs)))
     torch.save({"current_epoch": 12}, fold / "checkpoint_latest.pth")
     assert robustness.local_speeds(plain, regime) == pytest.approx({"nnUNetTrainer": 6.0})
+    monkeypatch.setattr(robustness, "MIN_LOCAL_EPOCHS", 6)  # five timed epochs after the warm-up: too few now
+    assert robustness.local_speeds(plain, regime) == {}
+    monkeypatch.undo()
     assert robustness.checkpoint_epoch(fold) == 12
     broken = tmp_path / "broken"
     broken.mkdir()
