@@ -45,7 +45,7 @@ Resumable: a finished model (``checkpoint_final.pth``) is reused, an interrupted
 than its model on the same cases and combinations is reused; so the tables can be built over several
 sittings. ``--retrain`` (all groups, or the named groups or runs) deletes models (and their archived records) first;
 ``--dry-run`` prints what would be done (with ``--archive``, an estimate of each training's minutes and of
-the hours left: at this machine's speed where nnU-Net's training logs in the work folder time the trainer,
+the hours left: at this machine's speed where nnU-Net's checkpoints in the work folder time the trainer,
 else at the speed of the archived runs of the same trainer; an interrupted run counts the epochs its checkpoint
 has left); ``--report-only`` writes the report of
 what is finished or archived, training nothing. Each training's output (nnU-Net's per-epoch lines) goes to
@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
-import re
 import shutil
 import sys
 import time
@@ -973,7 +972,7 @@ def main() -> None:
         if archive is not None:
             source = "the archived runs' speed"
             if timed_here:
-                source = (f"this machine's speed for {', '.join(sorted(timed_here))} (nnU-Net's training logs in "
+                source = (f"this machine's speed for {', '.join(sorted(timed_here))} (nnU-Net's checkpoints in "
                           f"{work})" + (", the archived runs' for the others" if timed_archived else ""))
             print(f"left to train: about {left / 3600:.1f} h at {source}"
                   + (f"; no archived run of the trainer of {', '.join(unknown)}" if unknown else ""))
@@ -1036,19 +1035,15 @@ def archived_speeds(archive: Path) -> dict[str, float]:
     return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()}
 
 
-#: Timed epochs a trainer needs in this machine's logs before :func:`local_speeds` gives its speed.
+#: Timed epochs a trainer needs in this machine's checkpoints before :func:`local_speeds` gives its speed.
 MIN_LOCAL_EPOCHS = 3
-#: nnU-Net's line at the end of each epoch in ``training_log_*.txt``.
-EPOCH_TIME = re.compile(r": Epoch time: ([0-9.]+) s *$", re.MULTILINE)
-
-
 def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
     """Wall-clock seconds per training iteration of each trainer (and first-phase trainer) on this machine: the
-    median of the epoch times in nnU-Net's ``training_log_*.txt`` of the runs' fold folders in the work folder,
-    each divided by the iterations per epoch of its fold (``debug.json``). The median leaves out the few epochs
-    a pause stretched (a run stopped while other work ran); runs in training count as well as finished ones. The
-    first epoch of each log (warm-up) is left out, and a trainer needs :data:`MIN_LOCAL_EPOCHS` timed epochs here,
-    else its archived speed is used."""
+    median of the epoch times nnU-Net logged in the checkpoints of the runs' fold folders in the work folder
+    (:func:`read_learning_curve`), each divided by the iterations per epoch of its fold (``debug.json``). The
+    median leaves out the few epochs a pause stretched (a run stopped while other work ran); runs in training
+    count as well as finished ones. The first epoch (warm-up) is left out, and a trainer needs
+    :data:`MIN_LOCAL_EPOCHS` timed epochs here, else its archived speed is used."""
     per_trainer: dict[str, list[float]] = {}
     folds = {}
     for run in runs:
@@ -1056,15 +1051,13 @@ def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
         if run.pretrainer:
             folds[run.pretraining_fold(regime)] = run.pretrainer
     for fold, trainer in folds.items():
-        try:  # nnU-Net writes debug.json when a training starts: it may be half-written now
+        try:  # nnU-Net writes debug.json and the checkpoints as it trains: either may be half-written now
             iterations = int(json.loads((fold / "debug.json").read_text()).get("num_iterations_per_epoch", 0))
-        except (OSError, ValueError):
+            curve = read_learning_curve(fold) if iterations >= 1 else None
+        except Exception:  # noqa: BLE001 - an estimate only: skip the fold
             continue
-        if iterations < 1:
-            continue
-        for log in sorted(fold.glob("training_log_*.txt")):
-            per_trainer.setdefault(trainer, []).extend(
-                float(seconds) / iterations for seconds in EPOCH_TIME.findall(log.read_text(errors="replace"))[1:])
+        if curve is not None:
+            per_trainer.setdefault(trainer, []).extend(seconds / iterations for seconds in curve["epoch_s"][1:])
     return {trainer: float(np.median(values)) for trainer, values in per_trainer.items()
             if len(values) >= MIN_LOCAL_EPOCHS}
 

@@ -990,11 +990,11 @@ def test_dry_run_times_this_machine_from_the_training_logs_here(tmp_path, monkey
     fold.mkdir(parents=True)
     (fold / "debug.json").write_text(json.dumps({"num_iterations_per_epoch": "10"}))
     epochs = [95.0, 60.0, 61.5, 900.0, 58.5, 60.0]  # 6.0 s per iteration; the first is warm-up, the 900 s a pause
-    # (nnU-Net ends its log lines with a space)
-    (fold / "training_log_2026_12_6_10_00_00.txt").write_text("".join(
-        f"2026-12-06 10:0{i}:00.000000: Epoch {i}\n2026-12-06 10:0{i}:59.000000: Epoch time: {t} s \n"
-        for i, t in enumerate(epochs)))
-    torch.save({"current_epoch": 12}, fold / "checkpoint_latest.pth")
+    starts = [1000.0 * i for i in range(len(epochs))]  # nnU-Net's per-epoch timestamps in the checkpoint
+    ends = [a + t for a, t in zip(starts, epochs, strict=True)]
+    logging = {"ema_fg_dice": [0.5] * len(epochs), "mean_fg_dice": [0.5] * len(epochs),
+               "epoch_start_timestamps": starts, "epoch_end_timestamps": ends}
+    torch.save({"current_epoch": 12, "logging": logging}, fold / "checkpoint_latest.pth")
     assert robustness.local_speeds(plain, regime) == pytest.approx({"nnUNetTrainer": 6.0})
     monkeypatch.setattr(robustness, "MIN_LOCAL_EPOCHS", 6)  # five timed epochs after the warm-up: too few now
     assert robustness.local_speeds(plain, regime) == {}
