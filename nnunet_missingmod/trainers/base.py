@@ -19,6 +19,14 @@ which a term has nothing to compare. :class:`MultiTermLossTrainer` therefore add
 parameters to the total under DDP, so every parameter takes part in every backward pass (see
 :meth:`MultiTermLossTrainer.loss_for_backward` for why this rather than ``find_unused_parameters=True``).
 
+Case sampling (config section ``case_sampling``, default ``null``: nnU-Net's uniform draw of training cases):
+``{"cases_without": "enhancing tumor", "share": 0.25}`` draws the training cases whose reference lacks that
+``dataset.json`` label in the given share of the samples (uniformly among them), the other cases in the rest. A
+rare kind of case, such as a tumour without enhancement, then supplies more of the counter-examples the network
+needs to leave that label empty. Which cases lack the label is read from the ``class_locations`` that nnU-Net's
+preprocessing stores in each case's ``.pkl``; the draw is nnU-Net's own (``nnUNetDataLoader``'s
+``sampling_probabilities``).
+
 Numerical faults: every training step's losses are checked (on the values nnU-Net copies to the CPU anyway,
 so no extra synchronisation). A NaN or Inf loss stops training with :class:`NonFiniteLossError`, naming the
 epoch, the iteration and the non-finite term(s); the run ends before ``on_epoch_end``, so no checkpoint is
@@ -42,10 +50,16 @@ from os.path import isfile, join
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch._dynamo import OptimizedModule
@@ -93,6 +107,107 @@ class MissingModTrainerBase(nnUNetTrainer):
             if not hasattr(self, name):
                 raise KeyError(f"config key nnunet.{name} is not an attribute of nnUNetTrainer")
             setattr(self, name, value)
+        self.case_sampling = self._checked_case_sampling(self.trainer_config.get("case_sampling"))
+
+    def _checked_case_sampling(self, settings: dict | None) -> dict | None:
+        """The ``case_sampling`` section, checked against ``dataset.json`` (None: nnU-Net's uniform draw)."""
+        if settings is None:
+            return None
+        where = f"{type(self).__name__} config case_sampling"
+        if not isinstance(settings, dict) or set(settings) != {"cases_without", "share"}:
+            raise ValueError(f"{where} must be null or {{\"cases_without\": <dataset.json label>, \"share\": "
+                             f"<0..1>}}, got {settings!r}")
+        labels = {name: value for name, value in self.dataset_json["labels"].items() if name != "background"}
+        if settings["cases_without"] not in labels:
+            raise ValueError(f"{where}.cases_without is {settings['cases_without']!r}, not a foreground label of "
+                             f"dataset.json; its labels: {sorted(labels)}")
+        share = settings["share"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ValueError(f"{where}.share must be a number strictly between 0 and 1, got {share!r}")
+        return dict(settings)
+
+    def case_sampling_probabilities(self, identifiers: list[str], folder: str) -> np.ndarray | None:
+        """Per-case draw probabilities for the training cases ``identifiers`` (preprocessed in ``folder``).
+
+        None (nnU-Net's uniform draw) without a ``case_sampling`` section, or when all or none of the cases lack
+        the label (said in the training log). Otherwise the cases without the label share ``share`` of the
+        probability equally, the others ``1 - share``.
+
+        Raises:
+            ValueError: a case's ``.pkl`` has no ``class_locations`` entry for the label (names the file).
+        """
+        if self.case_sampling is None:
+            return None
+        name, share = self.case_sampling["cases_without"], float(self.case_sampling["share"])
+        value = self.dataset_json["labels"][name]
+        key = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+        lacking = []
+        for identifier in identifiers:
+            path = join(folder, f"{identifier}.pkl")
+            locations = load_pickle(path).get("class_locations", {})
+            if key not in locations:
+                raise ValueError(f"{path}: no class_locations for label {name!r} ({key}; it has "
+                                 f"{sorted(locations, key=str)}); preprocess the dataset again with this dataset.json")
+            lacking.append(len(locations[key]) == 0)
+        lacking = np.array(lacking, dtype=bool)
+        count = int(lacking.sum())
+        if count in (0, len(identifiers)):
+            self.print_to_log_file(f"WARNING: case_sampling: {'none' if count == 0 else 'all'} of the "
+                                   f"{len(identifiers)} training cases lack {name!r}; drawing them uniformly",
+                                   also_print_to_console=True)
+            return None
+        probabilities = np.where(lacking, share / count, (1 - share) / (len(identifiers) - count))
+        self.print_to_log_file(f"case_sampling: {count} of {len(identifiers)} training cases lack {name!r} "
+                               f"({', '.join(np.array(identifiers)[lacking])}); drawn in {share:.0%} of the samples "
+                               f"instead of {count / len(identifiers):.0%}", also_print_to_console=True)
+        return probabilities / probabilities.sum()
+
+    def get_dataloaders(self):
+        """nnU-Net's data loaders; with ``case_sampling``, the training loader draws cases with
+        :meth:`case_sampling_probabilities`.
+
+        Without it this is nnU-Net's own method. With it, the body is nnU-Net's ``get_dataloaders`` (v2.8) with the
+        training loader's ``sampling_probabilities`` set: nnU-Net constructs and starts the loaders in one method,
+        so the probabilities cannot be passed in from outside.
+        """
+        if self.case_sampling is None:
+            return super().get_dataloaders()
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        probabilities = self.case_sampling_probabilities(list(dataset_tr.identifiers), dataset_tr.source_folder)
+        loaders = [nnUNetDataLoader(dataset, self.batch_size, size, self.configuration_manager.patch_size,
+                                    self.label_manager, self.oversample_foreground_percent, sampling_probabilities=p,
+                                    pad_sides=None, transforms=transforms,
+                                    probabilistic_oversampling=self.probabilistic_oversampling)
+                   for dataset, size, p, transforms in ((dataset_tr, initial_patch_size, probabilities, tr_transforms),
+                                                        (dataset_val, patch_size, None, val_transforms))]
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            augmenters = [SingleThreadedAugmenter(loader, None) for loader in loaders]
+        else:
+            augmenters = [NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=n,
+                                                       num_cached=cached, seeds=None,
+                                                       pin_memory=self.device.type == "cuda", wait_time=0.002)
+                          for loader, n, cached in ((loaders[0], processes, max(6, processes // 2)),
+                                                    (loaders[1], max(1, processes // 2), max(3, processes // 4)))]
+        for augmenter in augmenters:
+            next(augmenter)  # start the workers, as nnU-Net does
+        return tuple(augmenters)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
