@@ -156,11 +156,12 @@ def tiny_dataset_json() -> dict:
 
 
 def make_tiny_trainer(trainer_class: type, tmp_path: Path, monkeypatch, network_class_name: str = PLAIN_UNET,
-                      **plans_kwargs):
+                      dataset_json: dict | None = None, **plans_kwargs):
     """A CPU trainer on :func:`tiny_plans`, ready for ``initialize()`` (no data: transforms, networks and steps).
 
     The preprocessed folder holds one empty ``.b2nd`` file, only so that ``initialize`` can infer nnU-Net's
-    dataset class; nothing reads it unless the data loaders are started.
+    dataset class; nothing reads it unless the data loaders are started. ``dataset_json`` defaults to
+    :func:`tiny_dataset_json`.
     """
     import torch
 
@@ -171,7 +172,7 @@ def make_tiny_trainer(trainer_class: type, tmp_path: Path, monkeypatch, network_
     (data_folder / "placeholder.b2nd").touch()
     plans = tiny_plans(network_class_name, **plans_kwargs)
     plans["continue_training"] = False  # nnU-Net's trainer pops it (run_training inserts it)
-    return trainer_class(plans, "3d_tiny", 0, tiny_dataset_json(), torch.device("cpu"))
+    return trainer_class(plans, "3d_tiny", 0, dataset_json or tiny_dataset_json(), torch.device("cpu"))
 
 
 SYNTHESIS_DATASET = 984

@@ -117,7 +117,8 @@ class MissingModTrainerBase(nnUNetTrainer):
         if not isinstance(settings, dict) or set(settings) != {"cases_without", "share"}:
             raise ValueError(f"{where} must be null or {{\"cases_without\": <dataset.json label>, \"share\": "
                              f"<0..1>}}, got {settings!r}")
-        labels = {name: value for name, value in self.dataset_json["labels"].items() if name != "background"}
+        labels = {name: value for name, value in self.dataset_json["labels"].items()
+                  if name not in ("background", "ignore")}
         if settings["cases_without"] not in labels:
             raise ValueError(f"{where}.cases_without is {settings['cases_without']!r}, not a foreground label of "
                              f"dataset.json; its labels: {sorted(labels)}")
@@ -140,7 +141,12 @@ class MissingModTrainerBase(nnUNetTrainer):
             return None
         name, share = self.case_sampling["cases_without"], float(self.case_sampling["share"])
         value = self.dataset_json["labels"][name]
-        key = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+        # the keys of nnU-Net's preprocessing (DefaultPreprocessor._sample_foreground_locations): a tuple per region,
+        # an int per label; a one-element list such as [3] is a plain label unless the dataset has regions
+        if not isinstance(value, (list, tuple)):
+            key = int(value)
+        else:
+            key = tuple(int(v) for v in value) if self.label_manager.has_regions else int(value[0])
         lacking = []
         for identifier in identifiers:
             path = join(folder, f"{identifier}.pkl")
@@ -158,8 +164,8 @@ class MissingModTrainerBase(nnUNetTrainer):
             return None
         probabilities = np.where(lacking, share / count, (1 - share) / (len(identifiers) - count))
         self.print_to_log_file(f"case_sampling: {count} of {len(identifiers)} training cases lack {name!r} "
-                               f"({', '.join(np.array(identifiers)[lacking])}); drawn in {share:.0%} of the samples "
-                               f"instead of {count / len(identifiers):.0%}", also_print_to_console=True)
+                               f"({', '.join(np.array(identifiers)[lacking])}); drawn in {share:.1%} of the samples "
+                               f"instead of {count / len(identifiers):.1%}", also_print_to_console=True)
         return probabilities / probabilities.sum()
 
     def get_dataloaders(self):

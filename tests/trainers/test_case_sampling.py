@@ -41,8 +41,8 @@ def write_cases(folder, without_et: list[bool]) -> list[str]:
 
 
 @pytest.mark.parametrize(("without_et", "share", "expected"), [
-    # 1 of 4 lacks ET, share 0.25: the same as uniform
-    ([False, True, False, False], 0.25, [0.25, 0.25, 0.25, 0.25]),
+    # 1 of 4 lacks ET, share 0.1: 0.1 for it, 0.3 each for the others
+    ([False, True, False, False], 0.1, [0.3, 0.1, 0.3, 0.3]),
     # 2 of 5 lack ET, share 0.5: 0.25 each for them, 0.5 / 3 for the others
     ([True, False, True, False, False], 0.5, [0.25, 1 / 6, 0.25, 1 / 6, 1 / 6]),
     # 1 of 8, share 0.4: 0.4 for it, 0.6 / 7 each for the others
@@ -72,6 +72,7 @@ def test_off_by_default_and_when_no_case_or_every_case_lacks_the_label(tmp_path,
 @pytest.mark.parametrize(("settings", "message"), [
     ({"cases_without": "edema", "share": 0.25}, "'edema', not a foreground label of dataset.json"),
     ({"cases_without": "background", "share": 0.25}, "not a foreground label"),
+    ({"cases_without": "ignore", "share": 0.25}, "not a foreground label"),
     ({"cases_without": "enhancing tumor", "share": 0}, "strictly between 0 and 1, got 0"),
     ({"cases_without": "enhancing tumor", "share": 1.0}, "strictly between 0 and 1, got 1.0"),
     ({"cases_without": "enhancing tumor", "share": True}, "got True"),
@@ -85,6 +86,23 @@ def test_bad_settings_are_refused_when_the_trainer_is_made(settings, message, tm
     with pytest.raises(ValueError, match="case_sampling") as error:
         make_tiny_trainer(ModalityDropoutTrainer, tmp_path, monkeypatch)
     assert message in str(error.value)
+
+
+def test_plain_labels_use_nnunets_integer_keys(tmp_path, monkeypatch):
+    """Without regions, nnU-Net stores class_locations per label as an int, also for a label written as [3]."""
+    from tests.conftest import tiny_dataset_json
+
+    dataset_json = {**tiny_dataset_json(), "labels": {"background": 0, "edema": 1, "necrosis": 2, "enhancing": [3]}}
+    del dataset_json["regions_class_order"]
+    with_case_sampling(monkeypatch, tmp_path, {"cases_without": "enhancing", "share": 0.5})
+    trainer = make_tiny_trainer(ModalityDropoutTrainer, tmp_path, monkeypatch, dataset_json=dataset_json)
+    assert not trainer.label_manager.has_regions
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for name, enhancing in (("a", []), ("b", [[0, 1, 2, 3]]), ("c", [[0, 4, 5, 6]])):
+        with open(folder / f"{name}.pkl", "wb") as f:
+            pickle.dump({"class_locations": {1: [[0, 1, 1, 1]], 2: [], 3: enhancing}}, f)
+    np.testing.assert_allclose(trainer.case_sampling_probabilities(["a", "b", "c"], str(folder)), [0.5, 0.25, 0.25])
 
 
 def test_a_case_without_locations_for_the_label_is_named(tmp_path, monkeypatch):
