@@ -115,28 +115,35 @@ def test_a_case_without_locations_for_the_label_is_named(tmp_path, monkeypatch):
         trainer.case_sampling_probabilities(names, str(tmp_path / "cases"))
 
 
-def test_nnunets_training_loader_draws_the_share(trained_model, tmp_path, monkeypatch):
-    """The trainer's own loaders on a preprocessed phantom dataset, one training case marked as without ET."""
+def phantom_trainer_with_one_et_case(trained_model, tmp_path, monkeypatch, share: float, processes: int):
+    """A trainer on a copy of the ``trained_model`` fixture's preprocessed phantoms in which every training case
+    but the first lacks ET; returns it and the training cases."""
     from tests.conftest import make_trainer
 
     work, _, _ = trained_model
     preprocessed = tmp_path / "nnUNet_preprocessed"
     shutil.copytree(work / "nnUNet_preprocessed", preprocessed)
-    share = 0.6
     with_case_sampling(monkeypatch, tmp_path, {"cases_without": "enhancing tumor", "share": share})
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # nnU-Net's SingleThreadedAugmenter: the loader is reachable
+    monkeypatch.setenv("nnUNet_n_proc_DA", str(processes))
     trainer = make_trainer(work, monkeypatch, ModalityDropoutTrainer)
     trainer.preprocessed_dataset_folder_base = str(preprocessed / E2E_NAME)
     trainer.preprocessed_dataset_folder = str(preprocessed / E2E_NAME / trainer.configuration_manager.data_identifier)
-    training_cases, validation_cases = trainer.do_split()
+    training_cases, _ = trainer.do_split()
     assert len(training_cases) >= 3
     for case in training_cases:  # the phantoms' ET, if any, is taken away from every case but the first
         path = preprocessed / E2E_NAME / trainer.configuration_manager.data_identifier / f"{case}.pkl"
         properties = pickle.loads(path.read_bytes())
         properties["class_locations"][ET] = [] if case != training_cases[0] else [[0, 1, 2, 3]]
         path.write_bytes(pickle.dumps(properties))
-    # now every training case but the first lacks ET: they share `share`, the first gets the rest
     trainer.initialize()
+    return trainer, training_cases
+
+
+def test_nnunets_training_loader_draws_the_share(trained_model, tmp_path, monkeypatch):
+    """The trainer's own loaders on preprocessed phantoms: the cases without ET share ``share`` of the draws, the
+    one with ET gets the rest. Without worker processes (nnU-Net's SingleThreadedAugmenter) the loader is reachable."""
+    share = 0.6
+    trainer, training_cases = phantom_trainer_with_one_et_case(trained_model, tmp_path, monkeypatch, share, 0)
     train_augmenter, val_augmenter = trainer.get_dataloaders()
     loader = train_augmenter.data_loader
     assert val_augmenter.data_loader.sampling_probabilities is None
@@ -146,3 +153,18 @@ def test_nnunets_training_loader_draws_the_share(trained_model, tmp_path, monkey
     assert set(draws) == set(training_cases)
     batch = next(train_augmenter)
     assert set(batch["keys"]) <= set(training_cases)
+
+
+def test_worker_processes_get_the_probabilities(trained_model, tmp_path, monkeypatch):
+    """With nnU-Net's worker processes (NonDetMultiThreadedAugmenter) the loader they copy holds the probabilities."""
+    trainer, training_cases = phantom_trainer_with_one_et_case(trained_model, tmp_path, monkeypatch, 0.5, 1)
+    train_augmenter, val_augmenter = trainer.get_dataloaders()
+    try:
+        n = len(training_cases)  # the first case has ET, the others share 0.5; in the loader's order of cases
+        expected = [0.5 if case == training_cases[0] else 0.5 / (n - 1) for case in train_augmenter.generator.indices]
+        np.testing.assert_allclose(train_augmenter.generator.sampling_probabilities, expected)
+        assert val_augmenter.generator.sampling_probabilities is None
+        assert set(next(train_augmenter)["keys"]) <= set(training_cases)
+    finally:
+        train_augmenter._finish()
+        val_augmenter._finish()
