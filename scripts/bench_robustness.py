@@ -960,11 +960,11 @@ def main() -> None:
                 else:
                     left += seconds
                     needed = [t for t in (run.trainer, run.pretrainer if pretrain_done is not None else None) if t]
-                    timed_here |= {t for t in needed if t in here}
-                    timed_archived |= {t for t in needed if t not in here}
-                    speed = ("this machine's speed" if all(t in here for t in needed) else
-                             "this machine's speed for " + ", ".join(t for t in needed if t in here)
-                             if any(t in here for t in needed) else "")
+                    local = [t for t in needed if t in here]
+                    timed_here |= set(local)
+                    timed_archived |= set(needed) - set(local)
+                    speed = "" if not local else "this machine's speed" + (
+                        "" if local == needed else f" for {', '.join(local)}")
                     estimate = (f" [~{seconds / 60:.0f} min"
                                 + (f" for the {max(epochs - done, 0)} epochs left" if done else "")
                                 + (f", {speed}" if speed else "") + "]")
@@ -1037,6 +1037,8 @@ def archived_speeds(archive: Path) -> dict[str, float]:
 
 #: Timed epochs a trainer needs in this machine's checkpoints before :func:`local_speeds` gives its speed.
 MIN_LOCAL_EPOCHS = 3
+
+
 def local_speeds(runs: Iterable[Run], regime: Regime) -> dict[str, float]:
     """Wall-clock seconds per training iteration of each trainer (and first-phase trainer) on this machine: the
     median of the epoch times nnU-Net logged in the checkpoints of the runs' fold folders in the work folder

@@ -996,9 +996,9 @@ def test_dry_run_times_this_machine_from_the_training_logs_here(tmp_path, monkey
                "epoch_start_timestamps": starts, "epoch_end_timestamps": ends}
     torch.save({"current_epoch": 12, "logging": logging}, fold / "checkpoint_latest.pth")
     assert robustness.local_speeds(plain, regime) == pytest.approx({"nnUNetTrainer": 6.0})
-    monkeypatch.setattr(robustness, "MIN_LOCAL_EPOCHS", 6)  # five timed epochs after the warm-up: too few now
-    assert robustness.local_speeds(plain, regime) == {}
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(robustness, "MIN_LOCAL_EPOCHS", 6)  # five timed epochs after the warm-up: too few now
+        assert robustness.local_speeds(plain, regime) == {}
     assert robustness.checkpoint_epoch(fold) == 12
     broken = tmp_path / "broken"
     broken.mkdir()
