@@ -142,7 +142,7 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
                            synthesis_model=args.m, synthesis_folds=args.synthesis_folds,
                            synthesis_checkpoint=args.synthesis_chk, combine=args.combine,
                            num_parts=args.num_parts, part_id=args.part_id,
-                           histogram_fallback=args.histogram_fallback)
+                           histogram_fallback=args.histogram_fallback, postprocessing=args.postprocessing)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_table(summary, "Dice"))
     fill = "synthesised by " + args.m if args.fill == "synthesize" else "zero-filled"
@@ -150,6 +150,23 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
     if args.num_parts > 1:
         print(f"part {args.part_id} of {args.num_parts}; when every part has finished, combine them with: "
               f"nnunet_missingmod merge-evaluation {out.parent}")
+
+
+def _determine_postprocessing(args: argparse.Namespace) -> None:
+    from nnunet_missingmod.evaluation.postprocessing import determine_postprocessing
+
+    result = determine_postprocessing(args.folder, args.l)
+    folder = Path(args.folder)
+    if result["applied"]:
+        print(f"enhancing tumour below {result['min_voxels']} voxels becomes non-enhancing tumour core: mean ET Dice "
+              f"{result['dice_before']:.4f} -> {result['dice_after']:.4f} on {result['chosen_on']['predictions']} "
+              f"validation predictions ({result['relabelled']['without_label_in_reference']} false enhancing "
+              f"tumours removed, {result['relabelled']['with_label_in_reference']} true ones lost)")
+    else:
+        print(f"no threshold raises the mean ET Dice ({result['dice_before']:.4f}) of "
+              f"{result['chosen_on']['predictions']} validation predictions: postprocessing.pkl applies nothing")
+    print(f"postprocessing.pkl, .json and .png in {folder}; score the test cases with it: nnunet_missingmod "
+          f"evaluate-missing ... --split test --postprocessing {folder / 'postprocessing.pkl'}")
 
 
 def _merge_evaluation(args: argparse.Namespace) -> None:
@@ -190,7 +207,7 @@ def _evaluate_synthesis(args: argparse.Namespace) -> None:
                              available=mods.parse_modalities(args.available) if args.available else None,
                              availability_file=args.availability, num_cases=args.num_cases, combine=args.combine,
                              combined=not args.no_combined, batch_size=args.batch_size, examples=args.examples,
-                             histogram_fallback=args.histogram_fallback)
+                             histogram_fallback=args.histogram_fallback, postprocessing=args.postprocessing)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_tables(summary))
     print(f"per_case.csv, summary.json, table.md and examples.png in {out}")
@@ -376,7 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthesis-chk", default="checkpoint_final.pth",
                    help="checkpoint of the synthesis model (default: checkpoint_final.pth)")
     _add_combine_option(p)
+    p.add_argument("--postprocessing", default=None, metavar="PKL",
+                   help="a postprocessing.pkl (determine-postprocessing's or nnU-Net's) applied to every "
+                        "segmentation before scoring; default output folder missing_modalities_<split>_postprocessed")
     p.set_defaults(func=_evaluate_missing)
+
+    p = sub.add_parser("determine-postprocessing",
+                       help="choose the BraTS enhancing-tumour volume threshold on validation predictions",
+                       description="Choose on the saved predictions of evaluate-missing --split val "
+                                   "--save-predictions (every modality combination of the fold's validation cases) "
+                                   "the volume below which a predicted enhancing tumour becomes non-enhancing tumour "
+                                   "core (BraTS post-processing): the threshold with the highest mean ET Dice, the "
+                                   "smallest of a tie. Writes postprocessing.pkl (nnU-Net's format, for "
+                                   "nnUNetv2_apply_postprocessing -pp_pkl_file and evaluate-missing "
+                                   "--postprocessing), postprocessing.json and postprocessing.png into FOLDER.")
+    p.add_argument("folder", help="evaluate-missing output folder of the validation cases, with predictions/")
+    p.add_argument("-l", default=None,
+                   help="reference label folder (default: labelsTr of the evaluated model's dataset in nnUNet_raw)")
+    p.set_defaults(func=_determine_postprocessing)
 
     p = sub.add_parser("synthesize", help="fill in missing sequences with a trained synthesis model (UTAD-Net)",
                        description="Write a copy of a raw dataset (dataset.json, imagesTr/imagesTs, labels) or of a "

@@ -21,6 +21,10 @@ synthesis model and every source -> target translation is computed once and shar
 rests on the same assumption as zeroing after preprocessing (the non-zero region does not depend on the dropped
 channels). The default output folder is ``missing_modalities_<split>_synthesized``; ``summary.json`` records
 ``fill`` (``zero`` or ``synthesize``) and the synthesis model, and ``table.md``'s title names the fill.
+
+Post-processing (``postprocessing``, ``--postprocessing postprocessing.pkl``): nnU-Net's post-processing functions
+applied to every segmentation before it is scored, such as the enhancing-tumour volume threshold that
+:mod:`nnunet_missingmod.evaluation.postprocessing` chooses on the validation cases.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ FILLS = ("zero", "synthesize")
 TABLE_ORDER = (3, 0, 1, 2)  # FLAIR, T1, T1ce, T2
 
 
-def _dataset_folders(model: Path) -> tuple[Path, Path]:
+def dataset_folders(model: Path) -> tuple[Path, Path]:
     dataset = model.parent.name
     raw, preprocessed = os.environ.get("nnUNet_raw"), os.environ.get("nnUNet_preprocessed")
     if not raw:
@@ -93,7 +97,7 @@ def validation_cases(splits_file: Path, fold: int) -> list[str]:
 
 def evaluation_cases(model: Path, fold: int | str, split: str, file_ending: str) -> tuple[list[CaseInput], Path]:
     """The fold's validation cases (``val``) or ``imagesTs`` (``test``) with their label folder."""
-    raw, preprocessed = _dataset_folders(model)
+    raw, preprocessed = dataset_folders(model)
     availability = raw / "modality_availability.json"
     availability = availability if availability.is_file() else None
     if split == "test":
@@ -124,7 +128,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                      fill: str = "zero", synthesis_model: str | os.PathLike | SynthesisModel | None = None,
                      synthesis_folds: Sequence[int | str] | None = None,
                      synthesis_checkpoint: str = "checkpoint_final.pth", combine: str = "ssim",
-                     num_parts: int = 1, part_id: int = 0, histogram_fallback: bool = False) -> Path:
+                     num_parts: int = 1, part_id: int = 0, histogram_fallback: bool = False,
+                     postprocessing: str | os.PathLike | None = None) -> Path:
     """Evaluate a trained model on all (or the given) modality combinations; see the module docstring.
 
     ``num_parts`` / ``part_id`` split the cases as ``nnUNetv2_predict`` does (every ``num_parts``-th case, starting
@@ -139,15 +144,22 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     :class:`~nnunet_missingmod.inference.synthesize.SynthesisModel`), with its ``synthesis_folds``,
     ``synthesis_checkpoint``, ``combine`` rule and ``histogram_fallback`` (as for ``synthesize``).
 
+    ``postprocessing``: a ``postprocessing.pkl`` (nnU-Net's format, e.g. from
+    :func:`~nnunet_missingmod.evaluation.postprocessing.determine_postprocessing`) applied to every segmentation
+    before it is scored and saved; the default output folder then ends in ``_postprocessed``.
+
     Returns:
         The output folder.
 
     Raises:
-        ValueError: a fold outside the splits, a corrupt splits or availability file, or no case has the
-            modalities of any requested combination.
+        ValueError: a fold outside the splits, a corrupt splits or availability file, no case has the
+            modalities of any requested combination, or ``postprocessing`` is not a post-processing pickle.
         InputImageError: a case's image or label is truncated, has NaN/Inf voxels or mismatching geometry.
-        FileNotFoundError: a missing checkpoint, splits file or reference label.
+        FileNotFoundError: a missing checkpoint, splits file, reference label or post-processing file.
     """
+    from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
+
+    from nnunet_missingmod.evaluation.postprocessing import load_postprocessing
     from nnunet_missingmod.inference import synthesize as synthesis
 
     model = Path(model)
@@ -177,7 +189,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     check_evaluation_inputs(cases, label_folder, file_ending, combinations)
     if fill == "synthesize" and not isinstance(synthesis_model, synthesis.SynthesisModel):
         synthesis.check_model_folder(synthesis_model, synthesis_folds, synthesis_checkpoint)
-    suffix = "_synthesized" if fill == "synthesize" else ""
+    pp_functions, pp_kwargs = load_postprocessing(postprocessing) if postprocessing else ([], [])
+    suffix = ("_synthesized" if fill == "synthesize" else "") + ("_postprocessed" if postprocessing else "")
     out = Path(output) if output else model / f"fold_{fold}" / f"missing_modalities_{split}{suffix}"
     if num_parts > 1:
         out = out / part_folder_name(part_id, num_parts)
@@ -211,7 +224,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                 logits = predictor.predict_logits(data, range(mods.NUM_MODALITIES))
             else:
                 logits = all_logits[index] if batch_size > 1 else predictor.predict_logits(data, combination)
-            segmentation = predictor.logits_to_segmentation(logits, data_properties)
+            segmentation = apply_postprocessing(predictor.logits_to_segmentation(logits, data_properties),
+                                                pp_functions, pp_kwargs)
             metrics = region_metrics(reference[0], segmentation, spacing)
             rows.append({"case": case.identifier, "combination": mods.combination_name(combination),
                          **{f"{region}_{metric}": metrics[region][metric]
@@ -227,10 +241,12 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
     summary = summarise(rows, combinations)
     summary.update({"model": str(model), "fold": fold, "split": split, "num_cases": len(cases),
                     "checkpoint": checkpoint_name, "mirroring": use_mirroring, "fill": fill,
-                    "combinations": [mods.combination_name(c) for c in combinations]})
+                    "combinations": [mods.combination_name(c) for c in combinations],
+                    "postprocessing": {"file": str(postprocessing), "functions": [f.__name__ for f in pp_functions],
+                                       "kwargs": pp_kwargs} if postprocessing else None})
     if num_parts > 1:
         summary["part"] = {"part_id": part_id, "num_parts": num_parts}
-    title = f"{model.name}, fold {fold}, {split} ({len(cases)} cases)"
+    title = f"{model.name}, fold {fold}, {split} ({len(cases)} cases)" + (", post-processed" if postprocessing else "")
     if fill == "synthesize":
         summary["synthesis"] = {"model": str(synthesis_model.folder or "in-memory model"),
                                 "folds": [str(f) for f in synthesis_folds] if synthesis_folds else "all",
@@ -248,7 +264,8 @@ def part_folder_name(part_id: int, num_parts: int) -> str:
 
 
 #: Settings every part of one evaluation must share (``summary.json`` keys).
-SHARED_SETTINGS = ("model", "fold", "split", "checkpoint", "mirroring", "fill", "combinations", "synthesis")
+SHARED_SETTINGS = ("model", "fold", "split", "checkpoint", "mirroring", "fill", "combinations", "synthesis",
+                   "postprocessing")
 
 
 def merge_parts(folder: str | os.PathLike) -> Path:
@@ -261,7 +278,7 @@ def merge_parts(folder: str | os.PathLike) -> Path:
     Raises:
         FileNotFoundError: no part folder, or a part (or its files) is missing; the message lists them.
         ValueError: parts of different splits into parts, or evaluated with different settings (model, fold,
-            split, checkpoint, mirroring, fill, combinations), or a case evaluated in two parts.
+            split, checkpoint, mirroring, fill, combinations, post-processing), or a case evaluated in two parts.
     """
     import re
 
@@ -289,7 +306,7 @@ def merge_parts(folder: str | os.PathLike) -> Path:
              if incomplete else [])))
     summaries, per_part = {}, {}
     for part in sorted(parts, key=lambda p: parts[p][0]):
-        summaries[part] = _read_summary(part)
+        summaries[part] = read_summary(part)
         per_part[part] = read_per_case(part)
     rows = [row for part_rows in per_part.values() for row in part_rows]
     first = next(iter(summaries.values()))
@@ -514,7 +531,7 @@ def read_per_case(folder: str | os.PathLike) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
-def _read_summary(run: str | os.PathLike) -> dict:
+def read_summary(run: str | os.PathLike) -> dict:
     file = Path(run) / "summary.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; pass folders written by evaluate-missing")
@@ -561,7 +578,7 @@ def compare(run_dirs: Sequence[str | os.PathLike | Sequence[str | os.PathLike]],
     groups = [[run] if isinstance(run, (str, os.PathLike)) else list(run) for run in run_dirs]
     if any(not group for group in groups):
         raise ValueError("a group of runs is empty")
-    summaries = [[_read_summary(run) for run in group] for group in groups]
+    summaries = [[read_summary(run) for run in group] for group in groups]
     labels = list(labels) if labels else [None] * len(groups)
     if len(labels) != len(groups):
         raise ValueError(f"{len(labels)} labels for {len(groups)} runs")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from medpy.metric import binary as medpy_binary
 
 from nnunet_missingmod import modalities as mods
-from nnunet_missingmod.cli import main
+from nnunet_missingmod.cli import ERROR_EXIT_CODE, main
 from nnunet_missingmod.evaluation.missing_combinations import CombinationMismatchWarning, compare, evaluate_missing
 from nnunet_missingmod.inference.predict import predict_folder
 from tests.conftest import E2E_NAME
@@ -124,3 +125,42 @@ def test_batched_combinations_match_one_at_a_time(trained_model):
         assert difference.max() <= 0.25, combination
         assert (logits.argmax(0) == single.argmax(0)).float().mean() >= 0.9999, combination
     assert not torch.allclose(batched[0], batched[3])  # the masks reach the network
+
+
+def test_postprocessing_is_applied_before_scoring_and_saving(evaluated, tmp_path, monkeypatch, capsys):
+    from nnunet_missingmod.evaluation.postprocessing import relabel_small_label
+
+    work, env, unprocessed = evaluated
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, env[key])
+    pkl = tmp_path / "postprocessing.pkl"  # every edema voxel becomes core: TC changes, WT does not
+    pkl.write_bytes(pickle.dumps(([relabel_small_label], [{"label": 1, "replace_with": 2, "min_voxels": 10**9}])))
+    names = ["t1ce+flair", "t1+t1ce+t2+flair"]
+    assert main(["evaluate-missing", "-d", "980", "-c", "3d_cpu", "-tr", "ModalityDropoutTrainer", "-f", "0",
+                 "--split", "test", "--combinations", ",".join(names), "-o", str(tmp_path / "pp"), "-device", "cpu",
+                 "--disable_tta", "--save-predictions", "--postprocessing", str(pkl)]) == 0
+    assert "per-case CSV" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "pp" / "summary.json").read_text())
+    assert summary["postprocessing"] == {"file": str(pkl), "functions": ["relabel_small_label"],
+                                         "kwargs": [{"label": 1, "replace_with": 2, "min_voxels": 10**9}]}
+    edema_seen = False
+    for row in _rows(tmp_path / "pp"):
+        case, combination = row["case"], row["combination"]
+        before = sitk.GetArrayFromImage(sitk.ReadImage(str(unprocessed / "predictions" / combination /
+                                                           f"{case}.nii.gz")))
+        after = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "predictions" / combination /
+                                                          f"{case}.nii.gz")))
+        edema_seen |= bool((before == 1).any())
+        assert not (after == 1).any()
+        assert np.mean(after == np.where(before == 1, 2, before)) > 0.999  # up to batched-window rounding
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw" / E2E_NAME / "labelsTs" /
+                                                              f"{case}.nii.gz")))
+        for region, members in mods.REGIONS.items():
+            ref, pred = np.isin(reference, members), np.isin(after, members)
+            expected = 1.0 if not ref.any() and not pred.any() else medpy_binary.dc(pred, ref)
+            assert float(row[f"{region}_Dice"]) == pytest.approx(expected)
+    assert edema_seen  # the model predicts edema, so the relabelling was put to the test
+    code = main(["evaluate-missing", "-d", "980", "-c", "3d_cpu", "-tr", "ModalityDropoutTrainer", "--split", "test",
+                 "-o", str(tmp_path / "bad"), "--postprocessing", str(tmp_path / "pp" / "summary.json")])
+    assert code == ERROR_EXIT_CODE and "summary.json is not a post-processing pickle" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
