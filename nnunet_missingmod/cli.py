@@ -207,7 +207,7 @@ def _evaluate_synthesis(args: argparse.Namespace) -> None:
                              available=mods.parse_modalities(args.available) if args.available else None,
                              availability_file=args.availability, num_cases=args.num_cases, combine=args.combine,
                              combined=not args.no_combined, batch_size=args.batch_size, examples=args.examples,
-                             histogram_fallback=args.histogram_fallback, postprocessing=args.postprocessing)
+                             histogram_fallback=args.histogram_fallback)
     summary = json.loads((out / "summary.json").read_text())
     print("\n" + markdown_tables(summary))
     print(f"per_case.csv, summary.json, table.md and examples.png in {out}")

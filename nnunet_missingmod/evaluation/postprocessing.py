@@ -32,8 +32,6 @@ from nnunet_missingmod.evaluation.metrics import dice
 from nnunet_missingmod.evaluation.missing_combinations import dataset_folders, read_summary
 from nnunet_missingmod.inference.predict import model_file_ending
 
-FILES = ("postprocessing.pkl", "postprocessing.json", "postprocessing.png")
-
 
 def relabel_small_label(segmentation: np.ndarray, label: int, replace_with: int, min_voxels: int) -> np.ndarray:
     """``segmentation`` with every voxel of ``label`` set to ``replace_with`` when there are fewer than
@@ -152,7 +150,7 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
     thresholds, scores = threshold_curve(predictions)
 
     def mean_dice(rows: Sequence[Prediction], t: int) -> float:
-        return float(np.mean([p.dice_after(t) for p in rows])) if rows else float("nan")
+        return float(np.mean([p.dice_after(t) for p in rows]))
 
     per_combination = {}
     names = {p.combination for p in predictions}
