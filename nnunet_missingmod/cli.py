@@ -108,8 +108,10 @@ def _predict(args: argparse.Namespace) -> None:
                           tile_step_size=args.step_size, use_mirroring=not args.disable_tta,
                           save_probabilities=args.save_probabilities,
                           available=mods.parse_modalities(args.available) if args.available else None,
-                          availability_file=args.availability, num_parts=args.num_parts, part_id=args.part_id)
-    print(f"predicted {len(done)} case(s) into {args.o} (modalities per case: {args.o}/modalities_used.json)")
+                          availability_file=args.availability, num_parts=args.num_parts, part_id=args.part_id,
+                          postprocessing=args.postprocessing)
+    print(f"predicted {len(done)} case(s) into {args.o} (modalities per case: {args.o}/modalities_used.json)"
+          + (f", post-processed with {args.postprocessing}" if args.postprocessing else ""))
 
 
 def _combinations(spec: str) -> list[tuple[int, ...]] | None:
@@ -359,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--availability", default=None, metavar="JSON", help="a modality_availability.json")
     p.add_argument("-num_parts", type=positive_int, default=1, help="split the cases into this many parts")
     p.add_argument("-part_id", type=non_negative_int, default=0, help="which part this process predicts (from 0)")
+    p.add_argument("--postprocessing", default=None, metavar="PKL",
+                   help="a postprocessing.pkl (determine-postprocessing's or nnU-Net's) applied to every segmentation")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate-missing", help="score a model on all 15 combinations of available modalities",

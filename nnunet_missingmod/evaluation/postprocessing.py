@@ -10,8 +10,9 @@ output, so on every modality combination of the fold's validation cases: the thr
 over all (case, combination) predictions, the smallest one of a tie (the least that reaches it). It writes
 
 * ``postprocessing.pkl``: ``(functions, kwargs)`` as nnU-Net's ``determine_postprocessing`` writes it, so that
-  ``nnUNetv2_apply_postprocessing -pp_pkl_file`` applies it to any prediction folder, and
-  ``evaluate-missing --postprocessing`` scores a model with it (an empty list when no threshold helps);
+  ``nnUNetv2_apply_postprocessing -pp_pkl_file`` applies it to any prediction folder, ``predict --postprocessing``
+  while predicting, and ``evaluate-missing --postprocessing`` scores a model with it (an empty list when no
+  threshold helps);
 * ``postprocessing.json``: the threshold and the mean ET Dice before and after, overall and per combination;
 * ``postprocessing.png``: the mean ET Dice of the validation predictions against the threshold.
 """

@@ -337,20 +337,28 @@ def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.Path
                    device: str = "cpu", tile_step_size: float = 0.5, use_mirroring: bool = True,
                    save_probabilities: bool = False, available: Sequence[int] | None = None,
                    availability_file: str | os.PathLike | None = None, num_parts: int = 1, part_id: int = 0,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, postprocessing: str | os.PathLike | None = None) -> list[str]:
     """Predict every case of ``input_folder`` with the modalities it has (see the module docstring).
 
     All cases are checked (output folder, names, availability, geometry, complete and finite images,
-    checkpoints) before the model is loaded and anything is written.
+    checkpoints, the post-processing file) before the model is loaded and anything is written.
+
+    ``postprocessing``: a ``postprocessing.pkl`` (nnU-Net's format, e.g. from ``determine-postprocessing``) applied
+    to every segmentation as ``nnUNetv2_apply_postprocessing`` would; probabilities stay the network's.
 
     Returns:
         The identifiers of the predicted cases (this part's share when ``num_parts`` > 1).
 
     Raises:
-        ValueError: invalid parts, or the output folder is the input folder or inside it.
+        ValueError: invalid parts, the output folder is the input folder or inside it, or ``postprocessing`` is
+            not a post-processing pickle.
         InputImageError: a case cannot be used (the message names the case and the file).
-        FileNotFoundError: a checkpoint is missing.
+        FileNotFoundError: a checkpoint or the post-processing file is missing.
     """
+    from nnunetv2.postprocessing.remove_connected_components import load_postprocess_save
+
+    from nnunet_missingmod.evaluation.postprocessing import load_postprocessing
+
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise ValueError(f"need num_parts >= 1 and 0 <= part_id < num_parts, got {num_parts=}, {part_id=}")
     check_output_folder(input_folder, output_folder)
@@ -360,6 +368,7 @@ def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.Path
     cases = find_cases(input_folder, model_file_ending(model), available, availability_file)[part_id::num_parts]
     for case in cases:
         check_case_files(case)
+    pp_functions, pp_kwargs = load_postprocessing(postprocessing) if postprocessing else ([], [])
     predictor = MissingModalityPredictor(model, folds=folds, checkpoint_name=checkpoint_name, device=device,
                                          tile_step_size=tile_step_size, use_mirroring=use_mirroring)
     output = Path(output_folder)
@@ -370,6 +379,9 @@ def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.Path
         data, data_properties = predictor.preprocess(image, properties)
         logits = predictor.predict_logits(data, case.available)
         predictor.export(logits, data_properties, str(output / case.identifier), save_probabilities)
+        if pp_functions:
+            segmentation = str(output / f"{case.identifier}{predictor.file_ending}")
+            load_postprocess_save(segmentation, segmentation, predictor.reader, pp_functions, pp_kwargs)
         used[case.identifier] = [mods.MODALITIES[c] for c in case.available]
     with open(output / "modalities_used.json", "w") as f:
         json.dump(used, f, indent=2)

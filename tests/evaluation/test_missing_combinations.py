@@ -37,6 +37,18 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
+def _read(file):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(file)))
+
+
+def _assert_dice_is_medpys(row, reference, prediction):
+    """Each region's Dice in a per_case.csv row equals medpy's on the label maps (1 when both are empty)."""
+    for region, members in mods.REGIONS.items():
+        ref, pred = np.isin(reference, members), np.isin(prediction, members)
+        expected = 1.0 if not ref.any() and not pred.any() else medpy_binary.dc(pred, ref)
+        assert float(row[f"{region}_Dice"]) == pytest.approx(expected)
+
+
 def test_all_fifteen_combinations_per_case_and_averages(evaluated):
     _, _, out = evaluated
     rows = _rows(out)
@@ -72,16 +84,11 @@ def test_scores_match_an_independent_prediction_and_medpy(evaluated, tmp_path):
                    use_mirroring=False, available=(1, 3), progress=False)
     rows = {r["case"]: r for r in _rows(out) if r["combination"] == "t1ce+flair"}
     for case, row in rows.items():
-        predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / f"{case}.nii.gz")))
-        saved = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "predictions" / "t1ce+flair" / f"{case}.nii.gz")))
+        predicted = _read(tmp_path / "pred" / f"{case}.nii.gz")
+        saved = _read(out / "predictions" / "t1ce+flair" / f"{case}.nii.gz")
         # batched windows differ from nnU-Net's one-at-a-time path only by float rounding
         assert np.mean(saved == predicted) > 0.999
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw" / E2E_NAME / "labelsTs" /
-                                                                 f"{case}.nii.gz")))
-        for region, members in mods.REGIONS.items():
-            ref, pred = np.isin(reference, members), np.isin(saved, members)
-            expected = 1.0 if not ref.any() and not pred.any() else medpy_binary.dc(pred, ref)
-            assert float(row[f"{region}_Dice"]) == pytest.approx(expected)
+        _assert_dice_is_medpys(row, _read(work / "nnUNet_raw" / E2E_NAME / "labelsTs" / f"{case}.nii.gz"), saved)
 
 
 def test_validation_split_cli_and_compare(evaluated, tmp_path, monkeypatch, capsys):
@@ -146,19 +153,12 @@ def test_postprocessing_is_applied_before_scoring_and_saving(evaluated, tmp_path
     edema_seen = False
     for row in _rows(tmp_path / "pp"):
         case, combination = row["case"], row["combination"]
-        before = sitk.GetArrayFromImage(sitk.ReadImage(str(unprocessed / "predictions" / combination /
-                                                           f"{case}.nii.gz")))
-        after = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "predictions" / combination /
-                                                          f"{case}.nii.gz")))
+        before = _read(unprocessed / "predictions" / combination / f"{case}.nii.gz")
+        after = _read(tmp_path / "pp" / "predictions" / combination / f"{case}.nii.gz")
         edema_seen |= bool((before == 1).any())
         assert not (after == 1).any()
         assert np.mean(after == np.where(before == 1, 2, before)) > 0.999  # up to batched-window rounding
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "nnUNet_raw" / E2E_NAME / "labelsTs" /
-                                                              f"{case}.nii.gz")))
-        for region, members in mods.REGIONS.items():
-            ref, pred = np.isin(reference, members), np.isin(after, members)
-            expected = 1.0 if not ref.any() and not pred.any() else medpy_binary.dc(pred, ref)
-            assert float(row[f"{region}_Dice"]) == pytest.approx(expected)
+        _assert_dice_is_medpys(row, _read(work / "nnUNet_raw" / E2E_NAME / "labelsTs" / f"{case}.nii.gz"), after)
     assert edema_seen  # the model predicts edema, so the relabelling was put to the test
     code = main(["evaluate-missing", "-d", "980", "-c", "3d_cpu", "-tr", "ModalityDropoutTrainer", "--split", "test",
                  "-o", str(tmp_path / "bad"), "--postprocessing", str(tmp_path / "pp" / "summary.json")])

@@ -118,3 +118,24 @@ def test_exported_zip_installs_and_predicts_elsewhere(folders, tmp_path):
     for case in ("Phantom_0005", "Phantom_0006"):
         np.testing.assert_array_equal(_labels(tmp_path / "pred" / f"{case}.nii.gz"),
                                       _labels(work / "predictions" / f"{case}.nii.gz"))
+
+
+def test_postprocessing_is_applied_to_the_written_segmentations(folders, tmp_path):
+    import pickle
+
+    from nnunet_missingmod.evaluation.postprocessing import relabel_small_label
+
+    work, _, sparse, _ = folders
+    pkl = tmp_path / "postprocessing.pkl"  # every edema voxel becomes core
+    pkl.write_bytes(pickle.dumps(([relabel_small_label], [{"label": 1, "replace_with": 2, "min_voxels": 10**9}])))
+    plain = predict_folder(sparse, tmp_path / "plain", _model(work), folds=[0], use_mirroring=False, progress=False)
+    processed = predict_folder(sparse, tmp_path / "pp", _model(work), folds=[0], use_mirroring=False, progress=False,
+                               postprocessing=pkl)
+    assert processed == plain
+    for case in plain:
+        before, after = _labels(tmp_path / "plain" / f"{case}.nii.gz"), _labels(tmp_path / "pp" / f"{case}.nii.gz")
+        assert (before == 1).any()  # the model predicts edema, so the relabelling is put to the test
+        np.testing.assert_array_equal(after, np.where(before == 1, 2, before))
+        reference = sitk.ReadImage(str(tmp_path / "plain" / f"{case}.nii.gz"))
+        written = sitk.ReadImage(str(tmp_path / "pp" / f"{case}.nii.gz"))
+        assert written.GetSpacing() == reference.GetSpacing() and written.GetOrigin() == reference.GetOrigin()

@@ -209,3 +209,15 @@ def test_unwritable_output_is_refused_before_any_work(setup, tmp_path, capsys, m
     assert code == 2
     _one_line_error(err, f"cannot write to {read_only / 'out'}: {read_only} is not writable")
     assert list(read_only.iterdir()) == []
+
+
+def test_bad_postprocessing_file_is_refused_before_any_work(setup, tmp_path, capsys):
+    _, inputs = setup
+    (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
+    before = snapshot(tmp_path)
+    for name, message in (("missing.pkl", "post-processing file"), ("bad.pkl", "is not a post-processing pickle")):
+        code, err = _predict(capsys, inputs, tmp_path / "out", "--postprocessing", str(tmp_path / name))
+        assert code == cli.ERROR_EXIT_CODE
+        _one_line_error(err, f"{name}")
+        _one_line_error(err, message)
+        assert snapshot(tmp_path) == before
