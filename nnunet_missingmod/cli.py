@@ -155,9 +155,9 @@ def _evaluate_missing(args: argparse.Namespace) -> None:
 
 
 def _determine_postprocessing(args: argparse.Namespace) -> None:
-    from nnunet_missingmod.evaluation.postprocessing import determine_postprocessing
+    from nnunet_missingmod.evaluation.postprocessing import NNUNET_BRATS_THRESHOLDS, determine_postprocessing
 
-    result = determine_postprocessing(args.folder, args.l)
+    result = determine_postprocessing(args.folder, args.l, candidates=args.thresholds or NNUNET_BRATS_THRESHOLDS)
     folder = Path(args.folder)
     if result["applied"]:
         print(f"enhancing tumour below {result['min_voxels']} voxels becomes non-enhancing tumour core: mean ET Dice "
@@ -407,13 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Choose on the saved predictions of evaluate-missing --split val "
                                    "--save-predictions (every modality combination of the fold's validation cases) "
                                    "the volume below which a predicted enhancing tumour becomes non-enhancing tumour "
-                                   "core (BraTS post-processing): the threshold with the highest mean ET Dice, the "
-                                   "smallest of a tie. Writes postprocessing.pkl (nnU-Net's format, for "
+                                   "core (BraTS post-processing): of the candidates (by default those of nnU-Net's "
+                                   "BraTS entry), the one with the highest mean ET Dice, the smallest of a tie. "
+                                   "Writes postprocessing.pkl (nnU-Net's format, for "
                                    "nnUNetv2_apply_postprocessing -pp_pkl_file and evaluate-missing "
                                    "--postprocessing), postprocessing.json and postprocessing.png into FOLDER.")
     p.add_argument("folder", help="evaluate-missing output folder of the validation cases, with predictions/")
     p.add_argument("-l", default=None,
                    help="reference label folder (default: labelsTr of the evaluated model's dataset in nnUNet_raw)")
+    p.add_argument("--thresholds", type=non_negative_int, nargs="+", default=None, metavar="VOXELS",
+                   help="candidate thresholds in voxels (default: nnU-Net's 0 10 50 100 200 500 750 1000 1500 2500 "
+                        "10000)")
     p.set_defaults(func=_determine_postprocessing)
 
     p = sub.add_parser("synthesize", help="fill in missing sequences with a trained synthesis model (UTAD-Net)",

@@ -6,15 +6,19 @@ than a volume threshold as non-enhancing tumour core (necrosis), with the thresh
 predictions. Tumour core and whole tumour are unchanged by it.
 
 :func:`determine_postprocessing` chooses the threshold on an ``evaluate-missing --split val --save-predictions``
-output, so on every modality combination of the fold's validation cases: the threshold with the highest mean ET Dice
-over all (case, combination) predictions, the smallest one of a tie (the least that reaches it). It writes
+output, so on every modality combination of the fold's validation cases: of nnU-Net's candidates
+(:data:`NNUNET_BRATS_THRESHOLDS`, those of its BraTS 2020 entry) the one with the highest mean ET Dice over all
+(case, combination) predictions, the smallest of a tie, as nnU-Net's ``determine_brats_postprocessing`` (nnU-Net v1,
+``Task082_BraTS_2020``) chooses it; the coarse grid keeps the choice from fitting the few validation cases' volumes.
+It writes
 
 * ``postprocessing.pkl``: ``(functions, kwargs)`` as nnU-Net's ``determine_postprocessing`` writes it, so that
   ``nnUNetv2_apply_postprocessing -pp_pkl_file`` applies it to any prediction folder, ``predict --postprocessing``
   while predicting, and ``evaluate-missing --postprocessing`` scores a model with it (an empty list when no
   threshold helps);
 * ``postprocessing.json``: the threshold and the mean ET Dice before and after, overall and per combination;
-* ``postprocessing.png``: the mean ET Dice of the validation predictions against the threshold.
+* ``postprocessing.png``: the mean ET Dice of the validation predictions against every threshold, the candidates
+  marked.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from nnunet_missingmod import modalities as mods
 from nnunet_missingmod.evaluation.metrics import dice
 from nnunet_missingmod.evaluation.missing_combinations import dataset_folders, read_summary
 from nnunet_missingmod.inference.predict import model_file_ending
+
+#: The volume thresholds (voxels) that nnU-Net's BraTS 2020 entry tried.
+NNUNET_BRATS_THRESHOLDS = (0, 10, 50, 100, 200, 500, 750, 1000, 1500, 2500, 10000)
 
 
 def relabel_small_label(segmentation: np.ndarray, label: int, replace_with: int, min_voxels: int) -> np.ndarray:
@@ -64,18 +71,27 @@ class Prediction:
         return self.dice
 
 
+def mean_dice(predictions: Sequence[Prediction], threshold: int) -> float:
+    """Mean Dice of the label over ``predictions`` once a predicted volume below ``threshold`` is relabelled."""
+    return float(np.mean([p.dice_after(threshold) for p in predictions]))
+
+
 def threshold_curve(predictions: Sequence[Prediction]) -> tuple[list[int], list[float]]:
     """Every threshold that changes the outcome (0, and each predicted volume + 1) with its mean Dice."""
     thresholds = sorted({0} | {p.volume + 1 for p in predictions if p.volume})
-    return thresholds, [float(np.mean([p.dice_after(t) for p in predictions])) for t in thresholds]
+    return thresholds, [mean_dice(predictions, t) for t in thresholds]
 
 
-def choose_threshold(predictions: Sequence[Prediction]) -> int:
-    """The threshold with the highest mean Dice over ``predictions``; the smallest of a tie."""
+def choose_threshold(predictions: Sequence[Prediction], candidates: Sequence[int] = NNUNET_BRATS_THRESHOLDS) -> int:
+    """The candidate threshold with the highest mean Dice over ``predictions``; the smallest of a tie."""
     if not predictions:
         raise ValueError("no predictions to choose a threshold on")
-    thresholds, scores = threshold_curve(predictions)
-    return thresholds[int(np.argmax(scores))]  # argmax returns the first (smallest) of equal maxima
+    candidates = sorted(set(candidates))
+    if not candidates or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0
+                             for t in candidates):
+        raise ValueError(f"thresholds must be whole numbers of voxels, 0 or more, got {list(candidates)}")
+    scores = [mean_dice(predictions, t) for t in candidates]
+    return int(candidates[int(np.argmax(scores))])  # argmax returns the first (smallest) of equal maxima
 
 
 def prediction_files(folder: Path) -> list[Path]:
@@ -115,9 +131,10 @@ def read_predictions(folder: Path, label_folder: Path, reader, file_ending: str,
 
 
 def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.PathLike | None = None, *,
-                             label: int = mods.LABEL_ENHANCING, replace_with: int = mods.LABEL_NECROSIS) -> dict:
-    """Choose the volume threshold of ``label`` on the saved predictions of an evaluate-missing output ``folder``
-    and write ``postprocessing.pkl``, ``.json`` and ``.png`` into it (see the module docstring).
+                             label: int = mods.LABEL_ENHANCING, replace_with: int = mods.LABEL_NECROSIS,
+                             candidates: Sequence[int] = NNUNET_BRATS_THRESHOLDS) -> dict:
+    """Choose the volume threshold of ``label`` among ``candidates`` on the saved predictions of an evaluate-missing
+    output ``folder`` and write ``postprocessing.pkl``, ``.json`` and ``.png`` into it (see the module docstring).
 
     ``label_folder`` defaults to ``labelsTr`` of the evaluated model's raw dataset (``$nnUNet_raw``).
 
@@ -127,8 +144,8 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
     Raises:
         FileNotFoundError: ``folder`` is not an evaluate-missing output, has no saved predictions, or a case has
             no reference label.
-        ValueError: the evaluation scored the test cases (a threshold must not be chosen on them), or a prediction
-            does not match its reference.
+        ValueError: the evaluation scored the test cases (a threshold must not be chosen on them), a prediction
+            does not match its reference, or a candidate is not a whole number of voxels.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -147,12 +164,8 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
     label_folder = Path(label_folder) if label_folder else dataset_folders(model)[0] / "labelsTr"
     reader = PlansManager(str(model / "plans.json")).image_reader_writer_class()
     predictions = read_predictions(folder, label_folder, reader, file_ending, label)
-    threshold = choose_threshold(predictions)
+    threshold = choose_threshold(predictions, candidates)
     thresholds, scores = threshold_curve(predictions)
-
-    def mean_dice(rows: Sequence[Prediction], t: int) -> float:
-        return float(np.mean([p.dice_after(t) for p in rows]))
-
     per_combination = {}
     names = {p.combination for p in predictions}
     order = [mods.combination_name(c) for c in mods.all_combinations()]
@@ -166,6 +179,7 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
         "chosen_on": {"folder": str(folder), "labels": str(label_folder), "model": str(model),
                       "fold": summary.get("fold"), "cases": len({p.case for p in predictions}),
                       "predictions": len(predictions)},
+        "candidates": {str(t): mean_dice(predictions, t) for t in sorted(set(candidates))},
         "dice_before": mean_dice(predictions, 0), "dice_after": mean_dice(predictions, threshold),
         "relabelled": {"without_label_in_reference": sum(p.reference_volume == 0 for p in relabelled),
                        "with_label_in_reference": sum(p.reference_volume > 0 for p in relabelled)},
@@ -205,6 +219,9 @@ def curve_png(result: dict, predictions: Sequence[Prediction], png: Path) -> Non
     if without:
         ax.step(thresholds, [np.mean([p.dice_after(t) for p in without]) for t in thresholds], where="post",
                 linestyle=":", label=f"left empty, {len(without)} without it")
+    shown = [int(t) for t in result["candidates"] if int(t) <= thresholds[-1]]
+    ax.plot(shown, [result["candidates"][str(t)] for t in shown], "o", color="C0", markersize=4,
+            label="candidates")
     ax.axvline(result["min_voxels"], color="black", linewidth=0.8)
     ax.set_xlabel(f"threshold: label {result['label']} below this many voxels becomes {result['replace_with']}")
     ax.set_ylabel("Dice / share")

@@ -10,6 +10,7 @@ from nnunetv2.postprocessing.remove_connected_components import apply_postproces
 from nnunet_missingmod.cli import main
 from nnunet_missingmod.data.nifti import write_nifti
 from nnunet_missingmod.evaluation.postprocessing import (
+    NNUNET_BRATS_THRESHOLDS,
     Prediction,
     choose_threshold,
     determine_postprocessing,
@@ -66,18 +67,14 @@ def evaluation(tmp_path, monkeypatch):
     return folder, raw / "labelsTr"
 
 
-def _brute_force(folder, labels):
-    """Every threshold 0..max volume + 1 by relabelling the arrays and a hand-computed ET Dice."""
+def _brute_force(folder, labels, thresholds):
+    """Mean ET Dice for each threshold, by relabelling the arrays and a hand-computed Dice."""
     import nibabel as nib
 
     pairs = [(np.asarray(nib.load(labels / f.name).dataobj), np.asarray(nib.load(f).dataobj))
              for f in sorted(folder.glob("predictions/*/*.nii.gz"))]
-    largest = max(int((p == 3).sum()) for _, p in pairs)
-    scores = {}
-    for threshold in range(largest + 2):
-        scores[threshold] = np.mean([_hand_dice(r == 3, relabel_small_label(p, 3, 2, threshold) == 3)
-                                     for r, p in pairs])
-    return scores
+    return {threshold: np.mean([_hand_dice(r == 3, relabel_small_label(p, 3, 2, threshold) == 3) for r, p in pairs])
+            for threshold in thresholds}
 
 
 def test_relabel_small_label_keeps_whole_tumour_and_core():
@@ -97,22 +94,37 @@ def test_choose_threshold_by_hand():
     # thresholds 0, 15, 16 give mean Dice 0.4, (1 + 0.8) / 2 = 0.9 and (1 + 0) / 2 = 0.5
     thresholds, scores = threshold_curve([false_14, true_15])
     assert thresholds == [0, 15, 16] and scores == pytest.approx([0.4, 0.9, 0.5])
-    assert choose_threshold([false_14, true_15]) == 15
+    every = range(0, 20)
+    assert choose_threshold([false_14, true_15], every) == 15
+    # nnU-Net's candidates: 0 and 10 give 0.4, 50 and above 0.5
+    assert choose_threshold([false_14, true_15]) == 50
     missed = Prediction("c", "t1", volume=8, reference_volume=10, dice=0.0)  # removing it changes nothing
     false_5 = Prediction("d", "t1", volume=5, reference_volume=0, dice=0.0)
-    assert choose_threshold([false_5, missed]) == 6  # 6 and 9 both give 0.5: the smallest
-    assert choose_threshold([true_15]) == 0
+    assert choose_threshold([false_5, missed], every) == 6  # 6 to 19 all give 0.5: the smallest
+    assert choose_threshold([false_5, missed]) == 10
+    assert choose_threshold([true_15], every) == 0 and choose_threshold([true_15]) == 0
     with pytest.raises(ValueError, match="no predictions"):
         choose_threshold([])
+    for bad in ([], [10, -1], [2.5], [True]):
+        with pytest.raises(ValueError, match="whole numbers of voxels"):
+            choose_threshold([true_15], bad)
 
 
 def test_threshold_is_the_smallest_best_of_a_brute_force_search(evaluation, capsys):
     folder, labels = evaluation
-    scores = _brute_force(folder, labels)
+    default = _brute_force(folder, labels, NNUNET_BRATS_THRESHOLDS)
+    assert main(["determine-postprocessing", str(folder)]) == 0
+    best = max(default.values())
+    expected = min(t for t, s in default.items() if s == pytest.approx(best))
+    assert f"below {expected} voxels" in capsys.readouterr().out
+    result = json.loads((folder / "postprocessing.json").read_text())
+    assert result["min_voxels"] == expected == 10  # removes the false 3 and 6 and the true 9
+    assert result["candidates"] == pytest.approx({str(t): s for t, s in default.items()})
+    # every threshold up to the largest predicted volume + 1
+    scores = _brute_force(folder, labels, range(57))
     best = max(scores.values())
     expected = min(t for t, s in scores.items() if s == pytest.approx(best))
-    assert main(["determine-postprocessing", str(folder)]) == 0
-    assert f"below {expected} voxels" in capsys.readouterr().out
+    assert main(["determine-postprocessing", str(folder), "--thresholds", *map(str, range(57))]) == 0
     result = json.loads((folder / "postprocessing.json").read_text())
     assert result["min_voxels"] == expected == 15  # removes the false 14, keeps the true 17
     assert result["dice_before"] == pytest.approx(scores[0])
