@@ -82,14 +82,24 @@ def threshold_curve(predictions: Sequence[Prediction]) -> tuple[list[int], list[
     return thresholds, [mean_dice(predictions, t) for t in thresholds]
 
 
-def choose_threshold(predictions: Sequence[Prediction], candidates: Sequence[int] = NNUNET_BRATS_THRESHOLDS) -> int:
-    """The candidate threshold with the highest mean Dice over ``predictions``; the smallest of a tie."""
-    if not predictions:
-        raise ValueError("no predictions to choose a threshold on")
+def checked_candidates(candidates: Sequence[int]) -> list[int]:
+    """``candidates`` sorted, without repeats.
+
+    Raises:
+        ValueError: none, or one that is not a whole number of voxels, 0 or more.
+    """
     candidates = sorted(set(candidates))
     if not candidates or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0
                              for t in candidates):
         raise ValueError(f"thresholds must be whole numbers of voxels, 0 or more, got {list(candidates)}")
+    return candidates
+
+
+def choose_threshold(predictions: Sequence[Prediction], candidates: Sequence[int] = NNUNET_BRATS_THRESHOLDS) -> int:
+    """The candidate threshold with the highest mean Dice over ``predictions``; the smallest of a tie."""
+    if not predictions:
+        raise ValueError("no predictions to choose a threshold on")
+    candidates = checked_candidates(candidates)
     scores = [mean_dice(predictions, t) for t in candidates]
     return int(candidates[int(np.argmax(scores))])  # argmax returns the first (smallest) of equal maxima
 
@@ -150,6 +160,7 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     folder = Path(folder)
+    candidates = checked_candidates(candidates)  # before any file is read
     summary = read_summary(folder)
     if summary.get("split") == "test":
         raise ValueError(f"{folder} scored the test cases; choose the threshold on the validation cases "
@@ -179,7 +190,7 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
         "chosen_on": {"folder": str(folder), "labels": str(label_folder), "model": str(model),
                       "fold": summary.get("fold"), "cases": len({p.case for p in predictions}),
                       "predictions": len(predictions)},
-        "candidates": {str(t): mean_dice(predictions, t) for t in sorted(set(candidates))},
+        "candidates": {str(t): mean_dice(predictions, t) for t in candidates},
         "dice_before": mean_dice(predictions, 0), "dice_after": mean_dice(predictions, threshold),
         "relabelled": {"without_label_in_reference": sum(p.reference_volume == 0 for p in relabelled),
                        "with_label_in_reference": sum(p.reference_volume > 0 for p in relabelled)},

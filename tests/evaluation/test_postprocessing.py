@@ -176,6 +176,8 @@ def test_refuses_test_split_missing_predictions_labels_and_shapes(evaluation):
         determine_postprocessing(folder)
     with pytest.raises(FileNotFoundError, match="summary.json"):
         determine_postprocessing(folder / "predictions")
+    with pytest.raises(ValueError, match="whole numbers of voxels"):  # checked before any file is read
+        determine_postprocessing(folder / "predictions", candidates=[10, -5])
 
 
 def test_load_postprocessing_names_the_bad_file(tmp_path):
