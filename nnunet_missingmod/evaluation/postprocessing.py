@@ -144,7 +144,8 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
                              label: int = mods.LABEL_ENHANCING, replace_with: int = mods.LABEL_NECROSIS,
                              candidates: Sequence[int] = NNUNET_BRATS_THRESHOLDS) -> dict:
     """Choose the volume threshold of ``label`` among ``candidates`` on the saved predictions of an evaluate-missing
-    output ``folder`` and write ``postprocessing.pkl``, ``.json`` and ``.png`` into it (see the module docstring).
+    output ``folder`` and write ``postprocessing.pkl``, ``.json`` and ``.png`` into it, all three or none (see the
+    module docstring).
 
     ``label_folder`` defaults to ``labelsTr`` of the evaluated model's raw dataset (``$nnUNet_raw``).
 
@@ -199,16 +200,20 @@ def determine_postprocessing(folder: str | os.PathLike, label_folder: str | os.P
     }
     functions, kwargs = ([relabel_small_label], [{"label": label, "replace_with": replace_with,
                                                   "min_voxels": threshold}]) if threshold > 0 else ([], [])
-    _write_atomically(folder / "postprocessing.pkl", pickle.dumps((functions, kwargs)))
-    _write_atomically(folder / "postprocessing.json", json.dumps(result, indent=2).encode())
-    curve_png(result, predictions, folder / "postprocessing.png")
+    # all three staged, then renamed: a failure while writing leaves the previous files (or none) and no partial one
+    staged = {"postprocessing.png": folder / "postprocessing.partial.png",
+              "postprocessing.pkl": folder / "postprocessing.pkl.partial",
+              "postprocessing.json": folder / "postprocessing.json.partial"}
+    try:
+        curve_png(result, predictions, staged["postprocessing.png"])
+        staged["postprocessing.pkl"].write_bytes(pickle.dumps((functions, kwargs)))
+        staged["postprocessing.json"].write_text(json.dumps(result, indent=2))
+        for name, temporary in staged.items():
+            os.replace(temporary, folder / name)
+    finally:
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
     return result
-
-
-def _write_atomically(file: Path, content: bytes) -> None:
-    temporary = file.with_name(file.name + ".partial")
-    temporary.write_bytes(content)
-    os.replace(temporary, file)
 
 
 def curve_png(result: dict, predictions: Sequence[Prediction], png: Path) -> None:
@@ -241,10 +246,8 @@ def curve_png(result: dict, predictions: Sequence[Prediction], png: Path) -> Non
                  f"{result['dice_after']:.3f})", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.tight_layout()
-    temporary = png.with_name(png.stem + ".partial.png")
-    fig.savefig(temporary, dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
-    os.replace(temporary, png)
 
 
 def load_postprocessing(file: str | os.PathLike) -> tuple[list[Callable], list[dict]]:

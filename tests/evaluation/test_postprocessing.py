@@ -180,6 +180,22 @@ def test_refuses_test_split_missing_predictions_labels_and_shapes(evaluation):
         determine_postprocessing(folder / "predictions", candidates=[10, -5])
 
 
+def test_a_failure_while_writing_leaves_no_file(evaluation, monkeypatch):
+    from nnunet_missingmod.evaluation import postprocessing
+
+    folder, labels = evaluation
+    before = sorted(p.name for p in folder.iterdir())
+
+    def broken_plot(result, predictions, png):
+        png.write_bytes(b"half a picture")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(postprocessing, "curve_png", broken_plot)
+    with pytest.raises(OSError, match="disk full"):
+        determine_postprocessing(folder, labels)
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_load_postprocessing_names_the_bad_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pkl"):
         load_postprocessing(tmp_path / "missing.pkl")
