@@ -4,7 +4,7 @@
         [--trainers nnUNetTrainer ModalityDropoutTrainer SharedLatentTrainer D2NetTrainer] [--seeds 1]
         [--dedicated] [--dedicated-seeds 1] [--epochs E] [--iterations I] [--epochs-for GROUP=EPOCHS ...]
         [--variant LABEL TRAINER SETTINGS.json ...] [--eval-cases 10] [--step-size 1.0] [--device cpu]
-        [--retrain [GROUP ...]] [--archive DIR] [--first RUN ...] [--dry-run] [--report-only]
+        [--retrain [GROUP ...]] [--archive DIR] [--first RUN ...] [--postprocessing] [--dry-run] [--report-only]
 
 Regimes (defaults written in ``bench_common.REGIMES``; ``--epochs`` / ``--iterations`` override them):
 
@@ -73,6 +73,14 @@ TTA. Outputs in the regime's folder:
   share of the cases without it that were left empty;
 * ``learning_curves.png``: nnU-Net's EMA pseudo-Dice per epoch of every run;
 * ``timings.json``: training (summed over sittings) and evaluation seconds per run.
+
+``--postprocessing`` adds nnU-Net's BraTS post-processing, chosen for each run on its own validation cases:
+evaluate-missing on fold 0's validation cases with saved predictions (``eval/<run>_val``), ``determine-postprocessing``
+there, and the held-out evaluation again with the chosen ``postprocessing.pkl`` (``eval/<run>_postprocessed``), each
+step reused while newer than what it is made from. The same report of the post-processed evaluations, with each
+run's threshold, goes to ``postprocessed/report.md`` / ``.json`` (and ``comparison.md``); the archive keeps them in
+``<run>/postprocessed/`` with the choice (``postprocessing.json``). The tables above stay as predicted, so that every
+trainer is compared on its raw output.
 """
 
 from __future__ import annotations
@@ -146,6 +154,17 @@ class Run:
     def fold(self) -> Path:
         return self.model / "fold_0"
 
+    @property
+    def validation(self) -> Path:
+        """``--postprocessing``: the evaluation of fold 0's validation cases, with saved predictions, where the
+        post-processing is chosen (``postprocessing.pkl``, ``.json``, ``.png``)."""
+        return self.evaluation.with_name(self.evaluation.name + "_val")
+
+    @property
+    def postprocessed(self) -> Path:
+        """``--postprocessing``: the held-out evaluation again, post-processed with the run's own choice."""
+        return self.evaluation.with_name(self.evaluation.name + "_postprocessed")
+
     def pretraining_fold(self, regime: Regime) -> Path | None:
         """The first phase's fold folder (None for a one-phase run)."""
         return None if self.pretrainer is None else results_model_dir(self.results, self.pretrainer, regime) / "fold_0"
@@ -218,16 +237,17 @@ def training_action(fold: Path) -> str:
     return "train"
 
 
-def evaluation_is_current(evaluation: Path, checkpoint: Path, num_cases: int,
+def evaluation_is_current(evaluation: Path, checkpoint: Path, num_cases: int | None,
                           combinations: Sequence[str] | None = None) -> bool:
-    """Whether ``evaluation/summary.json`` is newer than ``checkpoint`` and covers the same cases and combinations."""
+    """Whether ``evaluation/summary.json`` is newer than ``checkpoint`` (or whichever file it was made from) and
+    covers the same number of cases (None: any) and combinations."""
     summary_file = evaluation / "summary.json"
     if not summary_file.is_file() or not checkpoint.is_file():
         return False
     if summary_file.stat().st_mtime <= checkpoint.stat().st_mtime:
         return False
     summary = json.loads(summary_file.read_text())
-    if summary.get("num_cases") != num_cases:
+    if num_cases is not None and summary.get("num_cases") != num_cases:
         return False
     return combinations is None or set(summary["per_combination"]) == set(combinations)
 
@@ -242,6 +262,9 @@ def dedicated_override(combination: Sequence[int]) -> dict:
 
 #: Files of an evaluate-missing output that the archive keeps (small text; the heat map is left out).
 ARCHIVE_FILES = ("summary.json", "per_case.csv", "table.md")
+#: ``--postprocessing``: the archive's subfolder for the post-processed evaluation (the same files) and the choice
+#: (``postprocessing.json``).
+POSTPROCESSED = "postprocessed"
 #: The record keys a run must match to be taken from the archive instead of trained.
 ARCHIVE_KEYS = ("regime", "trainer", "seed", "combination", "settings", "config", "epochs", "iterations",
                 "pretrain_epochs", "cases", "step_size")
@@ -306,20 +329,32 @@ def archive_mismatch(record: dict, identity: dict) -> list[str]:
     return differences
 
 
+def archive_sources(run: Run) -> dict[str, Path]:
+    """The files of this machine the archive keeps of a finished run, by their path in its archive folder: the
+    evaluation's :data:`ARCHIVE_FILES`, and those of a current post-processed evaluation with its choice in
+    :data:`POSTPROCESSED` (``--postprocessing``)."""
+    sources = {name: run.evaluation / name for name in ARCHIVE_FILES}
+    if postprocessing_is_current(run):
+        sources.update({f"{POSTPROCESSED}/{name}": run.postprocessed / name for name in ARCHIVE_FILES})
+        sources[f"{POSTPROCESSED}/postprocessing.json"] = run.validation / "postprocessing.json"
+    return {name: file for name, file in sources.items() if file.is_file()}
+
+
 def _archive_unchanged(run: Run, folder: Path, record: dict) -> bool:
-    """Whether ``folder`` already holds ``record`` (its date aside) and the same evaluation files as ``run``."""
+    """Whether ``folder`` already holds ``record`` (its date aside) and the same files as ``run``
+    (:func:`archive_sources`), no more and no fewer."""
     previous = read_archive(folder)
     if previous is None or {k: v for k, v in previous.items() if k != "archived"} != json.loads(json.dumps(record)):
         return False
-    for name in ARCHIVE_FILES:
-        new, old = run.evaluation / name, folder / name
-        if new.is_file() != old.is_file() or (new.is_file() and not filecmp.cmp(new, old, shallow=False)):
-            return False
-    return True
+    sources = archive_sources(run)
+    archived = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"run.json"}
+    return archived == set(sources) and all(filecmp.cmp(file, folder / name, shallow=False)
+                                            for name, file in sources.items())
 
 
 def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None:
-    """Keep a finished, evaluated run in ``folder``: its evaluation files, learning curve, timings and identity.
+    """Keep a finished, evaluated run in ``folder``: its evaluation files (and post-processed evaluation, see
+    :func:`archive_sources`), learning curve, timings and identity.
 
     A model folder lives on one machine; the archive is small text meant to be committed, so that the tables can
     be built over several sittings on different machines. Written to a temporary folder, then renamed.
@@ -338,9 +373,9 @@ def write_archive(run: Run, folder: Path, identity: dict, timings: dict) -> None
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    for name in ARCHIVE_FILES:
-        if (run.evaluation / name).is_file():
-            shutil.copy2(run.evaluation / name, staging / name)
+    for name, file in archive_sources(run).items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, staging / name)
     (staging / "run.json").write_text(json.dumps(record, indent=1))
     if folder.exists():
         shutil.rmtree(folder)
@@ -679,13 +714,28 @@ def _group_label(label: str, group: dict) -> str:
     return label if label != DEDICATED or done == every else f"{label} ({done} of {every} combinations so far)"
 
 
-def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime) -> str:
-    """The benchmark's tables (runs, averages, by number of modalities, ratios) as Markdown."""
-    lines = [f"# Robustness benchmark, regime `{regime.name}`", "",
+def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime, postprocessed: bool = False) -> str:
+    """The benchmark's tables (runs, averages, by number of modalities, ratios) as Markdown; ``postprocessed``:
+    of the post-processed evaluations, with each run's choice."""
+    lines = [f"# Robustness benchmark, regime `{regime.name}`" + (", post-processed" if postprocessed else ""), "",
              f"{regime.spacing:g} mm phantoms (dataset {regime.dataset_id}), {regime.configuration}: patch "
              f"{'x'.join(map(str, regime.patch_size))}, features {'-'.join(map(str, regime.features))}, batch "
-             f"{regime.batch_size}. {regime.note}.", "",
-             "## Runs", "",
+             f"{regime.batch_size}. {regime.note}.", ""]
+    if postprocessed:
+        lines += ["Every segmentation post-processed as nnU-Net does for BraTS: enhancing tumour smaller than a "
+                  "threshold becomes necrosis, the threshold chosen per run among nnU-Net's candidates on fold 0's "
+                  "validation cases (`nnunet_missingmod determine-postprocessing`); only the runs evaluated so.", "",
+                  "| run | threshold (voxels) | validation Dice of the label: before → after | validation "
+                  "predictions relabelled: without / with the label in the reference |", "|---|---|---|---|"]
+        for row in run_rows:
+            choice = row.get("postprocessing")
+            if choice:
+                relabelled = choice["relabelled"]
+                lines.append(f"| {row['name']} | {choice['min_voxels']} | {100 * choice['dice_before']:.1f} → "
+                             f"{100 * choice['dice_after']:.1f} | {relabelled['without_label_in_reference']} / "
+                             f"{relabelled['with_label_in_reference']} |")
+        lines.append("")
+    lines += ["## Runs", "",
              f"Plateau: the EMA pseudo-Dice of the last quarter of epochs improved by less than {100 * PLATEAU_GAIN:g} "
              f"point over the quarter before.", "",
              "train: wall-clock of the training processes that finished (summed over sittings); epochs: the sum "
@@ -904,6 +954,10 @@ def main() -> None:
                              "not trained again, also on another machine")
     parser.add_argument("--first", nargs="+", default=[], metavar="RUN",
                         help="train these runs before the others, in this order (names as --dry-run prints them)")
+    parser.add_argument("--postprocessing", action="store_true",
+                        help="also choose each run's BraTS post-processing on fold 0's validation cases and score "
+                             "the held-out cases with it (a second report in <output>/postprocessed; archived "
+                             "in <run>/postprocessed)")
     parser.add_argument("--dry-run", action="store_true", help="print each run's action and exit")
     parser.add_argument("--report-only", action="store_true",
                         help="train and evaluate nothing: write the report of the runs that are finished here or "
@@ -983,6 +1037,7 @@ def main() -> None:
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}  # reused runs keep their times
     if args.report_only:
         write_report(runs, regime, out, timings, args.iterations, archive, labels)
+        write_report(runs, regime, out, timings, args.iterations, archive, labels, postprocessed=True)
         return
     env = prepare(work, regime=regime)
     cases = sorted(labels.glob("*.nii.gz"))[: args.eval_cases]
@@ -1008,9 +1063,13 @@ def main() -> None:
         timings_file.write_text(json.dumps(timings, indent=2))
         evaluate_run(run, cases, case_names, args, timings)
         timings_file.write_text(json.dumps(timings, indent=2))
+        if args.postprocessing:
+            postprocess_run(run, cases, case_names, args, timings)
+            timings_file.write_text(json.dumps(timings, indent=2))
         if archive is not None:
             write_archive(run, archive / run.name, identity, timings)
     write_report(runs, regime, out, timings, args.iterations, archive, labels)
+    write_report(runs, regime, out, timings, args.iterations, archive, labels, postprocessed=True)
 
 
 def archived_speeds(archive: Path) -> dict[str, float]:
@@ -1181,12 +1240,17 @@ def _add_sitting(entry: dict, seconds_key: str, epochs_key: str, result: dict, c
         entry.pop(epochs_key, None)
 
 
+def _run_combinations(run: Run) -> tuple[list[tuple[int, ...]] | None, list[str] | None]:
+    """The combinations a run is scored on (None: all 15; a dedicated model: its own), as indices and names."""
+    combinations = None if run.combination is None else [run.combination]
+    return combinations, None if combinations is None else [mods.combination_name(c) for c in combinations]
+
+
 def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argparse.Namespace, timings: dict) -> None:
     """Score a run with evaluate-missing (its own combination only for a dedicated model), unless current."""
     from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
 
-    combinations = None if run.combination is None else [run.combination]
-    names = None if combinations is None else [mods.combination_name(c) for c in combinations]
+    combinations, names = _run_combinations(run)
     if evaluation_is_current(run.evaluation, run.fold / "checkpoint_final.pth", len(cases), names):
         print(f"=== reusing the evaluation of {run.name} ({run.evaluation / 'summary.json'})", flush=True)
         return
@@ -1198,16 +1262,99 @@ def evaluate_run(run: Run, cases: list[Path], case_names: set[str], args: argpar
     timings.setdefault(run.name, {})["evaluate_s"] = time.perf_counter() - start
 
 
+def _choice_is_current(run: Run) -> bool:
+    """Whether the run's ``postprocessing.pkl`` was chosen on its current validation evaluation."""
+    pickle_file, summary_file = run.validation / "postprocessing.pkl", run.validation / "summary.json"
+    return pickle_file.is_file() and summary_file.is_file() and \
+        pickle_file.stat().st_mtime > summary_file.stat().st_mtime
+
+
+def postprocessing_is_current(run: Run) -> bool:
+    """Whether the run's post-processed evaluation comes from its current model, each step made after the one
+    before (see :func:`postprocess_run`)."""
+    return evaluation_is_current(run.validation, run.fold / "checkpoint_final.pth", None) and \
+        _choice_is_current(run) and \
+        evaluation_is_current(run.postprocessed, run.validation / "postprocessing.pkl", None)
+
+
+def postprocess_run(run: Run, cases: list[Path], case_names: set[str], args: argparse.Namespace,
+                    timings: dict) -> None:
+    """``--postprocessing``: nnU-Net's BraTS post-processing chosen for this run on fold 0's validation cases, then
+    the held-out cases scored with it, each step unless current (made after what it is made from):
+
+    1. evaluate-missing on the validation split with saved predictions (:attr:`Run.validation`; all of fold 0's
+       validation cases, the run's own combinations);
+    2. determine-postprocessing there (``postprocessing.pkl``, ``.json``, ``.png``);
+    3. evaluate-missing on the held-out cases with that ``postprocessing.pkl`` (:attr:`Run.postprocessed`).
+
+    ``postprocess_s``: the seconds of the steps that ran (none ran: unchanged).
+    """
+    from nnunet_missingmod.evaluation.missing_combinations import evaluate_missing
+    from nnunet_missingmod.evaluation.postprocessing import determine_postprocessing, prediction_files
+
+    combinations, names = _run_combinations(run)
+    settings = {"combinations": combinations, "tile_step_size": args.step_size, "use_mirroring": False,
+                "device": args.device}
+    start, ran = time.perf_counter(), False
+    if not evaluation_is_current(run.validation, run.fold / "checkpoint_final.pth", None, names) or \
+            not prediction_files(run.validation):
+        print(f"=== {run.name}: evaluating fold 0's validation cases for the post-processing", flush=True)
+        evaluate_missing(run.model, 0, split="val", output=run.validation, save_predictions=True, **settings)
+        ran = True
+    pickle_file = run.validation / "postprocessing.pkl"
+    if not _choice_is_current(run):
+        chosen, ran = determine_postprocessing(run.validation), True
+        print(f"=== {run.name}: post-processing chosen on {chosen['chosen_on']['predictions']} validation "
+              f"predictions: label {chosen['label']} below {chosen['min_voxels']} voxels removed (Dice "
+              f"{chosen['dice_before']:.3f} -> {chosen['dice_after']:.3f}; {run.validation / 'postprocessing.png'})",
+              flush=True)
+    if not evaluation_is_current(run.postprocessed, pickle_file, len(cases), names):
+        print(f"=== {run.name}: evaluating the held-out cases post-processed", flush=True)
+        evaluate_missing(run.model, 0, split="test", output=run.postprocessed, case_filter=case_names,
+                         postprocessing=pickle_file, **settings)
+        ran = True
+    else:
+        print(f"=== reusing the post-processed evaluation of {run.name} ({run.postprocessed / 'summary.json'})",
+              flush=True)
+    if ran:
+        timings.setdefault(run.name, {})["postprocess_s"] = time.perf_counter() - start
+
+
+def evaluation_folders(run: Run, archive: Path | None, postprocessed: bool = False) -> list[Path]:
+    """Where a run's evaluation may be, in order: this machine's, then the archive's. ``postprocessed``: the
+    post-processed one (this machine's only when current, :func:`postprocessing_is_current`)."""
+    archived = [] if archive is None else [archive / run.name / (POSTPROCESSED if postprocessed else "")]
+    if not postprocessed:
+        return [run.evaluation, *archived]
+    return [*([run.postprocessed] if postprocessing_is_current(run) else []), *archived]
+
+
+def postprocessing_choice(evaluation: Path, run: Run) -> dict | None:
+    """The ``postprocessing.json`` behind a post-processed evaluation folder: this machine's (chosen in
+    :attr:`Run.validation`) or the archive's (beside the evaluation)."""
+    file = (run.validation if evaluation == run.postprocessed else evaluation) / "postprocessing.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, iterations: int,
-                 archive: Path | None = None, labels: Path | None = None) -> None:
+                 archive: Path | None = None, labels: Path | None = None, postprocessed: bool = False) -> None:
     """comparison.md/.png, report.md/.json and learning_curves.png of the finished runs.
 
     A run whose model or evaluation is not on this machine is taken from ``archive`` when it is there. With the
     held-out reference ``labels`` (a folder of ``<case>.nii.gz``), the report also splits each region that some
     case lacks by whether the reference has it (:func:`aggregate_presence`).
+
+    ``postprocessed``: the same report of the runs' post-processed evaluations (``--postprocessing``) in
+    ``out/postprocessed``, with each run's choice; nothing when no run has one.
     """
     from nnunet_missingmod.evaluation.missing_combinations import compare
 
+    if postprocessed:
+        if not any((folder / "summary.json").is_file() for run in runs
+                   for folder in evaluation_folders(run, archive, postprocessed=True)):
+            return
+        out = out / POSTPROCESSED
+        out.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict[int, list[dict]]] = {}
     rows, curves, evaluations, configs = [], {}, {}, {}
     for run in runs:
@@ -1220,9 +1367,11 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
                      "iterations": record["iterations"] if record and not run.fold.is_dir() else iterations,
                      "curve": curve, "plateau": plateau_check(curve), "epochs_s": sum(log["epoch_s"]) if log else None,
                      **(timings.get(run.name) or (record or {}).get("timings", {}))})
-        for folder in (run.evaluation, *([archive / run.name] if record else [])):
+        for folder in evaluation_folders(run, archive if record else None, postprocessed):
             if (folder / "summary.json").is_file():
                 evaluations[run.name] = folder
+                if postprocessed:
+                    rows[-1]["postprocessing"] = postprocessing_choice(folder, run)
                 summaries.setdefault(run.group, {}).setdefault(run.seed, []).append(
                     json.loads((folder / "summary.json").read_text()))
                 break
@@ -1244,17 +1393,23 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
                             if r.group == label and r.name in evaluations] for label in groups}
         cases = sorted({row["case"] for rows in per_case.values() for run_rows in rows for row in run_rows})
         aggregate["presence"] = aggregate_presence(per_case, region_presence(labels, cases))
-    (out / "report.md").write_text(report_markdown(aggregate, rows, regime))
+    (out / "report.md").write_text(report_markdown(aggregate, rows, regime, postprocessed))
     (out / "report.json").write_text(json.dumps({"regime": regime.name, "runs": rows, **aggregate}, indent=2))
-    plot_learning_curves(curves, out / "learning_curves.png")
+    if not postprocessed:  # the same curves as the report without post-processing
+        plot_learning_curves(curves, out / "learning_curves.png")
     trainer_groups = {label: [evaluations[r.name] for r in runs if r.group == label and r.name in evaluations]
                       for label in groups}
     if trainer_groups:
         markdown, _ = compare(list(trainer_groups.values()), out, labels=list(trainer_groups))
         print(markdown.read_text())
     print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'} (+ .json), curves: {out / 'learning_curves.png'}, "
-          f"tables per run: <evaluation folder>/table.md, e.g. {runs[0].evaluation / 'table.md'}")
+    if postprocessed:
+        example = next(run for run in runs if run.name in evaluations)
+        print(f"post-processed: {out / 'report.md'} (+ .json); each run's choice: <evaluation folder>_val/"
+              f"postprocessing.png (on the machine that chose it), e.g. {example.validation / 'postprocessing.png'}")
+    else:
+        print(f"report: {out / 'report.md'} (+ .json), curves: {out / 'learning_curves.png'}, "
+              f"tables per run: <evaluation folder>/table.md, e.g. {runs[0].evaluation / 'table.md'}")
 
 
 if __name__ == "__main__":

@@ -1053,3 +1053,135 @@ def test_epochs_for_a_group_a_model_or_one_run_and_retrain_by_run_name(tmp_path)
     robustness.check_run_names("--retrain", ["dedicated_t1ce", "nnUNetTrainer__seed1", "dedicated"], runs)
     with pytest.raises(SystemExit, match="--retrain: dedicated_t1c is not a group, run"):
         robustness.check_run_names("--retrain", ["dedicated_t1c"], runs)  # a typo deletes nothing, silently: refused
+
+
+# ---------------------------------------------------------------- --postprocessing
+
+
+def _fake_postprocessing_steps(monkeypatch, calls: list, threshold: int = 100) -> None:
+    """evaluate-missing and determine-postprocessing replaced by stand-ins that write what the real ones do
+    (a summary, saved predictions when asked, the choice) and record their calls."""
+    from nnunet_missingmod.evaluation import missing_combinations, postprocessing
+
+    def evaluate(model, fold, *, split, output, combinations=None, save_predictions=False, postprocessing=None,
+                 **kwargs):
+        calls.append(("evaluate", split, Path(output).name, combinations, save_predictions, postprocessing))
+        Path(output).mkdir(parents=True, exist_ok=True)
+        et = 0.6 if postprocessing else 0.4  # the post-processed evaluation scores higher ET
+        names = [mods.combination_name(c) for c in combinations] if combinations else NAMES
+        (Path(output) / "summary.json").write_text(json.dumps({**summary(dict.fromkeys(names, 0.5), et=et),
+                                                                "num_cases": 2, "split": split}))
+        (Path(output) / "per_case.csv").write_text("case,combination,WT_Dice\n")
+        if save_predictions:
+            (Path(output) / "predictions" / FULL).mkdir(parents=True, exist_ok=True)
+            (Path(output) / "predictions" / FULL / "a.nii.gz").write_bytes(b"x")
+        return Path(output)
+
+    def determine(folder):
+        calls.append(("determine", Path(folder).name))
+        choice = {"label": 3, "min_voxels": threshold, "dice_before": 0.40, "dice_after": 0.55,
+                  "relabelled": {"without_label_in_reference": 3, "with_label_in_reference": 1},
+                  "chosen_on": {"predictions": 30}}
+        (Path(folder) / "postprocessing.pkl").write_bytes(b"pickle")
+        (Path(folder) / "postprocessing.json").write_text(json.dumps(choice))
+        return choice
+
+    monkeypatch.setattr(missing_combinations, "evaluate_missing", evaluate)
+    monkeypatch.setattr(postprocessing, "determine_postprocessing", determine)
+
+
+def _age(*files: Path) -> None:
+    """Give ``files`` increasing modification times in the past, in that order (made one after another)."""
+    for offset, file in enumerate(files):
+        os.utime(file, (1000 + offset, 1000 + offset))
+
+
+def test_postprocessing_is_chosen_on_the_validation_cases_and_redone_only_when_stale(tmp_path, monkeypatch):
+    regime = REGIMES["converged"]
+    run = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer"], seeds=1, dedicated_seeds=1)[-1]  # all four
+    assert run.combination == (0, 1, 2, 3)
+    _finished_run(run, 4, uniform(0.5))
+    calls = []
+    _fake_postprocessing_steps(monkeypatch, calls)
+    args = type("Args", (), {"step_size": 1.0, "device": "cpu"})()
+    timings = {}
+    robustness.postprocess_run(run, [Path("a"), Path("b")], {"a", "b"}, args, timings)
+    pickle_file = run.validation / "postprocessing.pkl"
+    # a dedicated model: its own combination; the threshold on the validation split, then the test split with it
+    assert calls == [("evaluate", "val", run.evaluation.name + "_val", [(0, 1, 2, 3)], True, None),
+                     ("determine", run.evaluation.name + "_val"),
+                     ("evaluate", "test", run.evaluation.name + "_postprocessed", [(0, 1, 2, 3)], False, pickle_file)]
+    assert "postprocess_s" in timings[run.name]
+    checkpoint = run.fold / "checkpoint_final.pth"
+    _age(checkpoint, run.validation / "summary.json", pickle_file, run.postprocessed / "summary.json")
+    assert robustness.postprocessing_is_current(run)
+    calls.clear()
+    robustness.postprocess_run(run, [Path("a"), Path("b")], {"a", "b"}, args, {})
+    assert calls == []  # everything current: reused
+    robustness.postprocess_run(run, [Path("a"), Path("b"), Path("c")], {"a", "b", "c"}, args, {})
+    assert [c[:2] for c in calls] == [("evaluate", "test")]  # other held-out cases: only the last step again
+    calls.clear()
+    _age(checkpoint, run.validation / "summary.json", run.postprocessed / "summary.json", pickle_file)
+    assert not robustness.postprocessing_is_current(run)  # chosen again after the held-out evaluation
+    robustness.postprocess_run(run, [Path("a"), Path("b")], {"a", "b"}, args, {})
+    assert [c[:2] for c in calls] == [("evaluate", "test")]
+    calls.clear()
+    _age(run.validation / "summary.json", pickle_file, run.postprocessed / "summary.json", checkpoint)  # retrained
+    assert not robustness.postprocessing_is_current(run)
+    robustness.postprocess_run(run, [Path("a"), Path("b")], {"a", "b"}, args, {})
+    assert [c[:2] for c in calls] == [("evaluate", "val"), ("determine", run.validation.name), ("evaluate", "test")]
+
+
+def test_postprocessed_evaluations_are_archived_and_reported_apart(tmp_path, monkeypatch):
+    regime = REGIMES["converged"]
+    archive = tmp_path / "repository" / "runs"
+    first = robustness.plan_runs(tmp_path / "machine1", regime, ["nnUNetTrainer", "ModalityDropoutTrainer"], seeds=1)
+    plain, dropout = first
+    calls = []
+    _fake_postprocessing_steps(monkeypatch, calls, threshold=50)
+    args = type("Args", (), {"step_size": 1.0, "device": "cpu"})()
+    for run in first:
+        _finished_run(run, 4, uniform(0.5))
+    steps = [dropout.fold / "checkpoint_final.pth", dropout.validation / "summary.json",
+             dropout.validation / "postprocessing.pkl", dropout.postprocessed / "summary.json"]
+    robustness.postprocess_run(dropout, [Path("a"), Path("b")], {"a", "b"}, args, {})  # only dropout post-processed
+    _age(*steps)  # one after another (a file system's clock may give them one time)
+    for run in first:
+        identity = robustness.archive_identity(run, regime, 4, 40, None, ["a", "b"], 1.0)
+        robustness.write_archive(run, archive / run.name, identity, {})
+    kept = sorted(p.relative_to(archive / dropout.name).as_posix() for p in (archive / dropout.name).rglob("*")
+                  if p.is_file())
+    assert kept == ["per_case.csv", "postprocessed/per_case.csv", "postprocessed/postprocessing.json",
+                    "postprocessed/summary.json", "run.json", "summary.json"]
+    assert not (archive / plain.name / "postprocessed").exists()
+    record = (archive / dropout.name / "run.json").read_text()
+    robustness.write_archive(dropout, archive / dropout.name, robustness.archive_identity(
+        dropout, regime, 4, 40, None, ["a", "b"], 1.0), {})
+    assert (archive / dropout.name / "run.json").read_text() == record  # unchanged: left as it was
+    _age(*steps[1:], steps[0])  # retrained since: its post-processed evaluation is stale
+    robustness.write_archive(dropout, archive / dropout.name, robustness.archive_identity(
+        dropout, regime, 4, 40, None, ["a", "b"], 1.0), {})
+    assert not (archive / dropout.name / "postprocessed").exists()  # not archived as the new model's
+    robustness.postprocess_run(dropout, [Path("a"), Path("b")], {"a", "b"}, args, {})
+    _age(*steps)
+    robustness.write_archive(dropout, archive / dropout.name, robustness.archive_identity(
+        dropout, regime, 4, 40, None, ["a", "b"], 1.0), {})
+
+    second = robustness.plan_runs(tmp_path / "machine2", regime, ["nnUNetTrainer", "ModalityDropoutTrainer"], seeds=1)
+    out = tmp_path / "machine2" / "report"
+    out.mkdir(parents=True)
+    robustness.write_report(second, regime, out, {}, 40, archive)
+    robustness.write_report(second, regime, out, {}, 40, archive, postprocessed=True)
+    raw = json.loads((out / "report.json").read_text())
+    assert raw["groups"]["ModalityDropoutTrainer"]["average"]["ET_Dice"]["mean"] == pytest.approx(0.4)
+    post = json.loads((out / "postprocessed" / "report.json").read_text())
+    assert set(post["groups"]) == {"ModalityDropoutTrainer"}  # plain nnU-Net was not post-processed
+    assert post["groups"]["ModalityDropoutTrainer"]["average"]["ET_Dice"]["mean"] == pytest.approx(0.6)
+    markdown = (out / "postprocessed" / "report.md").read_text()
+    assert markdown.startswith("# Robustness benchmark, regime `converged`, post-processed")
+    assert "| ModalityDropoutTrainer__seed0 | 50 | 40.0 → 55.0 | 3 / 1 |" in markdown
+    assert not (out / "postprocessed" / "learning_curves.png").exists()
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    robustness.write_report(first[:1], regime, empty, {}, 40, postprocessed=True)  # no run post-processed
+    assert not (empty / "postprocessed").exists()
