@@ -1304,10 +1304,11 @@ def postprocess_run(run: Run, cases: list[Path], case_names: set[str], args: arg
     pickle_file = run.validation / "postprocessing.pkl"
     if not _choice_is_current(run):
         chosen, ran = determine_postprocessing(run.validation), True
+        what = (f"label {chosen['label']} below {chosen['min_voxels']} voxels removed" if chosen["applied"] else
+                "none (no threshold raises the Dice)")
         print(f"=== {run.name}: post-processing chosen on {chosen['chosen_on']['predictions']} validation "
-              f"predictions: label {chosen['label']} below {chosen['min_voxels']} voxels removed (Dice "
-              f"{chosen['dice_before']:.3f} -> {chosen['dice_after']:.3f}; {run.validation / 'postprocessing.png'})",
-              flush=True)
+              f"predictions: {what} (Dice {chosen['dice_before']:.3f} -> {chosen['dice_after']:.3f}; "
+              f"{run.validation / 'postprocessing.png'})", flush=True)
     if not evaluation_is_current(run.postprocessed, pickle_file, len(cases), names):
         print(f"=== {run.name}: evaluating the held-out cases post-processed", flush=True)
         evaluate_missing(run.model, 0, split="test", output=run.postprocessed, case_filter=case_names,

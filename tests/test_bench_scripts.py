@@ -1079,8 +1079,8 @@ def _fake_postprocessing_steps(monkeypatch, calls: list, threshold: int = 100) -
 
     def determine(folder):
         calls.append(("determine", Path(folder).name))
-        choice = {"label": 3, "min_voxels": threshold, "dice_before": 0.40, "dice_after": 0.55,
-                  "relabelled": {"without_label_in_reference": 3, "with_label_in_reference": 1},
+        choice = {"label": 3, "min_voxels": threshold, "applied": threshold > 0, "dice_before": 0.40,
+                  "dice_after": 0.55, "relabelled": {"without_label_in_reference": 3, "with_label_in_reference": 1},
                   "chosen_on": {"predictions": 30}}
         (Path(folder) / "postprocessing.pkl").write_bytes(b"pickle")
         (Path(folder) / "postprocessing.json").write_text(json.dumps(choice))
