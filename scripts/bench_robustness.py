@@ -1293,13 +1293,13 @@ def postprocess_run(run: Run, cases: list[Path], case_names: set[str], args: arg
     from nnunet_missingmod.evaluation.postprocessing import determine_postprocessing, prediction_files
 
     combinations, names = _run_combinations(run)
-    settings = {"combinations": combinations, "tile_step_size": args.step_size, "use_mirroring": False,
+    options = {"combinations": combinations, "tile_step_size": args.step_size, "use_mirroring": False,
                 "device": args.device}
     start, ran = time.perf_counter(), False
     if not evaluation_is_current(run.validation, run.fold / "checkpoint_final.pth", None, names) or \
             not prediction_files(run.validation):
         print(f"=== {run.name}: evaluating fold 0's validation cases for the post-processing", flush=True)
-        evaluate_missing(run.model, 0, split="val", output=run.validation, save_predictions=True, **settings)
+        evaluate_missing(run.model, 0, split="val", output=run.validation, save_predictions=True, **options)
         ran = True
     pickle_file = run.validation / "postprocessing.pkl"
     if not _choice_is_current(run):
@@ -1312,7 +1312,7 @@ def postprocess_run(run: Run, cases: list[Path], case_names: set[str], args: arg
     if not evaluation_is_current(run.postprocessed, pickle_file, len(cases), names):
         print(f"=== {run.name}: evaluating the held-out cases post-processed", flush=True)
         evaluate_missing(run.model, 0, split="test", output=run.postprocessed, case_filter=case_names,
-                         postprocessing=pickle_file, **settings)
+                         postprocessing=pickle_file, **options)
         ran = True
     else:
         print(f"=== reusing the post-processed evaluation of {run.name} ({run.postprocessed / 'summary.json'})",
