@@ -75,12 +75,14 @@ TTA. Outputs in the regime's folder:
 * ``timings.json``: training (summed over sittings) and evaluation seconds per run.
 
 ``--postprocessing`` adds nnU-Net's BraTS post-processing, chosen for each run on its own validation cases:
-evaluate-missing on fold 0's validation cases with saved predictions (``eval/<run>_val``), ``determine-postprocessing``
-there, and the held-out evaluation again with the chosen ``postprocessing.pkl`` (``eval/<run>_postprocessed``), each
-step reused while newer than what it is made from. The same report of the post-processed evaluations, with each
-run's threshold, goes to ``postprocessed/report.md`` / ``.json`` (and ``comparison.md``); the archive keeps them in
-``<run>/postprocessed/`` with the choice (``postprocessing.json``). The tables above stay as predicted, so that every
-trainer is compared on its raw output.
+evaluate-missing on fold 0's validation cases with saved predictions (``eval/<run>_val``),
+``determine-postprocessing`` there, and the held-out evaluation again with the chosen ``postprocessing.pkl``
+(``eval/<run>_postprocessed``), each step reused while newer than what it is made from (``--dry-run`` says for each
+run whether it is current, archived or to do; a run taken from the archive cannot get one, its model being
+elsewhere). The same report of the post-processed evaluations, with each run's threshold, goes to
+``postprocessed/report.md`` / ``.json`` (and ``comparison.md``); the archive keeps them in ``<run>/postprocessed/``
+with the choice (``postprocessing.json``). The tables above stay as predicted, so that every trainer is compared on
+its raw output.
 """
 
 from __future__ import annotations
@@ -1022,6 +1024,12 @@ def main() -> None:
                     estimate = (f" [~{seconds / 60:.0f} min"
                                 + (f" for the {max(epochs - done, 0)} epochs left" if done else "")
                                 + (f", {speed}" if speed else "") + "]")
+            if args.postprocessing:
+                estimate += " [post-processing: " + (
+                    "current" if postprocessing_is_current(run) else
+                    "archived" if archive is not None and action == "archived" and
+                    (archive / run.name / POSTPROCESSED / "summary.json").is_file() else
+                    "not archived (the model is not here)" if action == "archived" else "to do") + "]"
             print(f"{run.name:<48} {action:<9} {run.model}{first}{estimate}")
         if archive is not None:
             source = "the archived runs' speed"

@@ -1185,3 +1185,22 @@ def test_postprocessed_evaluations_are_archived_and_reported_apart(tmp_path, mon
     empty.mkdir()
     robustness.write_report(first[:1], regime, empty, {}, 40, postprocessed=True)  # no run post-processed
     assert not (empty / "postprocessed").exists()
+
+
+def test_dry_run_says_where_each_runs_postprocessing_stands(tmp_path, monkeypatch, capsys):
+    archive = tmp_path / "runs"
+    for seed in (0, 1):
+        (archive / f"nnUNetTrainer__seed{seed}").mkdir(parents=True)
+        (archive / f"nnUNetTrainer__seed{seed}" / "run.json").write_text(json.dumps(
+            {"trainer": "nnUNetTrainer", "epochs": 4, "iterations": 10, "timings": {"train_s": 40.0}}))
+    (archive / "nnUNetTrainer__seed0" / "postprocessed").mkdir()
+    (archive / "nnUNetTrainer__seed0" / "postprocessed" / "summary.json").write_text("{}")
+    monkeypatch.setattr(robustness, "prepare", lambda *a, **k: pytest.fail("--dry-run prepared data"))
+    monkeypatch.setattr(sys, "argv", ["bench_robustness.py", "--work-dir", str(tmp_path / "work"), "--regime",
+                                      "converged", "--trainers", "nnUNetTrainer", "--seeds", "3", "--iterations",
+                                      "10", "--archive", str(archive), "--postprocessing", "--dry-run"])
+    robustness.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("[post-processing: archived]")
+    assert lines[1].endswith("[post-processing: not archived (the model is not here)]")
+    assert lines[2].startswith("nnUNetTrainer__seed2 ") and lines[2].endswith("[post-processing: to do]")
