@@ -66,7 +66,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_missingmod.config import load_trainer_config
 from nnunet_missingmod.transforms.missing_modalities import RecordAvailabilityTransform, ZeroMissingModalitiesTransform
-from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch
+from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch, settings_at
 
 CONFIG_FILE_NAME = "trainer_config.json"
 #: Below this, SGD with nnU-Net's momentum 0.99 and poly schedule barely trains: a warning names the setting.
@@ -250,6 +250,11 @@ class MissingModTrainerBase(nnUNetTrainer):
         super().on_train_epoch_start()
         self.iteration_in_epoch = 0
 
+    def dropout_settings_now(self) -> dict:
+        """The ``modality_dropout`` section as it applies in the current epoch (``p_keep_all`` follows the
+        section's ``curriculum``, if any; :func:`~nnunet_missingmod.transforms.modality_dropout.settings_at`)."""
+        return settings_at(self.trainer_config["modality_dropout"], self.current_epoch / self.num_epochs)
+
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step, stopped with :class:`NonFiniteLossError` when its loss is NaN or Inf."""
         return self.check_finite_losses(super().train_step(batch))
@@ -418,8 +423,9 @@ class MultiTermLossTrainer(MissingModTrainerBase):
         does not have; the training transforms re-zero those after augmentation) is never available, so it
         is never an anchor, a target or a fused modality. Every sample keeps at least one acquired modality.
         ``acquired`` (B, M) may be passed by a caller that already has it (default: read from the batch).
+        The draw follows the section's ``curriculum``, if any (:meth:`dropout_settings_now`).
         """
-        return drop_modalities_in_batch(data, self.trainer_config["modality_dropout"], acquired=acquired)
+        return drop_modalities_in_batch(data, self.dropout_settings_now(), acquired=acquired)
 
     def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
                        ) -> dict[str, torch.Tensor]:

@@ -11,16 +11,27 @@ and after the base class has zeroed the sequences a case lacks (so no noise or b
 a dropped or missing channel); it keeps at least one modality that the sample really has. Validation
 during training and inference see the complete input; evaluate missing modalities with
 ``nnunet_missingmod evaluate-missing``.
+
+With a ``curriculum`` in the section (``p_keep_all`` falling from ``p_keep_all_start`` over the first
+``ramp_fraction`` of the epochs), the dropout is drawn in the training step instead, on the augmented batch
+(the same point of the pipeline: after every augmentation and the re-zeroing), because the augmentation
+workers do not know the epoch.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
 from nnunet_missingmod.trainers.base import MissingModTrainerBase
-from nnunet_missingmod.transforms.modality_dropout import ModalityDropoutTransform, transform_from_settings
+from nnunet_missingmod.transforms.modality_dropout import (
+    ModalityDropoutTransform,
+    check_curriculum,
+    drop_modalities_in_batch,
+    transform_from_settings,
+)
 
 
 class ModalityDropoutTrainer(MissingModTrainerBase):
@@ -29,15 +40,30 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
     def modality_dropout_transform(self) -> ModalityDropoutTransform:
         return transform_from_settings(self.trainer_config["modality_dropout"], self.num_modalities)
 
+    @property
+    def dropout_in_step(self) -> bool:
+        """Whether the dropout is drawn in :meth:`train_step` (a ``curriculum`` is set) rather than by a transform."""
+        return check_curriculum(self.trainer_config["modality_dropout"]) is not None
+
     def get_training_transforms(self, patch_size: np.ndarray | tuple[int, ...], rotation_for_DA: RandomScalar,
                                 deep_supervision_scales: list | tuple | None, mirror_axes: tuple[int, ...],
                                 do_dummy_2d_data_aug: bool, use_mask_for_norm: list[bool] | None = None,
                                 is_cascaded: bool = False, foreground_labels: list[int] | tuple[int, ...] | None = None,
                                 regions: list | None = None, ignore_label: int | None = None) -> BasicTransform:
-        """The base pipeline (availability recorded, missing channels re-zeroed) followed by modality dropout."""
+        """The base pipeline (availability recorded, missing channels re-zeroed) followed by modality dropout (left
+        to :meth:`train_step` with a curriculum)."""
         transforms = super().get_training_transforms(
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
             regions=regions, ignore_label=ignore_label)
-        transforms.transforms.append(self.modality_dropout_transform())
+        if not self.dropout_in_step:
+            transforms.transforms.append(self.modality_dropout_transform())
         return transforms
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's training step; with a curriculum, on the batch with this epoch's dropout drawn first."""
+        if self.dropout_in_step:
+            data, m = batch["data"], self.num_modalities  # channels after the modalities (a cascade's) are kept
+            dropped = drop_modalities_in_batch(data[:, :m], self.dropout_settings_now())[0]
+            batch = {**batch, "data": torch.cat([dropped, data[:, m:]], 1) if data.shape[1] > m else dropped}
+        return super().train_step(batch)

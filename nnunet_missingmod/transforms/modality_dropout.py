@@ -17,6 +17,13 @@ Schemes:
 
 With probability ``p_keep_all`` a sample keeps every modality before the scheme is consulted.
 
+Curriculum (``curriculum``: ``{"p_keep_all_start": s, "ramp_fraction": f}``, default ``null``): ``p_keep_all``
+starts at ``s`` (e.g. 1: complete samples only) and falls linearly to ``p_keep_all`` over the first fraction
+``f`` of the epochs, then stays there (:func:`p_keep_all_at`); easy complete samples first, then ever more
+missing sequences. The share changes with the epoch, which nnU-Net's augmentation workers do not know, so
+trainers draw the dropout in the training step when a curriculum is set (:func:`drop_modalities_in_batch`,
+the settings of the epoch from :func:`settings_at`).
+
 A modality that the sample does not have at all (an all-zero channel: a sequence missing from the
 dataset) is never counted as kept: the kept set is the drawn subset AND the acquired modalities, and a
 sample whose draw keeps none of its acquired modalities keeps all of them (the transform reads the mask
@@ -92,6 +99,58 @@ def _check_fixed_settings(p_keep_all: float) -> None:
         raise ValueError(f"modality_dropout.p_keep_all must be 0 with scheme 'fixed' (every sample keeps exactly "
                          f"{KEEP_KEY}), got {p_keep_all}: set \"p_keep_all\": 0 beside \"scheme\": \"fixed\" "
                          f"(ModalityDropoutTrainer's default is 0.25)")
+
+
+#: Config key of the curriculum (named in error messages).
+CURRICULUM_KEY = "modality_dropout.curriculum"
+
+
+def check_curriculum(settings: dict) -> dict | None:
+    """The ``curriculum`` of a ``modality_dropout`` section, checked (None: no curriculum).
+
+    Raises:
+        ValueError: not an object with exactly ``p_keep_all_start`` in [0, 1] and ``ramp_fraction`` in (0, 1],
+            or set with the ``fixed`` scheme (the message names the key).
+    """
+    curriculum = settings.get("curriculum")
+    if curriculum is None:
+        return None
+    expected = {"p_keep_all_start", "ramp_fraction"}
+    if not isinstance(curriculum, dict) or set(curriculum) != expected:
+        raise ValueError(f"{CURRICULUM_KEY} must be null or {{\"p_keep_all_start\": S, \"ramp_fraction\": F}}, "
+                         f"got {curriculum!r}")
+    start, fraction = curriculum["p_keep_all_start"], curriculum["ramp_fraction"]
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start <= 1.0:
+        raise ValueError(f"{CURRICULUM_KEY}.p_keep_all_start must be in [0, 1], got {start!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{CURRICULUM_KEY}.ramp_fraction must be in (0, 1] (a fraction of the epochs), got "
+                         f"{fraction!r}")
+    if settings.get("scheme") == "fixed":
+        raise ValueError(f"{CURRICULUM_KEY} must be null with scheme 'fixed' (every sample keeps exactly "
+                         f"{KEEP_KEY}), got {curriculum!r}")
+    return curriculum
+
+
+def p_keep_all_at(settings: dict, progress: float) -> float:
+    """``p_keep_all`` at ``progress`` (the epoch ÷ the number of epochs) of training: linear from the curriculum's
+    ``p_keep_all_start`` at 0 to ``p_keep_all`` at ``ramp_fraction``, then ``p_keep_all``; without a curriculum
+    always ``p_keep_all``.
+
+    Raises:
+        ValueError: an invalid curriculum (:func:`check_curriculum`).
+    """
+    end = settings.get("p_keep_all", 0.0)
+    curriculum = check_curriculum(settings)
+    if curriculum is None:
+        return end
+    ramp = min(max(progress, 0.0) / curriculum["ramp_fraction"], 1.0)
+    return float(curriculum["p_keep_all_start"] + (end - curriculum["p_keep_all_start"]) * ramp)
+
+
+def settings_at(settings: dict, progress: float) -> dict:
+    """A ``modality_dropout`` section as it applies at ``progress`` of training: ``p_keep_all`` of the curriculum
+    (:func:`p_keep_all_at`), the rest unchanged."""
+    return {**settings, "p_keep_all": p_keep_all_at(settings, progress)}
 
 
 def sample_kept_modalities(num_modalities: int, *, scheme: str = "uniform_subset",
@@ -216,9 +275,14 @@ def transform_from_settings(settings: dict, num_modalities: int) -> ModalityDrop
     ``p_keep_all``, ``keep``) for ``num_modalities`` channels.
 
     Raises:
-        ValueError: ``independent`` without one drop probability per channel, or invalid ``fixed`` settings
-            (the messages name the config key).
+        ValueError: ``independent`` without one drop probability per channel, invalid ``fixed`` settings, or a
+            ``curriculum`` (a transform does not know the epoch; see the module docstring) (the messages name the
+            config key).
     """
+    if check_curriculum(settings) is not None:
+        raise ValueError(f"{CURRICULUM_KEY} is set: the dropout changes with the epoch, which an augmentation "
+                         f"transform does not know; draw it in the training step (drop_modalities_in_batch with "
+                         f"settings_at)")
     scheme = settings["scheme"]
     probabilities = settings.get("drop_probabilities")
     if scheme == "independent" and (probabilities is None or len(probabilities) != num_modalities):
