@@ -21,7 +21,6 @@ workers do not know the epoch.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
@@ -62,8 +61,7 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step; with a curriculum, on the batch with this epoch's dropout drawn first."""
-        if self.dropout_in_step:
-            data, m = batch["data"], self.num_modalities  # channels after the modalities (a cascade's) are kept
-            dropped = drop_modalities_in_batch(data[:, :m], self.dropout_settings_now())[0]
-            batch = {**batch, "data": torch.cat([dropped, data[:, m:]], 1) if data.shape[1] > m else dropped}
+        if self.dropout_in_step:  # channels after the modalities (a cascade's) are kept
+            batch = {**batch, "data": drop_modalities_in_batch(batch["data"], self.dropout_settings_now(),
+                                                               num_modalities=self.num_modalities)[0]}
         return super().train_step(batch)

@@ -293,8 +293,8 @@ def transform_from_settings(settings: dict, num_modalities: int) -> ModalityDrop
                                     p_keep_all=settings.get("p_keep_all", 0.0), keep=settings.get("keep"))
 
 
-def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch.Tensor | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch.Tensor | None = None,
+                             num_modalities: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero a random subset of modalities per sample of a batch (for trainers that drop in ``train_step``).
 
     ``available = kept AND acquired``: a modality the sample does not have never counts as available, and
@@ -306,6 +306,8 @@ def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch
             ``keep`` for ``fixed``).
         acquired: (B, M) boolean mask of the modalities each sample has; default: the channels that are not
             exactly zero (what the training transforms guarantee, see :mod:`.missing_modalities`).
+        num_modalities: the first M channels are the modalities; the channels after them (e.g. a cascade's
+            segmentation) are never dropped. Default: every channel is a modality.
 
     Returns:
         The dropped batch (a new tensor) and the (B, M) boolean mask of available modalities.
@@ -313,7 +315,7 @@ def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch
     Raises:
         ValueError: invalid ``fixed`` settings (the message names the config key).
     """
-    num_modalities = data.shape[1]
+    num_modalities = data.shape[1] if num_modalities is None else num_modalities
     scheme = settings["scheme"]
     if scheme == "fixed":
         _check_fixed_settings(settings.get("p_keep_all", 0.0))
@@ -326,9 +328,10 @@ def drop_modalities_in_batch(data: torch.Tensor, settings: dict, acquired: torch
                          for _ in range(data.shape[0])])  # (B, M)
     keep = torch.from_numpy(keep).to(data.device)
     if acquired is None:
-        acquired = acquired_modalities(data, batched=True)  # (B, M)
+        acquired = acquired_modalities(data[:, :num_modalities], batched=True)  # (B, M)
     acquired = acquired.to(data.device, torch.bool)
     available = keep & acquired
     available |= ~available.any(1, keepdim=True) & acquired  # never drop every acquired modality
-    mask = available.to(data.dtype).view(*available.shape, *([1] * (data.ndim - 2)))
-    return data * mask, available
+    mask = torch.ones(data.shape[:2], dtype=data.dtype, device=data.device)
+    mask[:, :num_modalities] = available.to(data.dtype)
+    return data * mask.view(*mask.shape, *([1] * (data.ndim - 2))), available
