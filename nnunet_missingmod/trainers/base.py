@@ -66,7 +66,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_missingmod.config import load_trainer_config
 from nnunet_missingmod.transforms.missing_modalities import RecordAvailabilityTransform, ZeroMissingModalitiesTransform
-from nnunet_missingmod.transforms.modality_dropout import drop_modalities_in_batch, settings_at
+from nnunet_missingmod.transforms.modality_dropout import check_curriculum, drop_modalities_in_batch, settings_at
 
 CONFIG_FILE_NAME = "trainer_config.json"
 #: Below this, SGD with nnU-Net's momentum 0.99 and poly schedule barely trains: a warning names the setting.
@@ -249,6 +249,9 @@ class MissingModTrainerBase(nnUNetTrainer):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.iteration_in_epoch = 0
+        if check_curriculum(self.trainer_config.get("modality_dropout", {})) is not None:
+            self.print_to_log_file(f"modality dropout: p_keep_all {self.dropout_settings_now()['p_keep_all']:.3f} "
+                                   f"this epoch (curriculum)")
 
     def dropout_settings_now(self) -> dict:
         """The ``modality_dropout`` section as it applies in the current epoch (``p_keep_all`` follows the

@@ -122,3 +122,22 @@ def test_multi_term_trainers_draw_the_curriculum_too(tmp_path, monkeypatch):
     dropped, available = trainer.drop_modalities(data)
     assert abs(_complete_share(dropped) - UNIFORM_ALL_FOUR) < 4 * np.sqrt(0.25 * 0.75 / 4000)
     assert torch.equal(available, (dropped != 0).flatten(2).any(2))
+
+
+@pytest.mark.parametrize("curriculum", [True, False])
+def test_each_epoch_logs_the_curriculum_p_keep_all(tmp_path, monkeypatch, curriculum):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from tests.conftest import make_tiny_trainer
+
+    trainer = (_with_curriculum(tmp_path, monkeypatch, ModalityDropoutTrainer) if curriculum
+               else make_tiny_trainer(ModalityDropoutTrainer, tmp_path, monkeypatch))
+    trainer.num_epochs = 10
+    monkeypatch.setattr(nnUNetTrainer, "on_train_epoch_start", lambda self: None)  # no network/scheduler needed
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(args)))
+    trainer.current_epoch = 2  # 1 - (1 - 0.25) * 0.2 / 0.5
+    trainer.on_train_epoch_start()
+    expected = ["modality dropout: p_keep_all 0.700 this epoch (curriculum)"] if curriculum else []
+    assert logged == expected
+
