@@ -227,6 +227,23 @@ class MissingModTrainerBase(nnUNetTrainer):
         """Number of modality channels (``dataset.json``'s ``channel_names``; a cascade adds its own after them)."""
         return len(self.dataset_json["channel_names"])
 
+    def require_region_labels(self, why: str) -> None:
+        """Stop with a clear error on a label-based dataset; ``why`` says what needs one sigmoid per region.
+
+        Raises:
+            ValueError: dataset.json defines plain labels (no ``regions_class_order``).
+        """
+        if not self.label_manager.has_regions:
+            raise ValueError(f"{type(self).__name__} needs region-based training ({why}), but dataset.json of "
+                             f"{self.plans_manager.dataset_name} defines plain labels; add 'regions_class_order' "
+                             "and region labels as in nnU-Net's Dataset137_BraTS21")
+
+    def region_names(self) -> list[str]:
+        """The ``dataset.json`` names of the network's output regions, in channel order (region-based training)."""
+        regions = self.label_manager.foreground_regions
+        return [name for name, labels in self.label_manager.label_dict.items()
+                if name != "ignore" and (tuple(labels) if isinstance(labels, list) else labels) in regions]
+
     # nnU-Net declares this hook static; it is only ever called on the trainer instance, and the number of
     # modalities (and the subclasses' dropout settings) are per instance, so it is an instance method here.
     def get_training_transforms(self, patch_size: np.ndarray | tuple[int, ...], rotation_for_DA: RandomScalar,
@@ -433,17 +450,6 @@ class MultiTermLossTrainer(MissingModTrainerBase):
     def compute_losses(self, data: torch.Tensor, target: torch.Tensor | list[torch.Tensor]
                        ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
-
-    def require_region_labels(self, why: str) -> None:
-        """Stop with a clear error on a label-based dataset; ``why`` says what needs one sigmoid per region.
-
-        Raises:
-            ValueError: dataset.json defines plain labels (no ``regions_class_order``).
-        """
-        if not self.label_manager.has_regions:
-            raise ValueError(f"{type(self).__name__} needs region-based training ({why}), but dataset.json of "
-                             f"{self.plans_manager.dataset_name} defines plain labels; add 'regions_class_order' "
-                             "and region labels as in nnU-Net's Dataset137_BraTS21")
 
     def sgd_or_adam(self, name: str, key: str):
         """nnU-Net's SGD (``name == "sgd"``) or Adam, both with nnU-Net's ``initial_lr``, ``weight_decay`` and poly

@@ -24,6 +24,13 @@ missing sequences. The share changes with the epoch, which nnU-Net's augmentatio
 trainers draw the dropout in the training step when a curriculum is set (:func:`drop_modalities_in_batch`,
 the settings of the epoch from :func:`settings_at`).
 
+Regions that a modality defines (``region_requires``, default ``null``), e.g. ``{"enhancing tumor": ["t1ce"]}``:
+BraTS defines the enhancing tumour by its enhancement on T1ce, so without T1ce it cannot be seen, only guessed
+from the tumour's shape. With the key set, a training sample that has none of the listed modalities (dropped, or
+not acquired) is trained with that region empty (:func:`empty_unobservable_regions`): the model learns to draw it
+only from the modalities that show it, and the tumour's shape is not taught as evidence for it. The regions
+are the names of ``dataset.json['labels']`` (region-based training only).
+
 A modality that the sample does not have at all (an all-zero channel: a sequence missing from the
 dataset) is never counted as kept: the kept set is the drawn subset AND the acquired modalities, and a
 sample whose draw keeps none of its acquired modalities keeps all of them (the transform reads the mask
@@ -129,6 +136,65 @@ def check_curriculum(settings: dict) -> dict | None:
         raise ValueError(f"{CURRICULUM_KEY} must be null with scheme 'fixed' (every sample keeps exactly "
                          f"{KEEP_KEY}), got {curriculum!r}")
     return curriculum
+
+
+#: Config key of the regions that need a modality (named in error messages).
+REGION_REQUIRES_KEY = "modality_dropout.region_requires"
+
+
+def check_region_requires(settings: dict, region_names: Sequence[str], num_modalities: int) -> dict[int, np.ndarray]:
+    """The ``region_requires`` of a ``modality_dropout`` section, checked: ``{output channel of the region: (M,)
+    mask of the modalities it needs}`` (a sample needs one of them), ``{}`` when null.
+
+    Args:
+        settings: the ``modality_dropout`` section.
+        region_names: the names of the network's output regions, in channel order (from ``dataset.json``).
+        num_modalities: number of modality channels M.
+
+    Raises:
+        ValueError: not an object of region names to non-empty lists of modality names or channel indices, a
+            name that is not one of ``region_names``, or an unknown modality (the message names the key).
+    """
+    requires = settings.get("region_requires")
+    if requires is None:
+        return {}
+    if not isinstance(requires, dict) or not requires:
+        raise ValueError(f'{REGION_REQUIRES_KEY} must be null or {{region name: [modalities]}}, e.g. '
+                         f'{{"enhancing tumor": ["t1ce"]}}, got {requires!r}')
+    checked = {}
+    for name, needed in requires.items():
+        key = f"{REGION_REQUIRES_KEY}.{name}"
+        if name not in region_names:
+            raise ValueError(f"{REGION_REQUIRES_KEY}: {name!r} is not a region of dataset.json; its regions are "
+                             f"{list(region_names)}")
+        if isinstance(needed, (str, bytes)) or not isinstance(needed, Sequence) or not needed:
+            raise ValueError(f"{key} must be a non-empty list of modality names ({', '.join(mods.MODALITIES)}) or "
+                             f"channel indices, got {needed!r}")
+        checked[list(region_names).index(name)] = fixed_keep_mask(needed, num_modalities, key=key)
+    return checked
+
+
+def empty_unobservable_regions(target: torch.Tensor | list[torch.Tensor], available: torch.Tensor,
+                               requirements: dict[int, np.ndarray]) -> torch.Tensor | list[torch.Tensor]:
+    """``target`` with each region of ``requirements`` emptied in the samples that have none of the modalities
+    the region needs.
+
+    Args:
+        target: (B, R, ...) region target, or nnU-Net's deep-supervision list of them (every level is changed).
+        available: (B, M) boolean mask of the modalities each sample has after the dropout.
+        requirements: from :func:`check_region_requires`.
+
+    Returns:
+        New tensors (the input is left as it is) in the structure of ``target``.
+    """
+    if not requirements:
+        return target
+    targets = [t.clone() for t in (target if isinstance(target, (list, tuple)) else [target])]
+    for region, needed in requirements.items():
+        lacking = ~available[:, torch.from_numpy(needed).to(available.device)].any(1)
+        for t in targets:
+            t[lacking.to(t.device), region] = 0
+    return targets if isinstance(target, (list, tuple)) else targets[0]
 
 
 def p_keep_all_at(settings: dict, progress: float) -> float:

@@ -122,3 +122,32 @@ def test_modality_dropout_transform_keeps_an_acquired_modality(tmp_path, monkeyp
     for batch in batches:
         present = acquired_modalities(batch["data"], 4, batched=True)
         assert present[gappy_rows(batch)].any(1).all()
+
+
+def test_a_region_that_needs_the_missing_sequence_is_trained_as_empty(tmp_path, monkeypatch):
+    # modality_dropout.region_requires on real batches (nnU-Net's region targets at every deep-supervision level):
+    # with every sample complete after the dropout (p_keep_all 1), only the case that lacks T2 loses the region
+    import json
+
+    from nnunet_missingmod.config import OVERRIDE_ENV
+    from nnunet_missingmod.trainers.base import MissingModTrainerBase
+
+    override = tmp_path / "override.json"
+    override.write_text(json.dumps({"modality_dropout": {"p_keep_all": 1.0,
+                                                         "region_requires": {"enhancing tumor": ["t2"]}}}))
+    monkeypatch.setenv(OVERRIDE_ENV, str(override))
+    trainer = make_tiny_trainer(ModalityDropoutTrainer, tmp_path, monkeypatch)
+    seen = []
+    monkeypatch.setattr(MissingModTrainerBase, "train_step", lambda self, batch: seen.append(batch) or {})
+    batches = training_batches(trainer, training_transforms(trainer), num_batches=6, seed=2)
+    for batch in batches:
+        trainer.train_step(batch)
+        passed, gappy = seen[-1]["target"], gappy_rows(batch)
+        complete = [j for j in range(len(batch["keys"])) if j not in gappy]
+        assert isinstance(passed, list) and len(passed) == len(batch["target"]) > 1
+        for level, original in zip(passed, batch["target"], strict=True):
+            assert original[gappy, 2].any() or not gappy  # the random labels hold ET, so emptying is visible
+            assert not level[gappy, 2].any()
+            assert torch.equal(level[gappy, :2], original[gappy, :2])
+            assert torch.equal(level[complete], original[complete])
+    assert sum(len(gappy_rows(b)) for b in batches) >= 4
