@@ -239,10 +239,12 @@ class MissingModTrainerBase(nnUNetTrainer):
                              "and region labels as in nnU-Net's Dataset137_BraTS21")
 
     def region_names(self) -> list[str]:
-        """The ``dataset.json`` names of the network's output regions, in channel order (region-based training)."""
-        regions = self.label_manager.foreground_regions
-        return [name for name, labels in self.label_manager.label_dict.items()
-                if name != "ignore" and (tuple(labels) if isinstance(labels, list) else labels) in regions]
+        """The ``dataset.json`` names of the network's output regions, in output-channel order (region-based
+        training: ``label_manager.foreground_regions``, the order of the targets and of the network's outputs)."""
+        names = {}
+        for name, labels in self.label_manager.label_dict.items():
+            names.setdefault(tuple(labels) if isinstance(labels, list) else labels, name)
+        return [names[region] for region in self.label_manager.foreground_regions]
 
     # nnU-Net declares this hook static; it is only ever called on the trainer instance, and the number of
     # modalities (and the subclasses' dropout settings) are per instance, so it is an instance method here.

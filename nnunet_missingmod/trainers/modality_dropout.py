@@ -39,6 +39,7 @@ from nnunet_missingmod.transforms.modality_dropout import (
     check_region_requires,
     drop_modalities_in_batch,
     empty_unobservable_regions,
+    fixed_keep_mask,
     transform_from_settings,
 )
 
@@ -83,9 +84,14 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
         self.require_region_labels(f"{REGION_REQUIRES_KEY} empties a region's target")
         regions, channels = self.region_names(), self.dataset_json["channel_names"]
         requirements = check_region_requires(settings, regions, self.num_modalities)
+        fixed = settings["scheme"] == "fixed"
         for region, needed in requirements.items():
             self.print_to_log_file(f"{REGION_REQUIRES_KEY}: {regions[region]!r} is trained as empty in samples "
                                    f"without {' or '.join(channels[str(i)] for i in np.flatnonzero(needed))}")
+            if fixed and not fixed_keep_mask(settings["keep"], self.num_modalities)[needed].any():
+                self.print_to_log_file(f"WARNING: {REGION_REQUIRES_KEY}: scheme 'fixed' keeps none of the sequences "
+                                       f"of {regions[region]!r}, so it is empty in every sample and never learned",
+                                       also_print_to_console=True)
         return requirements
 
     def train_step(self, batch: dict) -> dict:

@@ -140,4 +140,3 @@ def test_each_epoch_logs_the_curriculum_p_keep_all(tmp_path, monkeypatch, curric
     trainer.on_train_epoch_start()
     expected = ["modality dropout: p_keep_all 0.700 this epoch (curriculum)"] if curriculum else []
     assert logged == expected
-

@@ -86,6 +86,35 @@ def test_the_trainer_empties_the_target_of_samples_without_t1ce(tmp_path, monkey
         assert bool(level[0].all()) and bool(level[1, :2].all()) and not bool(level[1, 2].any())
 
 
+def test_with_a_curriculum_the_target_follows_the_dropout_drawn_in_the_step(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, monkeypatch, ET_NEEDS_T1CE, p_keep_all=0.0,
+                       curriculum={"p_keep_all_start": 1.0, "ramp_fraction": 0.5})
+    trainer.num_epochs, trainer.current_epoch = 10, 9  # after the ramp: p_keep_all 0, T1ce dropped in about half
+    seen = []
+    monkeypatch.setattr(MissingModTrainerBase, "train_step", lambda self, batch: seen.append(batch) or {})
+    np.random.seed(0)
+    trainer.train_step({"data": torch.ones(64, 4, 2, 2, 2), "target": [torch.ones(64, 3, 2, 2, 2)]})
+    (batch,) = seen
+    without_t1ce = (batch["data"][:, 1] == 0).flatten(1).all(1)
+    assert 10 < int(without_t1ce.sum()) < 54
+    et_kept = batch["target"][0][:, 2].flatten(1).all(1)
+    assert torch.equal(et_kept, ~without_t1ce)
+    assert bool(batch["target"][0][:, :2].all())
+
+
+def test_fixed_without_the_sequence_warns_that_the_region_is_never_learned(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, monkeypatch, ET_NEEDS_T1CE, scheme="fixed", keep=["t1", "t2"], p_keep_all=0.0)
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(args)))
+    assert list(trainer.region_requirements) == [2]
+    assert any(line.startswith("WARNING") and "never learned" in line for line in logged)
+    trainer = _trainer(tmp_path, monkeypatch, ET_NEEDS_T1CE, scheme="fixed", keep=["t1ce", "t2"], p_keep_all=0.0)
+    logged = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *args, **kwargs: logged.append(" ".join(args)))
+    _ = trainer.region_requirements
+    assert logged and not any(line.startswith("WARNING") for line in logged)
+
+
 def test_without_the_key_the_target_is_unchanged(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, monkeypatch, None)
     seen = []
