@@ -97,11 +97,12 @@ class ModalityDropoutTrainer(MissingModTrainerBase):
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step; with a curriculum, on the batch with this epoch's dropout drawn first; with
         ``region_requires``, with those regions emptied in the samples that lack their modalities."""
-        batch = dict(batch)
+        batch, available = dict(batch), None
         if self.dropout_in_step:  # channels after the modalities (a cascade's) are kept
-            batch["data"] = drop_modalities_in_batch(batch["data"], self.dropout_settings_now(),
-                                                     num_modalities=self.num_modalities)[0]
+            batch["data"], available = drop_modalities_in_batch(batch["data"], self.dropout_settings_now(),
+                                                                num_modalities=self.num_modalities)
         if self.region_requirements:
-            available = acquired_modalities(batch["data"], self.num_modalities, batched=True)
+            if available is None:  # dropped by the transforms: a dropped or missing channel is exactly zero
+                available = acquired_modalities(batch["data"], self.num_modalities, batched=True)
             batch["target"] = empty_unobservable_regions(batch["target"], available, self.region_requirements)
         return super().train_step(batch)
