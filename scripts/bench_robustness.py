@@ -739,14 +739,16 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime, p
         lines.append("")
     lines += ["## Runs", "",
              f"Plateau: the EMA pseudo-Dice of the last quarter of epochs improved by less than {100 * PLATEAU_GAIN:g} "
-             f"point over the quarter before.", "",
+             f"point over the quarter before; unfinished: training under way or interrupted (its curve so far), "
+             f"no verdict.", "",
              "train: wall-clock of the training processes that finished (summed over sittings); epochs: the sum "
              "of nnU-Net's logged epoch times (interrupted sittings included up to their last checkpoint).", "",
              "| run | epochs x iterations | final EMA pseudo-Dice | last-quarter gain (points) | plateau | "
              "train (s) | epochs (s) | evaluate (s) |", "|---|---|---|---|---|---|---|---|"]
     for row in run_rows:
         check = row["plateau"]
-        plateau = {True: "yes", False: "**no**", None: "–"}[check["plateaued"]]
+        verdict = {True: "yes", False: "**no**", None: "–"}[check["plateaued"]]
+        plateau = "unfinished" if row.get("unfinished") else verdict
         gain = "–" if check["gain"] is None else f"{100 * check['gain']:+.2f}"
         final = "–" if not row["curve"] else f"{row['curve'][-1]:.3f}"
         train = "–" if row.get("train_s") is None else f"{row['train_s']:.0f}"
@@ -1375,6 +1377,7 @@ def write_report(runs: Sequence[Run], regime: Regime, out: Path, timings: dict, 
         rows.append({"name": run.name, "group": run.group, "seed": run.seed,
                      "iterations": record["iterations"] if record and not run.fold.is_dir() else iterations,
                      "curve": curve, "plateau": plateau_check(curve), "epochs_s": sum(log["epoch_s"]) if log else None,
+                     "unfinished": run.fold.is_dir() and training_action(run.fold) == "continue",
                      **(timings.get(run.name) or (record or {}).get("timings", {}))})
         for folder in evaluation_folders(run, archive if record else None, postprocessed):
             if (folder / "summary.json").is_file():

@@ -543,6 +543,22 @@ def _finished_run(run, epochs: int, evaluation: dict) -> None:
     (run.evaluation / "heatmap.png").write_bytes(b"\x89PNG")
 
 
+def test_a_run_still_training_gets_no_plateau_verdict(tmp_path):
+    """Its first epochs are flat (the plateau rule would say yes), but only nnU-Net's latest checkpoint is there."""
+    regime = REGIMES["converged"]
+    finished, training = robustness.plan_runs(tmp_path, regime, ["nnUNetTrainer"], seeds=2)
+    _finished_run(finished, 8, uniform(0.5))
+    _fake_checkpoint(training.fold / "checkpoint_latest.pth", [0.24] * 5)
+    assert robustness.plateau_check([0.24] * 5)["plateaued"] is True
+    out = tmp_path / "report"
+    out.mkdir()
+    robustness.write_report([finished, training], regime, out, {}, 40)
+    text = (out / "report.md").read_text()
+    assert "| nnUNetTrainer__seed1 | 5 x 40 | 0.240 | +0.00 | unfinished |" in text
+    # epochs at 1/80 ... 8/80: the last quarter's mean 7.5/80, the quarter before 5.5/80
+    assert "| nnUNetTrainer__seed0 | 8 x 40 | 0.100 | +2.50 | **no** |" in text
+
+
 def test_archived_runs_stand_in_for_their_models_on_another_machine(tmp_path):
     regime = REGIMES["converged"]
     archive = tmp_path / "repository" / "runs"
