@@ -425,6 +425,12 @@ def plateau_check(curve: Sequence[float], min_gain: float = PLATEAU_GAIN) -> dic
             "previous_quarter": previous, "epochs": epochs}
 
 
+def curve_label(run: str, group: str) -> str:
+    """A run's legend entry: its seed in a group's panel, its combination of modalities among the dedicated models."""
+    name, _, seed = run.rpartition("__")  # the short regime's seed-0 runs are named by their trainer alone
+    return name.removeprefix(f"{DEDICATED}_") if group == DEDICATED else seed
+
+
 def plot_learning_curves(curves: Mapping[str, tuple[str, Sequence[float]]], png: Path) -> None:
     """All runs' EMA pseudo-Dice per epoch in one PNG: one panel per group, one line per run."""
     import matplotlib
@@ -441,14 +447,12 @@ def plot_learning_curves(curves: Mapping[str, tuple[str, Sequence[float]]], png:
     for ax, group in zip(axes.flat, groups, strict=False):
         for name, (run_group, curve) in curves.items():
             if run_group == group and curve:
-                label = name.split("__")[-1] if group != DEDICATED else None
-                ax.plot(np.arange(1, len(curve) + 1), curve, linewidth=1.2, label=label)
+                ax.plot(np.arange(1, len(curve) + 1), curve, linewidth=1.2, label=curve_label(name, group))
         ax.set_title(group, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        if group != DEDICATED:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=6 if group == DEDICATED else 7, ncol=2 if group == DEDICATED else 1)
     for ax in axes.flat[len(groups):]:
         ax.axis("off")
     for ax in axes[:, 0]:

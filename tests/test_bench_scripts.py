@@ -70,6 +70,9 @@ def test_learning_curve_from_the_final_checkpoint_else_the_latest(tmp_path):
     _fake_checkpoint(fold / "checkpoint_final.pth", [0.1, 0.2, 0.3])
     log = robustness.read_learning_curve(fold)
     assert log["ema_fg_dice"] == [0.1, 0.2, 0.3] and log["epoch_s"] == [4.0, 5.0]
+    assert robustness.curve_label("MD_keepAll25__seed2", "MD_keepAll25") == "seed2"
+    assert robustness.curve_label("dedicated_t1+t1ce__seed0", "dedicated") == "t1+t1ce"
+    assert robustness.curve_label("nnUNetTrainer", "nnUNetTrainer") == "nnUNetTrainer"
     png = tmp_path / "curves.png"
     robustness.plot_learning_curves({"a__seed0": ("A", [0.1, 0.2]), "d__seed0": ("dedicated", [0.3, 0.4])}, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
