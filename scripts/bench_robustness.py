@@ -445,9 +445,11 @@ def plot_learning_curves(curves: Mapping[str, tuple[str, Sequence[float]]], png:
     rows = -(-len(groups) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True)
     for ax, group in zip(axes.flat, groups, strict=False):
-        for name, (run_group, curve) in curves.items():
-            if run_group == group and curve:
-                ax.plot(np.arange(1, len(curve) + 1), curve, linewidth=1.2, label=curve_label(name, group))
+        runs = [(name, curve) for name, (run_group, curve) in curves.items() if run_group == group and curve]
+        palette = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")  # the 15 dedicated models, each its own colour
+        for i, (name, curve) in enumerate(runs):
+            ax.plot(np.arange(1, len(curve) + 1), curve, linewidth=1.2, color=palette(i % palette.N),
+                    label=curve_label(name, group))
         ax.set_title(group, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)

@@ -78,6 +78,21 @@ def test_learning_curve_from_the_final_checkpoint_else_the_latest(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_fifteen_dedicated_curves_have_fifteen_colours(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    names = [robustness.mods.combination_name(c) for c in robustness.mods.all_combinations()]
+    curves = {f"dedicated_{name}__seed0": ("dedicated", [0.1, 0.2]) for name in names}
+    curves.update({f"A__seed{s}": ("A", [0.3, 0.4]) for s in range(3)})
+    robustness.plot_learning_curves(curves, tmp_path / "curves.png")
+    dedicated, seeds = (ax for ax in saved[0].axes if ax.get_title())
+    assert len({line.get_color() for line in dedicated.get_lines()}) == 15
+    assert len({line.get_color() for line in seeds.get_lines()}) == 3
+    assert [t.get_text() for t in dedicated.get_legend().get_texts()][:2] == ["t1", "t1ce"]
+
+
 # ---------------------------------------------------------------- resuming a partly finished benchmark
 
 
