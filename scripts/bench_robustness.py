@@ -66,8 +66,9 @@ TTA. Outputs in the regime's folder:
 * ``comparison.md`` / ``.png``: ``compare`` of the trainers (mean ± sd over seeds, error bars);
 * ``report.md`` / ``report.json``: the runs (epochs, final EMA pseudo-Dice, plateau check, wall-clock),
   15-combination averages with sd and 95% intervals over seeds, Dice by number of available modalities,
-  each trainer's Dice ÷ the dedicated models' and its full-input Dice ÷ plain nnU-Net's (the plain group
-  trained for as many epochs, e.g. a ``defaults.json`` variant, where there is one), what a longer budget
+  each trainer's Dice ÷ the dedicated models' (and ÷ the best of them on the combination or a subset of its
+  sequences, a stricter limit where a model is below a subset's) and its full-input Dice ÷ plain nnU-Net's (the
+  plain group trained for as many epochs, e.g. a ``defaults.json`` variant, where there is one), what a longer budget
   changed (groups of one trainer and configuration at different epochs), and, for a region that some held-out
   case lacks (the phantoms' non-enhancing tumours have no ET), the Dice over the cases with it apart from the
   share of the cases without it that were left empty;
@@ -492,6 +493,21 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return None if denominator == 0 else numerator / denominator
 
 
+def subset_bound(per_combination: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
+    """Per combination and region, the best mean Dice of the dedicated models trained on it or on a subset of its
+    sequences (of those in ``per_combination``, a :func:`aggregate_benchmark` group's).
+
+    A model given a combination could ignore the sequences that a subset's model does without, so this is a lower
+    bound of what the combination allows: stricter than its own dedicated model where that one, not at a plateau,
+    scores below a subset's (e.g. a model with all four below the one on T1 + FLAIR). Region by region, so the
+    bound of one combination may come from different models for WT, TC and ET.
+    """
+    sequences = {name: set(name.split("+")) for name in per_combination}
+    return {name: {r: max(per_combination[subset][f"{r}_Dice"]["mean"] for subset in sequences
+                          if sequences[subset] <= sequences[name]) for r in REGIONS}
+            for name in per_combination}
+
+
 def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequence[dict] = (),
                         baseline: str = BASELINE, baseline_for: Mapping[str, str] | None = None) -> dict:
     """Statistics over seeds per group, and the ratios the benchmark's goals are stated in.
@@ -508,7 +524,8 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
         :func:`~nnunet_missingmod.evaluation.missing_combinations.aggregate_summaries` plus
         ``by_num_modalities`` (k -> key -> statistics over runs), and each ratio entry holds
         ``to_dedicated`` (per combination and ``average``: mean Dice over seeds ÷ the dedicated models'
-        mean Dice; the average is the ratio of the 15-combination averages) and ``full_input_to_baseline``
+        mean Dice; the average is the ratio of the 15-combination averages), ``to_subset_bound`` (the same ÷
+        :func:`subset_bound`, also in the result as ``subset_bound``) and ``full_input_to_baseline``
         (Dice with all modalities ÷ the baseline's) with ``baseline``, the group it divides by (both only when
         that group has been evaluated). Ratios are of means over seeds, per region.
     """
@@ -524,29 +541,31 @@ def aggregate_benchmark(groups: Mapping[str, Sequence[dict]], dedicated: Sequenc
         aggregates[label] = aggregate
     ratios = {}
     reference = aggregates.get(DEDICATED)
+    limits = {}  # ratio key -> combination -> region -> the Dice it divides by
+    if reference:
+        limits["to_dedicated"] = {name: {r: values[f"{r}_Dice"]["mean"] for r in REGIONS}
+                                  for name, values in reference["per_combination"].items()}
+        limits["to_subset_bound"] = subset_bound(reference["per_combination"])
     for label, aggregate in aggregates.items():
         if label == DEDICATED:
             continue
         entry = {}
         base_label = (baseline_for or {}).get(label, baseline)
         base = aggregates.get(base_label)
-        if reference:
-            shared = [n for n in reference["per_combination"] if n in aggregate["per_combination"]]
-            entry["to_dedicated"] = {
-                name: {r: _ratio(aggregate["per_combination"][name][f"{r}_Dice"]["mean"],
-                                 reference["per_combination"][name][f"{r}_Dice"]["mean"]) for r in REGIONS}
-                for name in shared}
-            if len(shared) == len(reference["per_combination"]) == len(aggregate["per_combination"]):
-                entry["to_dedicated"]["average"] = {r: _ratio(aggregate["average"][f"{r}_Dice"]["mean"],
-                                                              reference["average"][f"{r}_Dice"]["mean"])
-                                                    for r in REGIONS}
+        for key, limit in limits.items():
+            shared = [n for n in limit if n in aggregate["per_combination"]]
+            entry[key] = {name: {r: _ratio(aggregate["per_combination"][name][f"{r}_Dice"]["mean"], limit[name][r])
+                                 for r in REGIONS} for name in shared}
+            if len(shared) == len(limit) == len(aggregate["per_combination"]):  # the ratio of the averages
+                entry[key]["average"] = {r: _ratio(aggregate["average"][f"{r}_Dice"]["mean"],
+                                                   float(np.mean([limit[n][r] for n in limit]))) for r in REGIONS}
         if base and FULL_INPUT in aggregate["per_combination"] and FULL_INPUT in base["per_combination"]:
             entry["full_input_to_baseline"] = {r: _ratio(aggregate["per_combination"][FULL_INPUT][f"{r}_Dice"]["mean"],
                                                          base["per_combination"][FULL_INPUT][f"{r}_Dice"]["mean"])
                                                for r in REGIONS}
             entry["baseline"] = base_label
         ratios[label] = entry
-    return {"groups": aggregates, "ratios": ratios}
+    return {"groups": aggregates, "ratios": ratios} | ({"subset_bound": limits["to_subset_bound"]} if limits else {})
 
 
 def equal_budget_baselines(identities: Mapping[str, Mapping], baseline: str = BASELINE) -> dict[str, str]:
@@ -796,6 +815,25 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime, p
                      for label in with_dedicated]
             shown = f"**{name}**" if name == "average" else name
             lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+        bound, own = aggregate["subset_bound"], groups[DEDICATED]["per_combination"]
+        lines += ["", "## Dice ÷ the best dedicated model on the combination or a subset of it", "",
+                  "A model given a combination could ignore the sequences a subset's model does without, so the best "
+                  "dedicated Dice over the combination and its subsets (per region) is also a lower bound of what "
+                  "the combination allows; `limit`: that Dice (%), * where it is a subset's, above the "
+                  "combination's own model. Mean Dice over runs ÷ the limit, WT / TC / ET.", "",
+                  "| combination | limit | " + " | ".join(with_dedicated) + " |",
+                  "|---|---|" + "---|" * len(with_dedicated)]
+        for name in names:
+            limit = " / ".join(f"{100 * bound[name][r]:.1f}" + ("*" if bound[name][r] > own[name][f"{r}_Dice"]["mean"]
+                                                                else "") for r in REGIONS)
+            cells = [" / ".join(_ratio_text(ratios[label]["to_subset_bound"].get(name, {}).get(r)) for r in REGIONS)
+                     for label in with_dedicated]
+            lines.append(f"| {name} | {limit} | " + " | ".join(cells) + " |")
+        limit = "– / – / –" if missing else " / ".join(f"{100 * np.mean([b[r] for b in bound.values()]):.1f}"
+                                                        for r in REGIONS)
+        cells = [" / ".join(_ratio_text(ratios[label]["to_subset_bound"].get("average", {}).get(r)) for r in REGIONS)
+                 for label in with_dedicated]
+        lines.append(f"| **average** | {limit} | " + " | ".join(cells) + " |")
     identities = aggregate.get("identities", {})
 
     def epochs_of(label: str) -> str:

@@ -549,6 +549,38 @@ def test_report_of_the_dedicated_models_trained_so_far():
     assert "| t1+t1ce | 0.812 / 1.000 / 1.000 |" in text and "| **average** | – / – / – |" in text
 
 
+def test_subset_bound_is_the_best_dedicated_model_on_a_subset_by_hand():
+    """WT of the dedicated models: T1 0.9, T1 + FLAIR 0.8, FLAIR 0.6, every other 0.5 (TC 0.5, ET 0.4). Every
+    combination with T1 is bounded by the T1 model (0.9), the other four with FLAIR by the FLAIR model (0.6), and
+    T1ce, T2, T1ce + T2 by their own (0.5): average (8 * 0.9 + 4 * 0.6 + 3 * 0.5) / 15 = 0.74."""
+    wt = {"t1": 0.9, "t1+flair": 0.8, "flair": 0.6}
+    dedicated = [robustness.dedicated_summary([summary({name: wt.get(name, 0.5)}) for name in NAMES])]
+    aggregate = robustness.aggregate_benchmark({"ModalityDropoutTrainer": [uniform(0.6), uniform(0.8)]}, dedicated)
+    bound = aggregate["subset_bound"]
+    assert {name: bound[name]["WT"] for name in ["t1", "t1+flair", FULL, "t1ce+flair", "t2+flair", "t1ce+t2"]} == \
+        pytest.approx({"t1": 0.9, "t1+flair": 0.9, FULL: 0.9, "t1ce+flair": 0.6, "t2+flair": 0.6, "t1ce+t2": 0.5})
+    assert bound["t1+flair"]["TC"] == pytest.approx(0.5) and bound["t1+flair"]["ET"] == pytest.approx(0.4)
+    ratios = aggregate["ratios"]["ModalityDropoutTrainer"]
+    assert ratios["to_subset_bound"]["t1+flair"]["WT"] == pytest.approx(0.7 / 0.9)  # own model: 0.7 / 0.8
+    assert ratios["to_dedicated"]["t1+flair"]["WT"] == pytest.approx(0.7 / 0.8)
+    assert ratios["to_subset_bound"]["average"] == pytest.approx({"WT": 0.7 / 0.74, "TC": 1.0, "ET": 1.0})
+    text = robustness.report_markdown(aggregate, [], REGIMES["converged"])
+    assert "| t1+flair | 90.0* / 50.0 / 40.0 | 0.778 / 1.000 / 1.000 |" in text  # * : a subset's model, above its own
+    assert "| t1 | 90.0 / 50.0 / 40.0 | 0.778 / 1.000 / 1.000 |" in text
+    assert "| **average** | 74.0 / 50.0 / 40.0 | 0.946 / 1.000 / 1.000 |" in text
+
+
+def test_subset_bound_of_the_dedicated_models_trained_so_far():
+    """Only the models trained so far bound a combination; no average until all 15 exist."""
+    dedicated = [robustness.dedicated_summary([summary({"t1": 0.9}), summary({"t1+t1ce": 0.66})])]
+    aggregate = robustness.aggregate_benchmark({"ModalityDropoutTrainer": [uniform(0.6)]}, dedicated)
+    assert aggregate["subset_bound"]["t1+t1ce"]["WT"] == pytest.approx(0.9)
+    assert "average" not in aggregate["ratios"]["ModalityDropoutTrainer"]["to_subset_bound"]
+    text = robustness.report_markdown(aggregate, [], REGIMES["converged"])
+    assert "| t1+t1ce | 90.0* / 50.0 / 40.0 | 0.667 / 1.000 / 1.000 |" in text
+    assert "| **average** | – / – / – | – / – / – |" in text
+
+
 # ---------------------------------------------------------------- the archive: runs kept across machines
 
 
