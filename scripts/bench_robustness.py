@@ -810,11 +810,13 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime, p
                   "the average row divides the 15-combination averages. Goal: ≥ 0.98 on the average."
                   + (f" {missing} dedicated models are still to be trained: no average yet." if missing else ""), "",
                   "| combination | " + " | ".join(with_dedicated) + " |", "|---|" + "---|" * len(with_dedicated)]
-        for name in [*names, "average"]:
-            cells = [" / ".join(_ratio_text(ratios[label]["to_dedicated"].get(name, {}).get(r)) for r in REGIONS)
-                     for label in with_dedicated]
-            shown = f"**{name}**" if name == "average" else name
-            lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+        def ratio_cells(key: str, name: str) -> str:
+            return " | ".join(" / ".join(_ratio_text(ratios[label][key].get(name, {}).get(r)) for r in REGIONS)
+                              for label in with_dedicated)
+
+        for name in names:
+            lines.append(f"| {name} | {ratio_cells('to_dedicated', name)} |")
+        lines.append(f"| **average** | {ratio_cells('to_dedicated', 'average')} |")
         bound, own = aggregate["subset_bound"], groups[DEDICATED]["per_combination"]
         lines += ["", "## Dice ÷ the best dedicated model on the combination or a subset of it", "",
                   "A model given a combination could ignore the sequences a subset's model does without, so the best "
@@ -826,14 +828,10 @@ def report_markdown(aggregate: dict, run_rows: Sequence[dict], regime: Regime, p
         for name in names:
             limit = " / ".join(f"{100 * bound[name][r]:.1f}" + ("*" if bound[name][r] > own[name][f"{r}_Dice"]["mean"]
                                                                 else "") for r in REGIONS)
-            cells = [" / ".join(_ratio_text(ratios[label]["to_subset_bound"].get(name, {}).get(r)) for r in REGIONS)
-                     for label in with_dedicated]
-            lines.append(f"| {name} | {limit} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {limit} | {ratio_cells('to_subset_bound', name)} |")
         limit = "– / – / –" if missing else " / ".join(f"{100 * np.mean([b[r] for b in bound.values()]):.1f}"
                                                         for r in REGIONS)
-        cells = [" / ".join(_ratio_text(ratios[label]["to_subset_bound"].get("average", {}).get(r)) for r in REGIONS)
-                 for label in with_dedicated]
-        lines.append(f"| **average** | {limit} | " + " | ".join(cells) + " |")
+        lines.append(f"| **average** | {limit} | {ratio_cells('to_subset_bound', 'average')} |")
     identities = aggregate.get("identities", {})
 
     def epochs_of(label: str) -> str:
