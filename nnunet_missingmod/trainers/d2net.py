@@ -29,8 +29,8 @@ inference network has no teacher, so the choice never affects prediction.
 Settings live in ``trainer_configs/D2NetTrainer.json``: ``d2net.network`` shapes the network (read
 again by ``nnUNetv2_predict``, so change it through a variant rather than at training only) and
 ``d2net.loss`` holds λ1, λ2, τ, the slice fractions of the contrastive loss and the per-term weights;
-``modality_dropout`` as in ModalityDropoutTrainer, complete samples in a quarter of the draws included
-(``p_keep_all`` 0.25; the paper zeroes uniform random subsets, ``p_keep_all`` 0).
+``modality_dropout`` as in ModalityDropoutTrainer: a quarter of the draws kept complete before the scheme's own
+draw (``p_keep_all`` 0.25; the paper zeroes random subsets, ``p_keep_all`` 0).
 Dropout is drawn in ``train_step`` (numpy's stream) so that the availability mask reaches the losses.
 
 Every term is averaged per epoch, written to nnU-Net's training log and stored in its logger (so it

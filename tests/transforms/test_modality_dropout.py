@@ -8,7 +8,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from nnunet_missingmod.transforms.modality_dropout import ModalityDropoutTransform, sample_kept_modalities
+import nnunet_missingmod.trainers as trainers
+from nnunet_missingmod.config import OVERRIDE_ENV, load_trainer_config
+from nnunet_missingmod.transforms.modality_dropout import (
+    ModalityDropoutTransform,
+    drop_modalities_in_batch,
+    sample_kept_modalities,
+)
 
 M = 4
 SUBSETS = [frozenset(c) for k in range(1, M + 1) for c in combinations(range(M), k)]
@@ -111,3 +117,21 @@ def test_invalid_settings_are_rejected(kwargs, message):
     """A real error (not an assert, which ``python -O`` removes) naming the config key."""
     with pytest.raises(ValueError, match=message):
         ModalityDropoutTransform(num_modalities=M, **kwargs)
+
+
+@pytest.mark.parametrize("trainer_name, p_keep_all", [("ModalityDropoutTrainer", 0.25), ("D2NetTrainer", 0.25),
+                                                      ("SharedLatentTrainer", 0.0)])
+def test_shipped_dropout_of_each_trainer_draws_the_documented_mixture(trainer_name, p_keep_all, monkeypatch):
+    # the trainer's shipped section, drawn as its train_step draws it (drop_modalities_in_batch), against the
+    # closed-form U-HVED mixture with the p_keep_all that docs/RESULTS.md decided for it
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    settings = load_trainer_config(getattr(trainers, trainer_name))["modality_dropout"]
+    n, full = 20000, frozenset(range(M))
+    np.random.seed(4321)
+    _, available = drop_modalities_in_batch(torch.ones(n, M, 2), settings)
+    counts = {s: 0 for s in SUBSETS}
+    for row in available.numpy():
+        counts[frozenset(np.flatnonzero(row).tolist())] += 1
+    probabilities = {s: (1 - p_keep_all) * uniform_subset_probability(s) + (p_keep_all if s == full else 0)
+                     for s in SUBSETS}
+    assert_matches(counts, probabilities, n)
