@@ -240,8 +240,8 @@ def evaluate_missing(model: str | os.PathLike, fold: int | str = 0, *, split: st
                   f"{np.mean([r['WT_Dice'] for r in rows if r['case'] == case.identifier]):.3f}", flush=True)
     summary = summarise(rows, combinations)
     summary.update({"model": str(model), "fold": fold, "split": split, "num_cases": len(cases),
-                    "checkpoint": checkpoint_name, "mirroring": use_mirroring, "fill": fill,
-                    "combinations": [mods.combination_name(c) for c in combinations],
+                    "checkpoint": checkpoint_name, "step_size": tile_step_size, "mirroring": use_mirroring,
+                    "fill": fill, "combinations": [mods.combination_name(c) for c in combinations],
                     "postprocessing": {"file": str(postprocessing), "functions": [f.__name__ for f in pp_functions],
                                        "kwargs": pp_kwargs} if postprocessing else None})
     if num_parts > 1:
@@ -264,8 +264,8 @@ def part_folder_name(part_id: int, num_parts: int) -> str:
 
 
 #: Settings every part of one evaluation must share (``summary.json`` keys).
-SHARED_SETTINGS = ("model", "fold", "split", "checkpoint", "mirroring", "fill", "combinations", "synthesis",
-                   "postprocessing")
+SHARED_SETTINGS = ("model", "fold", "split", "checkpoint", "step_size", "mirroring", "fill", "combinations",
+                   "synthesis", "postprocessing")
 
 
 def merge_parts(folder: str | os.PathLike) -> Path:
@@ -278,7 +278,8 @@ def merge_parts(folder: str | os.PathLike) -> Path:
     Raises:
         FileNotFoundError: no part folder, or a part (or its files) is missing; the message lists them.
         ValueError: parts of different splits into parts, or evaluated with different settings (model, fold,
-            split, checkpoint, mirroring, fill, combinations, post-processing), or a case evaluated in two parts.
+            split, checkpoint, step size, mirroring, fill, combinations, post-processing), or a case evaluated in
+            two parts.
     """
     import re
 

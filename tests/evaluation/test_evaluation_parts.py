@@ -27,10 +27,11 @@ def parts_and_whole(trained_model, tmp_path_factory):
         for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             mp.setenv(key, env[key])
         whole = evaluate_missing(model, 0, split="test", combinations=COMBINATIONS, output=base / "whole",
-                                 use_mirroring=False, progress=False)
+                                 tile_step_size=1.0, use_mirroring=False, progress=False)
         for part in (0, 1):
             written = evaluate_missing(model, 0, split="test", combinations=COMBINATIONS, output=base / "split",
-                                       use_mirroring=False, progress=False, num_parts=2, part_id=part)
+                                       tile_step_size=1.0, use_mirroring=False, progress=False, num_parts=2,
+                                       part_id=part)
             assert written == base / "split" / f"part_{part}_of_2"
     return base, whole, env
 
@@ -55,6 +56,9 @@ def test_merged_parts_equal_one_run_over_all_cases(parts_and_whole, capsys):
     assert _rows(merged) == _rows(whole)
     summary, reference = (json.loads((f / "summary.json").read_text()) for f in (merged, whole))
     assert summary["num_cases"] == reference["num_cases"] == 2
+    # the sliding-window step and mirroring the fixture asked for, not evaluate_missing's defaults (0.5, True)
+    assert (summary["step_size"], summary["mirroring"]) == (reference["step_size"], reference["mirroring"]) == \
+        (1.0, False)
     assert summary["average"] == pytest.approx(reference["average"])
     assert summary["per_combination"].keys() == reference["per_combination"].keys()
     assert (merged / "heatmap.png").read_bytes()[:4] == b"\x89PNG" and (merged / "table.md").is_file()
@@ -76,12 +80,13 @@ def test_missing_part_mixed_settings_and_duplicated_cases_are_refused(parts_and_
     assert "missing part(s) ['part_1_of_2']" in capsys.readouterr().err
     assert not (only_one / "summary.json").exists()
 
-    mixed = copy([0, 1])
-    summary = json.loads((mixed / "part_1_of_2" / "summary.json").read_text())
-    summary["checkpoint"] = "checkpoint_best.pth"
-    (mixed / "part_1_of_2" / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ValueError, match="part_1_of_2 was evaluated with other settings .*checkpoint"):
-        merge_parts(mixed)
+    for key, other in (("checkpoint", "checkpoint_best.pth"), ("step_size", 0.5)):
+        mixed = copy([0, 1])
+        summary = json.loads((mixed / "part_1_of_2" / "summary.json").read_text())
+        summary[key] = other
+        (mixed / "part_1_of_2" / "summary.json").write_text(json.dumps(summary))
+        with pytest.raises(ValueError, match=f"part_1_of_2 was evaluated with other settings .*{key}"):
+            merge_parts(mixed)
 
     twice = copy([0, 1])
     shutil.copyfile(twice / "part_0_of_2" / "per_case.csv", twice / "part_1_of_2" / "per_case.csv")
